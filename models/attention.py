@@ -1,0 +1,122 @@
+"""Attention kernels of the VAR transformer and the choice between them.
+
+PyTorch's scaled-dot-product attention ('sdpa') is the default. flash-attn ('flash') and xformers
+('xformers') are used when installed, on CUDA, where they apply; 'math' is the plain
+matmul-softmax reference that every other path is tested against.
+
+Letters: B batch, H heads, L query tokens, S key tokens, c head dim.
+"""
+import functools
+import importlib
+import logging
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['BACKENDS', 'attention', 'choose_backend', 'describe_backends', 'flash_attn_func', 'xformers_attn_func']
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ('sdpa', 'math', 'flash', 'xformers')
+
+
+@functools.lru_cache(maxsize=None)
+def _optional(module: str, name: str) -> Optional[Callable]:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # not installed, or built for another torch / CUDA: the backend is unavailable
+        return None
+
+
+def flash_attn_func() -> Optional[Callable]:
+    """flash_attn.flash_attn_func if flash-attn is installed and importable, else None."""
+    return _optional('flash_attn', 'flash_attn_func')
+
+
+def xformers_attn_func() -> Optional[Callable]:
+    """xformers.ops.memory_efficient_attention if xformers is installed and importable, else None."""
+    return _optional('xformers.ops', 'memory_efficient_attention')
+
+
+def choose_backend(flash_if_available: bool) -> str:
+    """'flash' or 'xformers' when asked for, installed and CUDA is present, else 'sdpa'."""
+    if flash_if_available and torch.cuda.is_available():
+        if flash_attn_func() is not None:
+            return 'flash'
+        if xformers_attn_func() is not None:
+            return 'xformers'
+    return 'sdpa'
+
+
+def describe_backends(chosen: str) -> str:
+    installed = [name for name, fn in (('flash-attn', flash_attn_func), ('xformers', xformers_attn_func)) if fn() is not None]
+    detail = {
+        'sdpa': 'torch.nn.functional.scaled_dot_product_attention',
+        'math': 'plain matmul-softmax',
+        'flash': 'flash-attn for unmasked half-precision attention (KV-cached sampling), SDPA otherwise',
+        'xformers': 'xformers memory_efficient_attention on CUDA, SDPA otherwise',
+    }[chosen]
+    return f'{chosen} ({detail}); optional kernels installed: {", ".join(installed) or "none"}'
+
+
+def _math_attention(q_BHLc, k_BHSc, v_BHSc, scale: float, attn_bias: Optional[torch.Tensor], dropout_p: float):
+    attn_BHLS = q_BHLc.mul(scale) @ k_BHSc.transpose(-2, -1)
+    if attn_bias is not None:
+        if attn_bias.dtype == torch.bool:
+            attn_BHLS = attn_BHLS.masked_fill(~attn_bias, float('-inf'))
+        else:
+            attn_BHLS = attn_BHLS + attn_bias
+    attn_BHLS = attn_BHLS.softmax(dim=-1)
+    if dropout_p > 0:
+        attn_BHLS = F.dropout(attn_BHLS, p=dropout_p)
+    return attn_BHLS @ v_BHSc
+
+
+def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, scale: float,
+              attn_bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, backend: str = 'sdpa') -> torch.Tensor:
+    """softmax(scale·q·kᵀ + bias)·v → (B, H, L, c).
+
+    attn_bias: None, an additive float mask or a boolean keep-mask broadcastable to (B, H, L, S).
+    A backend that does not apply to the call (no CUDA, a mask flash-attn cannot take, float32 for
+    flash-attn) falls back to SDPA.
+    """
+    if backend == 'math':
+        return _math_attention(q_BHLc, k_BHSc, v_BHSc, scale, attn_bias, dropout_p)
+    on_cuda = q_BHLc.is_cuda
+    if backend == 'flash' and on_cuda and attn_bias is None and q_BHLc.dtype in (torch.float16, torch.bfloat16):
+        fn = flash_attn_func()
+        if fn is not None:  # flash-attn takes (B, L, H, c)
+            oup_BLHc = fn(q_BHLc.transpose(1, 2), k_BHSc.transpose(1, 2), v_BHSc.transpose(1, 2),
+                          dropout_p=dropout_p, softmax_scale=scale)
+            return oup_BLHc.transpose(1, 2)
+    if backend == 'xformers' and on_cuda:
+        fn = xformers_attn_func()
+        if fn is not None:  # xformers takes (B, L, H, c) and a float bias of the full (B, H, L, S) shape
+            bias = attn_bias
+            if bias is not None:
+                if bias.dtype == torch.bool:
+                    bias = torch.zeros(bias.shape, dtype=q_BHLc.dtype, device=bias.device).masked_fill_(~bias, float('-inf'))
+                B, H, L, _ = q_BHLc.shape
+                bias = bias.to(q_BHLc.dtype).expand(B, H, L, k_BHSc.shape[2])
+            oup_BLHc = fn(q_BHLc.transpose(1, 2), k_BHSc.transpose(1, 2), v_BHSc.transpose(1, 2),
+                          attn_bias=bias, p=dropout_p, scale=scale)
+            return oup_BLHc.transpose(1, 2)
+    return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f'attention backend {name!r} is not one of {BACKENDS}')
+    return name
+
+
+def backend_status(name: str) -> Tuple[bool, str]:
+    """(usable here, why not) for a backend name."""
+    _check_backend(name)
+    if name in ('sdpa', 'math'):
+        return True, ''
+    if not torch.cuda.is_available():
+        return False, 'needs CUDA'
+    fn = flash_attn_func() if name == 'flash' else xformers_attn_func()
+    return (fn is not None), ('' if fn is not None else f'{name} is not installed')

@@ -1,0 +1,92 @@
+"""Sampling helpers of VAR: top-k / top-p filtering, Gumbel smoothing, drop path, zero-shot edit masks.
+
+Letters: B batch, l tokens of one scale, V vocabulary, h/w side of a mask.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'DropPath', 'make_edit_mask', 'EDIT_MODES']
+
+
+def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                             rng: Optional[torch.Generator] = None, num_samples: int = 1) -> torch.Tensor:
+    """Filter logits in place (top_k > 0: keep the k largest; top_p > 0: nucleus) and draw (B, l, num_samples) indices."""
+    B, l, V = logits_BlV.shape
+    if top_k > 0:
+        idx_to_remove = logits_BlV < logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(idx_to_remove, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        sorted_idx_to_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        sorted_idx_to_remove[..., -1:] = False  # never the largest
+        logits_BlV.masked_fill_(sorted_idx_to_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_idx_to_remove), -torch.inf)
+    replacement = num_samples >= 0
+    num_samples = abs(num_samples)
+    return torch.multinomial(logits_BlV.softmax(dim=-1).view(-1, V), num_samples=num_samples,
+                             replacement=replacement, generator=rng).view(B, l, num_samples)
+
+
+def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = False, eps: float = 1e-10,
+                            dim: int = -1, rng: Optional[torch.Generator] = None) -> torch.Tensor:
+    """F.gumbel_softmax whose Gumbel noise −log(Exponential(1)) comes from `rng`."""
+    if rng is None:
+        return F.gumbel_softmax(logits=logits, tau=tau, hard=hard, eps=eps, dim=dim)
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
+    y_soft = ((logits + gumbels) / tau).softmax(dim)
+    if not hard:
+        return y_soft
+    index = y_soft.max(dim, keepdim=True)[1]
+    y_hard = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format).scatter_(dim, index, 1.0)
+    return y_hard - y_soft.detach() + y_soft
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability drop_prob while training."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        random_tensor = x.new_empty(shape).bernoulli_(keep_prob)
+        if keep_prob > 0.0 and self.scale_by_keep:
+            random_tensor.div_(keep_prob)
+        return x * random_tensor
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
+
+
+EDIT_MODES = ('inpaint', 'outpaint', 'class')
+
+
+def make_edit_mask(box: Sequence[float], mode: str, size: Tuple[int, int], device=None) -> torch.Tensor:
+    """An `edit_mask` (h, w) for zero-shot editing, 1 = keep the input image's tokens, 0 = generate.
+
+    box: (y0, x0, y1, x1) in [0, 1], fractions of the image height and width.
+    mode: 'inpaint' regenerates the box and keeps the rest; 'outpaint' keeps the box and regenerates
+    the rest; 'class' regenerates the box like 'inpaint' (sample it with the target class label).
+    size: (h, w) of the mask, normally the last scale's side (patch_nums[-1], patch_nums[-1]).
+    """
+    if mode not in EDIT_MODES:
+        raise ValueError(f'edit mode {mode!r} is not one of {EDIT_MODES}')
+    if len(box) != 4:
+        raise ValueError(f'box must be (y0, x0, y1, x1), got {tuple(box)}')
+    y0, x0, y1, x1 = (float(v) for v in box)
+    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+        raise ValueError(f'box (y0, x0, y1, x1) = {tuple(box)} must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1')
+    h, w = size
+    inside_hw = torch.zeros(h, w, device=device)
+    r0, r1, c0, c1 = round(y0 * h), round(y1 * h), round(x0 * w), round(x1 * w)
+    if r0 >= r1 or c0 >= c1:
+        raise ValueError(f'box {tuple(box)} covers no cell of the {h}x{w} token map; make it larger')
+    inside_hw[r0:r1, c0:c1] = 1.0
+    return inside_hw if mode == 'outpaint' else 1.0 - inside_hw
