@@ -257,6 +257,8 @@ class VectorQuantizer2(nn.Module):
         f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, H, W, dtype=torch.float32)
         pn_next = self.v_patch_nums[0]
         for si in range(SN - 1):
+            if self.prog_si == 0 or (0 <= self.prog_si - 1 < si):
+                break   # progressive training: inputs for scales 1..prog_si only
             h_BChw = F.interpolate(self.embedding(gt_ms_idx_Bl[si]).transpose_(1, 2).view(B, C, pn_next, pn_next),
                                    size=(H, W), mode='bicubic')
             f_hat.add_(self.quant_resi[si / (SN - 1)](h_BChw))

@@ -4,7 +4,7 @@ Letters: B batch, C = Cvae latent channels, H/W image side, h/w latent side, l =
 Images are in [-1, 1].
 """
 import logging
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn

@@ -46,3 +46,46 @@ def build_tiny(seed: int = 0, **overrides):
 @pytest.fixture
 def tiny():
     return build_tiny()
+
+
+TINY_TRAIN_FLAGS = ['--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--pn=1_2_3_4', '--depth=2']
+
+
+def script_env(**extra) -> dict:
+    """Environment for running a project script in a subprocess: offline, one thread, repo on the path."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(REPO), HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_script(argv, timeout=300, check=True, torchrun_procs=0, env=None, cwd=None):
+    """Run `python <argv>` (or torchrun with that many processes); returns the CompletedProcess."""
+    import subprocess
+    import sys
+    if torchrun_procs:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun_procs}'] + list(argv)
+    else:
+        cmd = [sys.executable] + list(argv)
+    res = subprocess.run(cmd, cwd=cwd or REPO, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f'{" ".join(cmd)} failed ({res.returncode}):\n--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-4000:]}')
+    return res
+
+
+@pytest.fixture(scope='session')
+def shapes_data(tmp_path_factory):
+    """A small built-in dataset: 6 classes of 64 px shapes, 16 train and 4 val images per class."""
+    from utils.toy_data import make_shapes_dataset
+    root = tmp_path_factory.mktemp('shapes')
+    make_shapes_dataset(str(root), train_per_class=16, val_per_class=4, size=64)
+    return root
+
+
+@pytest.fixture(scope='session')
+def tiny_vae_ckpt(tmp_path_factory):
+    """A tiny tokenizer's weights (64 codes, 8 channels, scales 1,2,3,4: 64 px images)."""
+    vae, _ = build_tiny(seed=11)
+    path = tmp_path_factory.mktemp('vae') / 'tiny_vae.pth'
+    torch.save(vae.state_dict(), path)
+    return path

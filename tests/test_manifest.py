@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import reference_file
 from models import build_vae_var

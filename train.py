@@ -1,0 +1,349 @@
+"""Train VAR on an ImageNet-style folder (train/ and val/ class subfolders) or on pre-extracted tokens.
+
+    torchrun --nproc_per_node=8 train.py --depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1 --data_path=/path/to/imagenet
+
+torchrun's own flags cover several machines; a plain `python train.py ...` runs as one process.
+Rerunning the same command resumes from local_output/ar-ckpt-last.pth, mid-epoch included.
+"""
+import json
+import logging
+import math
+import os
+import os.path as osp
+import random
+import sys
+import time
+from typing import Dict
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import dist
+from models import VQVAE, build_vae_var
+from trainer import VARTrainer
+from utils.amp_opt import AmpOptimizer, build_adamw
+from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args
+from utils.ckpt import ConfigMismatchError, copy_atomic, load_first_good, save_atomic
+from utils.cli import TrainingStopped, run_main
+from utils.data import build_dataset
+from utils.data_sampler import EvalShardSampler, GlobalBatchSampler
+from utils.hub import resolve_checkpoint
+from utils.log import setup_logging
+from utils.lr_control import filter_params, lr_wd_annealing
+from utils.tb import TensorboardLogger
+
+logger = logging.getLogger('train')
+
+LAST, PREV, BEST = 'ar-ckpt-last.pth', 'ar-ckpt-prev.pth', 'ar-ckpt-best.pth'
+
+
+def iteration_seed(seed: int, rank: int, g_it: int) -> int:
+    """Seed of the model's random draws (condition dropout, drop path) at one iteration of one process."""
+    return (seed * 0x9E3779B1 + rank * 0x85EBCA6B + g_it * 0xC2B2AE35 + 1) % (2 ** 63 - 1)
+
+
+def progressive_si(args: Args, g_it: int, wp_it: float, max_it: int) -> int:
+    """The last scale trained at iteration g_it (−1: all scales)."""
+    if not args.pg:
+        return -1
+    if g_it <= wp_it:
+        return args.pg0
+    if g_it >= max_it * args.pg:
+        return len(args.patch_nums) - 1
+    delta = len(args.patch_nums) - 1 - args.pg0
+    progress = min(max((g_it - wp_it) / (max_it * args.pg - wp_it), 0), 1)
+    return args.pg0 + round(progress * delta)
+
+
+def compile_model(m: torch.nn.Module, fast: int) -> torch.nn.Module:
+    if fast == 0:
+        return m
+    mode = {1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'}.get(fast)
+    if mode is None:
+        raise FlagError(f'--tfast/--vfast={fast}: use 0 (off), 1 (reduce-overhead), 2 (max-autotune) or 3 (default)')
+    logger.info('torch.compile(%s, mode=%s)', type(m).__name__, mode)
+    return torch.compile(m, mode=mode)
+
+
+def load_vae(vae: VQVAE, ckpt_path: str) -> str:
+    """Load tokenizer weights: a local file, else the published file from the Hub (downloaded once per machine)."""
+    if dist.is_local_master():
+        path = resolve_checkpoint(ckpt_path)
+    dist.barrier()
+    if not dist.is_local_master():
+        path = resolve_checkpoint(ckpt_path)
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(state, dict) and 'trainer' in state and 'vae_wo_ddp' in state.get('trainer', {}):
+        state = state['trainer']['vae_wo_ddp']   # a train_vae.py checkpoint
+    vae.load_state_dict(state, strict=True)
+    return path
+
+
+def validate_ckpt(ckpt: Dict) -> None:
+    for k in ('epoch', 'iter', 'trainer', 'args'):
+        if k not in ckpt:
+            raise KeyError(f'no {k!r} entry: not a train.py checkpoint')
+    for k in ('var_wo_ddp', 'var_opt'):
+        if k not in ckpt['trainer']:
+            raise KeyError(f'no trainer[{k!r}] entry: not a train.py checkpoint')
+
+
+def check_resume_config(saved: Dict, args: Args) -> None:
+    diffs = []
+    for k in MODEL_KEYS:
+        a, b = saved.get(k), getattr(args, k)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            a, b = tuple(a or ()), tuple(b or ())
+        if a != b:
+            diffs.append(f'--{k}: checkpoint {a}, now {b}')
+    if diffs:
+        raise ConfigMismatchError(
+            f'{osp.join(args.local_out_dir_path, LAST)} was trained with another model configuration: ' + '; '.join(diffs)
+            + '. Use the same flags to resume, or another --local_out_dir_path to start a new run')
+
+
+def append_log(path: str, record: Dict) -> None:
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def main(args: Args) -> Dict[str, float]:
+    # ------------------------------------------------------------------ set up distributed
+    device = dist.initialize()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out_dir = args.local_out_dir_path
+    if dist.is_local_master():
+        os.makedirs(out_dir, exist_ok=True)
+    dist.barrier()
+    setup_logging(rank, osp.join(out_dir, 'stdout.txt'))
+    args.finalize(world)
+    if args.tf32 and device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    logger.info('command: %s %s', sys.argv[0], args.cmd)
+    logger.info('%s', dist.describe())
+
+    # ------------------------------------------------------------------ resume
+    ckpt, ckpt_path = load_first_good([osp.join(out_dir, LAST), osp.join(out_dir, PREV)], validate=validate_ckpt)
+    start_ep, start_it = 0, 0
+    if ckpt is not None:
+        saved = ckpt['args']
+        start_ep, start_it = ckpt['epoch'], ckpt['iter']
+        args.seed = saved['seed']
+        if args.num_classes == 0:
+            args.num_classes = saved['num_classes']
+        if saved.get('world_size') != world:
+            logger.info('resuming with %d processes (the checkpoint was written with %s): the global batch of %d images per step '
+                        'is kept, %d per process and micro step', world, saved.get('world_size'), args.bs, args.batch_size)
+        if saved.get('bs') != args.bs:
+            logger.warning('--bs=%d differs from the checkpoint\'s %s: the data order after the resume point changes', args.bs, saved.get('bs'))
+        logger.info('resuming from %s at epoch %d, iteration %d', ckpt_path, start_ep, start_it)
+    elif args.seed is None:
+        args.seed = dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
+
+    # ------------------------------------------------------------------ build data
+    if args.tokens_path:
+        from utils.token_data import build_token_datasets
+        num_folder_classes, train_set, val_set, meta = build_token_datasets(args.tokens_path, args.patch_nums, hflip=args.hflip, seed=args.seed)
+        token_batches = True
+    else:
+        num_folder_classes, train_set, val_set, _ = build_dataset(args.data_path, final_reso=args.data_load_reso, hflip=args.hflip,
+                                                                 mid_reso=args.mid_reso, seed=args.seed)
+        token_batches = False
+    if args.num_classes == 0:
+        args.num_classes = num_folder_classes
+    elif args.num_classes < num_folder_classes:
+        raise FlagError(f'--num_classes={args.num_classes} but the data has {num_folder_classes} classes')
+    if ckpt is not None:
+        check_resume_config(ckpt['args'], args)
+
+    sampler = GlobalBatchSampler(len(train_set), args.glb_batch_size, world_size=world, rank=rank, seed=args.same_seed_for_all_ranks,
+                                 shuffle=True, fill_last=True, start_ep=start_ep, start_it=start_it)
+    iters_train = len(sampler)
+    pin = device.type == 'cuda'
+    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin,
+                          persistent_workers=args.workers > 0)
+    ld_val = DataLoader(val_set, batch_size=max(1, round(args.batch_size * 1.5)), sampler=EvalShardSampler(len(val_set), world, rank),
+                        num_workers=args.workers, pin_memory=pin, drop_last=False)
+
+    # ------------------------------------------------------------------ build models
+    torch.manual_seed(args.seed)   # the same initial weights on every process and in every rerun
+    vae_local, var_wo_ddp = build_vae_var(
+        device=device, patch_nums=args.patch_nums, V=args.vocab_size, Cvae=args.z_channels, ch=args.vae_ch,
+        share_quant_resi=args.share_quant_resi, num_classes=args.num_classes, depth=args.depth, shared_aln=args.saln,
+        attn_l2_norm=args.anorm, flash_if_available=args.fuse, fused_if_available=args.fuse,
+        init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
+    )
+    logger.info('tokenizer weights: %s', load_vae(vae_local, args.vae_ckpt))
+    var_wo_ddp.grad_ckpt = args.grad_ckpt
+    logger.info('VAR d%d: %.2fM parameters; tokenizer: %.2fM', args.depth, sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6,
+                sum(p.numel() for p in vae_local.parameters()) / 1e6)
+    vae_local = compile_model(vae_local, args.vfast)
+    var_compiled = compile_model(var_wo_ddp, args.tfast)
+    if dist.initialized():
+        var = DDP(var_compiled, device_ids=[device.index] if device.type == 'cuda' else None,
+                  find_unused_parameters=False, broadcast_buffers=False)
+    else:
+        var = var_compiled
+
+    # ------------------------------------------------------------------ build optimizer and trainer
+    names, paras, para_groups = filter_params(var_wo_ddp)
+    optimizer = build_adamw(para_groups, lr=args.tlr, fused=args.afuse)
+    var_opt = AmpOptimizer(device.type, args.fp16, optimizer, names, paras, grad_clip=args.tclip, n_gradient_accumulation=args.ac)
+    trainer = VARTrainer(device=device, patch_nums=args.patch_nums, resos=args.resos, vae_local=vae_local, var_wo_ddp=var_wo_ddp,
+                         var=var, var_opt=var_opt, label_smooth=args.ls, ema_decay=args.ema)
+    best = {'vL_tail': math.inf, 'vL_mean': math.inf, 'vacc_tail': -1.0, 'vacc_mean': -1.0}
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt['trainer'], strict=True, skip_vae=True)
+        best.update(ckpt.get('best', {}))
+        del ckpt
+
+    # ------------------------------------------------------------------ train
+    tb = TensorboardLogger(osp.join(out_dir, args.tb_name), enabled=dist.is_master())
+    log_txt = osp.join(out_dir, 'log.txt')
+    max_it = args.ep * iters_train
+    wp_it = args.wp * iters_train
+    start_g_it = start_ep * iters_train + start_it
+    log_every = max(1, iters_train // 10)
+    if start_ep >= args.ep:
+        logger.info('training already finished (%d epochs); nothing to do', args.ep)
+        return {}
+
+    logger.info('training: %d epochs x %d iterations, global batch %d (%d per process, %d accumulation steps), lr %.3g',
+                args.ep, iters_train, args.bs, args.batch_size, args.ac, args.tlr)
+    pbar = tqdm(total=max_it, initial=start_g_it, disable=not dist.is_master(), dynamic_ncols=True, desc='train', unit='it')
+    ld_iter = iter(ld_train)
+    last_ckpt_time = time.time()
+    nonfinite_run, skipped_total = 0, 0
+    pending_save = False
+    last_val = {}
+
+    def save_last(ep_next: int, it_next: int, best_improved: bool = False) -> None:
+        nonlocal last_ckpt_time
+        if it_next >= iters_train:
+            ep_next, it_next = ep_next + 1, 0
+        bad = [n for n, p in var_wo_ddp.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingStopped(f'training stopped: {len(bad)} weight tensors are no longer finite ({", ".join(bad[:5])}); '
+                               f'no checkpoint was written, the last good one is {osp.join(out_dir, LAST)}. '
+                               f'Try a lower --tblr, a stronger --tclip, or --fp16=2 (bfloat16)')
+        if dist.is_local_master():
+            state = {'epoch': ep_next, 'iter': it_next, 'trainer': trainer.state_dict(), 'args': args.state_dict(), 'best': dict(best),
+                     # where the data stream stands, and how every random draw after it is seeded
+                     'sampler': {'epoch': ep_next, 'iter': it_next, 'glb_batch_size': args.glb_batch_size, 'seed': args.same_seed_for_all_ranks},
+                     'rng': {'seed': args.seed, 'rule': 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration; '
+                                                       'augmentation seeded by (seed, epoch, index)'}}
+            save_atomic(state, osp.join(out_dir, LAST), prev_path=osp.join(out_dir, PREV))
+            if best_improved:
+                copy_atomic(osp.join(out_dir, LAST), osp.join(out_dir, BEST))
+        last_ckpt_time = time.time()
+
+    t_log = time.time()
+    it_log = start_g_it
+    for ep in range(start_ep, args.ep):
+        ep_stats, n_logged = {}, 0
+        t_ep = time.time()
+        for it in range(start_it if ep == start_ep else 0, iters_train):
+            g_it = ep * iters_train + it
+            batch, label_B = next(ld_iter)
+            label_B = label_B.to(device, non_blocking=True)
+            torch.manual_seed(iteration_seed(args.seed, rank, g_it))
+            min_tlr, max_tlr, min_twd, max_twd = lr_wd_annealing(args.sche, optimizer, args.tlr, args.twd, args.twde, g_it, wp_it, max_it,
+                                                                 wp0=args.wp0, wpe=args.wpe)
+            prog_si = progressive_si(args, g_it, wp_it, max_it)
+            stepping = (g_it + 1) % args.ac == 0
+            if token_batches:
+                gt_BL = batch.to(device, non_blocking=True)
+                gt_idx_Bl = [gt_BL[:, bg:ed] for bg, ed in trainer.begin_ends]
+                out = trainer.train_step(g_it, stepping, label_B, prog_si, args.pgwp * iters_train, gt_idx_Bl=gt_idx_Bl)
+            else:
+                out = trainer.train_step(g_it, stepping, label_B, prog_si, args.pgwp * iters_train, inp_B3HW=batch.to(device, non_blocking=True))
+
+            if stepping:
+                if out['skipped']:
+                    nonfinite_run += 1
+                    skipped_total += 1
+                    logger.warning('iteration %d: non-finite gradient (norm %s), optimizer step skipped (%d in a row)', g_it, out['grad_norm'], nonfinite_run)
+                    if nonfinite_run >= args.nonfinite_patience:
+                        raise TrainingStopped(
+                            f'training stopped: {nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (iteration {g_it}). '
+                            f'No checkpoint was written for them; the last good one is {osp.join(out_dir, LAST)}. '
+                            f'Try a lower --tblr, a stronger --tclip, or --fp16=2 (bfloat16)')
+                else:
+                    nonfinite_run = 0
+
+            pbar.update(1)
+            if (g_it + 1) % log_every == 0 or it == iters_train - 1 or g_it == start_g_it:
+                m = trainer.scale_metrics(out['logits_BLV'], out['gt_BL'])
+                now = time.time()
+                imgs_per_sec = (g_it + 1 - it_log) * args.glb_batch_size / max(now - t_log, 1e-9)
+                t_log, it_log = now, g_it + 1
+                for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail'):
+                    if k in m:
+                        ep_stats[k] = ep_stats.get(k, 0.0) + m[k]
+                n_logged += 1
+                if dist.is_master():
+                    tb.update('AR_iter_loss', g_it, **m)
+                    tb.update('AR_opt', g_it, lr_max=max_tlr, lr_min=min_tlr, wd_max=max_twd, wd_min=min_twd,
+                              grad_norm=out['grad_norm'], loss_scale_log2=out['scale_log2'], skipped_steps=skipped_total)
+                    tb.update('AR_speed', g_it, images_per_sec=imgs_per_sec)
+                    tb.update('AR_iter_schedule', g_it, prog_si=out['prog_si'], prog_wp=out['prog_wp'])
+                    pbar.set_postfix(ep=f'{ep + 1}/{args.ep}', loss=f'{m["L_mean"]:.3f}', acc=f'{m["acc_mean"]:.1f}',
+                                     lr=f'{max_tlr:.2e}', img_s=f'{imgs_per_sec:.1f}', refresh=False)
+
+            if stepping:
+                due_time = args.ckpt_every_min > 0 and time.time() - last_ckpt_time >= args.ckpt_every_min * 60
+                due_it = args.ckpt_every_it > 0 and (g_it + 1) % args.ckpt_every_it == 0
+                if due_time or due_it or pending_save:
+                    save_last(ep, it + 1)
+                    pending_save = False
+
+        # ---------------------------------------------------------- end of epoch
+        stats = {k: v / max(n_logged, 1) for k, v in ep_stats.items()}
+        n_skipped_imgs = int(train_set.n_skipped.item()) if hasattr(train_set, 'n_skipped') else 0
+        sec = time.time() - t_ep
+        remain = sec * (args.ep - ep - 1)
+        record = {'ep': ep + 1, 'it': (ep + 1) * iters_train, **{k: round(v, 5) for k, v in stats.items()},
+                  'tlr': max_tlr, 'twd': max_twd, 'skipped_steps': skipped_total, 'skipped_images': n_skipped_imgs,
+                  'sec_per_ep': round(sec, 2), 'remain_hours': round(remain / 3600, 3)}
+        if n_skipped_imgs:
+            logger.warning('%d unreadable images were skipped so far', n_skipped_imgs)
+        is_val = (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep
+        best_improved = False
+        if is_val:
+            vL_mean, vL_tail, vacc_mean, vacc_tail, tot, cost = trainer.eval_ep(ld_val, token_batches=token_batches)
+            best_improved = vL_tail < best['vL_tail']
+            best.update(vL_tail=min(best['vL_tail'], vL_tail), vL_mean=min(best['vL_mean'], vL_mean),
+                        vacc_tail=max(best['vacc_tail'], vacc_tail), vacc_mean=max(best['vacc_mean'], vacc_mean))
+            last_val = dict(vL_mean=vL_mean, vL_tail=vL_tail, vacc_mean=vacc_mean, vacc_tail=vacc_tail)
+            logger.info('[ep %d] val (%d images, %.1fs): loss %.4f, last scale %.4f, acc %.2f%%, last scale %.2f%%',
+                        ep + 1, tot, cost, vL_mean, vL_tail, vacc_mean, vacc_tail)
+            if dist.is_master():
+                append_log(log_txt, {'ep': ep + 1, 'eval': True, **{k: round(v, 5) for k, v in last_val.items()}, 'val_images': tot,
+                                     'best_vL_tail': round(best['vL_tail'], 5)})
+                tb.update('AR_ep_loss', ep + 1, **last_val)
+        logger.info('[ep %d/%d] loss %.4f acc %.2f%% | %.1fs/epoch, %.2f h left', ep + 1, args.ep, stats.get('L_mean', float('nan')),
+                    stats.get('acc_mean', float('nan')), sec, remain / 3600)
+        if dist.is_master():
+            append_log(log_txt, record)
+            tb.update('AR_ep_loss', ep + 1, **stats)
+            tb.update('AR_z_burnout', ep + 1, rest_hours=remain / 3600)
+            tb.flush()
+        if (ep * iters_train + iters_train) % args.ac == 0:
+            save_last(ep + 1, 0, best_improved=best_improved)
+        else:
+            pending_save = True  # the epoch ended inside a gradient accumulation: save at the next optimizer step
+            if best_improved and dist.is_local_master():
+                save_atomic({'epoch': ep + 1, 'iter': 0, 'trainer': trainer.state_dict(), 'args': args.state_dict(), 'best': dict(best)},
+                            osp.join(out_dir, BEST))
+
+    pbar.close()
+    tb.close()
+    logger.info('finished %d epochs; checkpoints in %s', args.ep, out_dir)
+    return {**stats, **last_val}
+
+
+if __name__ == '__main__':
+    run_main(lambda: main(parse_args()))

@@ -1,0 +1,219 @@
+"""One VAR training step (tokenise, teacher-forced forward, weighted cross-entropy, AMP backward) and evaluation.
+
+Letters: B batch, L tokens of all scales, l tokens of one scale, V vocabulary.
+"""
+import contextlib
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+import dist
+from models import VAR, VQVAE
+from utils.amp_opt import AmpOptimizer
+
+__all__ = ['VARTrainer', 'EMA']
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - self.decay)
+
+    def state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        """The model's state dict with the averaged parameters: loads into the same class strictly."""
+        sd = dict(model.state_dict())
+        for n, p in zip(self.names, self.params):
+            sd[n] = p.clone()
+        return sd
+
+    def load_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
+        for n, p in zip(self.names, self.params):
+            p.copy_(sd[n])
+
+
+class VARTrainer:
+    def __init__(self, device: torch.device, patch_nums: Sequence[int], resos: Sequence[int], vae_local: VQVAE,
+                 var_wo_ddp: VAR, var: nn.Module, var_opt: AmpOptimizer, label_smooth: float, ema_decay: float = 0.0):
+        self.device = device
+        self.var, self.vae_local, self.quantize_local = var, vae_local, vae_local.quantize
+        self.var_wo_ddp = var_wo_ddp
+        self.var_opt = var_opt
+        self.ema = EMA(var_wo_ddp, ema_decay) if ema_decay > 0 else None
+
+        self.label_smooth = label_smooth
+        self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smooth, reduction='none')
+        self.val_loss = nn.CrossEntropyLoss(label_smoothing=0.0, reduction='mean')
+        self.L = sum(pn * pn for pn in patch_nums)
+        self.last_l = patch_nums[-1] * patch_nums[-1]
+        self.loss_weight = torch.ones(1, self.L, device=device) / self.L   # every token weighs 1/L
+
+        self.patch_nums, self.resos = tuple(patch_nums), tuple(resos)
+        self.begin_ends = []
+        cur = 0
+        for pn in patch_nums:
+            self.begin_ends.append((cur, cur + pn * pn))
+            cur += pn * pn
+
+        # progressive training state
+        self.prog_it = 0
+        self.last_prog_si = -1
+        self.first_prog = True
+
+    # ------------------------------------------------------------------ tokens
+    @torch.no_grad()
+    def tokenise(self, inp_B3HW: torch.Tensor) -> List[torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] → token maps (B, pn²) of every scale (up to prog_si), in float32."""
+        with torch.autocast(device_type=inp_B3HW.device.type, enabled=False):
+            return self.vae_local.img_to_idxBl(inp_B3HW)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, g_it: int, stepping: bool, label_B: torch.Tensor, prog_si: int, prog_wp_it: float,
+                   inp_B3HW: Optional[torch.Tensor] = None, gt_idx_Bl: Optional[List[torch.Tensor]] = None
+                   ) -> Dict[str, object]:
+        """One micro step. Give images (tokenised here) or their token maps.
+
+        Returns the loss and logits (detached, for metrics), the gradient norm, the loss scale
+        (log2) and whether the optimizer step was skipped for a non-finite gradient.
+        """
+        # progressive training
+        self.var_wo_ddp.prog_si = self.quantize_local.prog_si = prog_si
+        if self.last_prog_si != prog_si:
+            if self.last_prog_si != -1:
+                self.first_prog = False
+            self.last_prog_si = prog_si
+            self.prog_it = 0
+        self.prog_it += 1
+        prog_wp = max(min(self.prog_it / prog_wp_it, 1), 0.01) if prog_wp_it > 0 else 1
+        if self.first_prog:
+            prog_wp = 1    # no prog warm-up at the first stage: the lr warm-up covers it
+        if prog_si == len(self.patch_nums) - 1:
+            prog_si = -1    # max prog, as if no prog
+
+        try:
+            B, V = label_B.shape[0], self.vae_local.vocab_size
+            if gt_idx_Bl is None:
+                gt_idx_Bl = self.tokenise(inp_B3HW)
+            elif prog_si >= 0:
+                gt_idx_Bl = gt_idx_Bl[:prog_si + 1]
+            gt_BL = torch.cat(gt_idx_Bl, dim=1)
+            with torch.no_grad():
+                x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
+                if x_BLCv_wo_first_l is None:  # progressive stage 0: only the first scale
+                    x_BLCv_wo_first_l = gt_BL.new_zeros(B, 0, self.vae_local.Cvae, dtype=torch.float32)
+
+            sync_ctx = self.var.no_sync() if (not stepping and hasattr(self.var, 'no_sync')) else contextlib.nullcontext()
+            with sync_ctx:
+                with self.var_opt.amp_ctx:
+                    logits_BLV = self.var(label_B, x_BLCv_wo_first_l)
+                    loss_BL = self.train_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).view(B, -1)
+                    if prog_si >= 0:    # in progressive training
+                        bg, ed = self.begin_ends[prog_si]
+                        lw = self.loss_weight[:, :ed].clone()
+                        lw[:, bg:ed] *= min(max(prog_wp, 0), 1)
+                    else:
+                        lw = self.loss_weight
+                    loss = loss_BL.mul(lw).sum(dim=-1).mean()
+                grad_norm, scale_log2, skipped = self.var_opt.backward_clip_step(loss=loss, stepping=stepping)
+            if stepping and not skipped and self.ema is not None:
+                self.ema.update(self.var_wo_ddp)
+        finally:
+            self.var_wo_ddp.prog_si = self.quantize_local.prog_si = -1
+        return dict(loss=loss.detach(), logits_BLV=logits_BLV.detach(), gt_BL=gt_BL, grad_norm=grad_norm,
+                    scale_log2=scale_log2, skipped=skipped, prog_si=prog_si, prog_wp=prog_wp)
+
+    def scale_metrics(self, logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> Dict[str, float]:
+        """Cross-entropy and accuracy (%) in total, on the last scale and per scale (keys L_<reso>, acc_<reso>)."""
+        V = logits_BLV.shape[-1]
+        L = logits_BLV.shape[1]
+        out = {}
+        pred_BL = logits_BLV.argmax(dim=-1)
+        out['L_mean'] = self.val_loss(logits_BLV.reshape(-1, V), gt_BL.reshape(-1)).item()
+        out['acc_mean'] = (pred_BL == gt_BL).float().mean().item() * 100
+        if L == self.L:
+            out['L_tail'] = self.val_loss(logits_BLV[:, -self.last_l:].reshape(-1, V), gt_BL[:, -self.last_l:].reshape(-1)).item()
+            out['acc_tail'] = (pred_BL[:, -self.last_l:] == gt_BL[:, -self.last_l:]).float().mean().item() * 100
+        for si, (bg, ed) in enumerate(self.begin_ends):
+            if ed > L:
+                break
+            out[f'L_{self.resos[si]}'] = self.val_loss(logits_BLV[:, bg:ed].reshape(-1, V), gt_BL[:, bg:ed].reshape(-1)).item()
+            out[f'acc_{self.resos[si]}'] = (pred_BL[:, bg:ed] == gt_BL[:, bg:ed]).float().mean().item() * 100
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def eval_ep(self, ld_val, token_batches: bool = False) -> Tuple[float, float, float, float, int, float]:
+        """Mean loss and accuracy over the validation set, in total and on the last scale, summed over processes."""
+        tot = 0
+        L_mean = L_tail = acc_mean = acc_tail = 0.0
+        stt = time.time()
+        training = self.var_wo_ddp.training
+        self.var_wo_ddp.eval()
+        V = self.vae_local.vocab_size
+        for batch in ld_val:
+            if token_batches:
+                gt_BL, label_B = batch
+                gt_BL = gt_BL.to(self.device, non_blocking=True)
+                gt_idx_Bl = [gt_BL[:, bg:ed] for bg, ed in self.begin_ends]
+            else:
+                inp_B3HW, label_B = batch
+                gt_idx_Bl = self.tokenise(inp_B3HW.to(self.device, non_blocking=True))
+                gt_BL = torch.cat(gt_idx_Bl, dim=1)
+            label_B = label_B.to(self.device, non_blocking=True)
+            B = label_B.shape[0]
+            x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
+            with self.var_opt.amp_ctx:
+                logits_BLV = self.var_wo_ddp(label_B, x_BLCv_wo_first_l).float()
+            L_mean += self.val_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).item() * B
+            L_tail += self.val_loss(logits_BLV[:, -self.last_l:].reshape(-1, V), gt_BL[:, -self.last_l:].reshape(-1)).item() * B
+            acc_mean += (logits_BLV.argmax(dim=-1) == gt_BL).sum().item() * (100 / gt_BL.shape[1])
+            acc_tail += (logits_BLV[:, -self.last_l:].argmax(dim=-1) == gt_BL[:, -self.last_l:]).sum().item() * (100 / self.last_l)
+            tot += B
+        self.var_wo_ddp.train(training)
+        stats = torch.tensor([L_mean, L_tail, acc_mean, acc_tail, tot], dtype=torch.float64, device=self.device)
+        dist.allreduce(stats)
+        tot = round(stats[-1].item())
+        stats /= max(tot, 1)
+        L_mean, L_tail, acc_mean, acc_tail, _ = stats.tolist()
+        return L_mean, L_tail, acc_mean, acc_tail, tot, time.time() - stt
+
+    # ------------------------------------------------------------------ state
+    def get_config(self) -> Dict:
+        return {'patch_nums': self.patch_nums, 'resos': self.resos, 'label_smooth': self.label_smooth,
+                'prog_it': self.prog_it, 'last_prog_si': self.last_prog_si, 'first_prog': self.first_prog}
+
+    def state_dict(self) -> Dict:
+        state = {'config': self.get_config()}
+        for k in ('var_wo_ddp', 'vae_local'):
+            m = getattr(self, k)
+            m = getattr(m, '_orig_mod', m)
+            state[k] = m.state_dict()
+        state['var_opt'] = self.var_opt.state_dict()
+        if self.ema is not None:
+            state['var_ema'] = self.ema.state_dict(getattr(self.var_wo_ddp, '_orig_mod', self.var_wo_ddp))
+        return state
+
+    def load_state_dict(self, state: Dict, strict: bool = True, skip_vae: bool = True) -> None:
+        var_wo_ddp = getattr(self.var_wo_ddp, '_orig_mod', self.var_wo_ddp)
+        var_wo_ddp.load_state_dict(state['var_wo_ddp'], strict=strict)
+        if not skip_vae:
+            getattr(self.vae_local, '_orig_mod', self.vae_local).load_state_dict(state['vae_local'], strict=strict)
+        self.var_opt.load_state_dict(state['var_opt'], strict=strict)
+        if self.ema is not None:
+            if 'var_ema' in state:
+                self.ema.load_state_dict(state['var_ema'])
+            else:  # EMA switched on when resuming: start it from the current weights
+                self.ema = EMA(var_wo_ddp, self.ema.decay)
+        config = state.get('config', {})
+        self.prog_it = config.get('prog_it', 0)
+        self.last_prog_si = config.get('last_prog_si', -1)
+        self.first_prog = config.get('first_prog', True)
+

@@ -1,0 +1,206 @@
+"""Command-line flags of train.py: the reference's names, defaults and derived values, parsed strictly."""
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar, Union, get_args, get_origin
+
+from utils.cli import UserError
+
+__all__ = ['FlagError', 'Args', 'parse_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS']
+
+logger = logging.getLogger(__name__)
+
+
+class FlagError(UserError, ValueError):
+    """A command-line flag with a value that cannot work; the message names the flag."""
+
+PN_SHORTCUTS = {
+    '256': '1_2_3_4_5_6_8_10_13_16',
+    '512': '1_2_3_4_6_9_13_18_24_32',
+    '1024': '1_2_3_4_5_7_9_12_16_21_27_36_48_64',
+}
+
+
+def str2bool(v: Union[str, bool]) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ('1', 'true', 'yes', 'y', 'on'):
+        return True
+    if s in ('0', 'false', 'no', 'n', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected a boolean (1/0, true/false), got {v!r}')
+
+
+def parse_patch_nums(pn: str) -> Tuple[int, ...]:
+    pn = PN_SHORTCUTS.get(str(pn), str(pn))
+    try:
+        patch_nums = tuple(int(p) for p in pn.replace('-', '_').split('_'))
+    except ValueError:
+        raise FlagError(f'--pn={pn!r} must be 256, 512, 1024 or sides joined by "_", e.g. 1_2_3_4_5_6_8_10_13_16') from None
+    if not patch_nums or any(p < 1 for p in patch_nums) or list(patch_nums) != sorted(set(patch_nums)):
+        raise FlagError(f'--pn={pn!r} must list increasing positive sides')
+    return patch_nums
+
+
+# the flags that define the model: a checkpoint made with other values cannot be resumed
+MODEL_KEYS = ('depth', 'saln', 'anorm', 'patch_nums', 'patch_size', 'num_classes', 'vocab_size', 'z_channels', 'vae_ch', 'share_quant_resi')
+
+
+@dataclass
+class Args:
+    # data and experiment
+    data_path: str = '/path/to/imagenet'
+    exp_name: str = 'text'
+    # VAE
+    vfast: int = 0          # torch.compile the tokenizer; 0: no, 1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'
+    vae_ckpt: str = 'vae_ch160v4096z32.pth'   # local path; a published file name not found locally is downloaded from FoundationVision/var
+    vocab_size: int = 4096
+    z_channels: int = 32
+    vae_ch: int = 160
+    share_quant_resi: int = 4
+    # VAR
+    tfast: int = 0          # torch.compile VAR; same values as vfast
+    depth: int = 16         # VAR depth (width 64·depth, depth heads)
+    num_classes: int = 0    # 0: the number of class folders in data_path/train
+    # VAR initialization
+    ini: float = -1         # -1: automated init std √(1/(3C))
+    hd: float = 0.02        # head.w *= hd
+    aln: float = 0.5        # the multiplier of ada_lin.w's initialization
+    alng: float = 1e-5      # the multiplier of ada_lin.w[gamma channels]'s initialization
+    # VAR optimization
+    fp16: int = 0           # 1: float16 with a loss scaler, 2: bfloat16
+    tblr: float = 1e-4      # base lr
+    tlr: Optional[float] = None  # lr = base lr * (bs / 256)
+    twd: float = 0.05       # initial wd
+    twde: float = 0         # final wd, = twde or twd
+    tclip: float = 2.       # <= 0 for not using grad clip
+    ls: float = 0.0         # label smooth
+    bs: int = 768           # global batch size (per optimizer step)
+    ac: int = 1             # gradient accumulation
+    ep: int = 250
+    wp: float = 0           # warm-up epochs; 0: ep/50
+    wp0: float = 0.005      # initial lr ratio at the beginning of lr warm up
+    wpe: float = 0.01       # final lr ratio at the end of training
+    sche: str = 'lin0'      # lr schedule: lin0, lin, lin00, linX (X a fraction), cos, exp
+    opt: str = 'adamw'
+    afuse: bool = True      # fused AdamW where available
+    ema: float = 0          # > 0: keep an EMA of the weights with this decay, saved beside them
+    grad_ckpt: bool = False  # activation checkpointing of the transformer blocks
+    # other hps
+    saln: bool = False      # whether to use shared adaln
+    anorm: bool = True      # whether to use L2 normalized attention
+    fuse: bool = True       # whether to use fused ops (flash-attn, xformers, fused MLP) when installed
+    # data
+    pn: str = '1_2_3_4_5_6_8_10_13_16'
+    patch_size: int = 16
+    mid_reso: float = 1.125  # aug: first resize the short side to mid_reso * final size, then crop
+    hflip: bool = False     # augmentation: horizontal flip
+    workers: int = 0        # DataLoader worker processes per process; 0: load in the main process
+    tokens_path: str = ''   # train from token maps written by extract_tokens.py instead of images
+    # progressive training
+    pg: float = 0.0         # > 0: progressive training during [0%, pg] of training
+    pg0: int = 4            # progressive initial stage, 0: from the 1st token map, 1: from the 2nd token map, etc
+    pgwp: float = 0         # warm-up epochs at each progressive stage; 0: ep/300
+    # checkpoints, evaluation, logs
+    ckpt_every_min: float = 30   # write ar-ckpt-last.pth every this many minutes (<= 0: off)
+    ckpt_every_it: int = 0       # and every this many iterations (0: off)
+    val_every_ep: int = 10       # validate (and write the checkpoints) every this many epochs and at the end
+    nonfinite_patience: int = 50  # stop after this many consecutive steps with a non-finite loss or gradient
+    local_out_dir_path: str = 'local_output'
+    # environment
+    tf32: bool = True       # TensorFloat32 matmuls on CUDA
+    seed: Optional[int] = None   # None: a random seed, recorded in the checkpoint so that a resume continues the same streams
+    same_seed_for_all_ranks: int = 0  # shuffling seed shared by all ranks
+
+    # derived; set by finalize(), not flags
+    patch_nums: Tuple[int, ...] = field(default=(), metadata={'derived': True})
+    resos: Tuple[int, ...] = field(default=(), metadata={'derived': True})
+    data_load_reso: int = field(default=0, metadata={'derived': True})
+    batch_size: int = field(default=0, metadata={'derived': True})       # per process, per micro step
+    glb_batch_size: int = field(default=0, metadata={'derived': True})   # all processes, per micro step
+    world_size: int = field(default=1, metadata={'derived': True})
+    cmd: str = field(default='', metadata={'derived': True})
+
+    def finalize(self, world_size: int) -> 'Args':
+        """Compute the derived values (the reference's rules) for a run of world_size processes."""
+        if self.pn in PN_SHORTCUTS:
+            self.pn = PN_SHORTCUTS[self.pn]
+        self.patch_nums = parse_patch_nums(self.pn)
+        if self.patch_size != 16:
+            raise FlagError(f'--patch_size={self.patch_size}: the tokenizer downsamples by 16, so patch_size must be 16')
+        self.resos = tuple(pn * self.patch_size for pn in self.patch_nums)
+        self.data_load_reso = max(self.resos)
+        if self.fp16 not in (0, 1, 2):
+            raise FlagError(f'--fp16={self.fp16}: use 0 (float32), 1 (float16 with a loss scaler) or 2 (bfloat16)')
+        if self.ac < 1 or self.bs < 1 or self.ep < 1:
+            raise FlagError(f'--bs, --ac and --ep must be >= 1, got bs={self.bs} ac={self.ac} ep={self.ep}')
+        self.world_size = world_size
+        bs_per_proc = round(self.bs / self.ac / world_size)
+        if bs_per_proc < 1:
+            raise FlagError(f'--bs={self.bs} is too small for --ac={self.ac} and {world_size} processes')
+        if bs_per_proc * self.ac * world_size != self.bs:
+            logger.warning('--bs=%d is not a multiple of ac x processes = %d: using bs=%d', self.bs, self.ac * world_size, bs_per_proc * self.ac * world_size)
+        self.batch_size = bs_per_proc
+        self.glb_batch_size = bs_per_proc * world_size
+        self.bs = self.glb_batch_size * self.ac
+        if self.tlr is None:
+            self.tlr = self.tblr * self.bs / 256
+        self.twde = self.twde or self.twd
+        if self.wp == 0:
+            self.wp = self.ep * 1 / 50
+        if self.pgwp == 0:
+            self.pgwp = self.ep * 1 / 300
+        if self.pg > 0:
+            self.sche = f'lin{self.pg:g}'
+        if self.opt.lower().strip() not in ('adamw', 'adam'):
+            raise FlagError(f'--opt={self.opt!r}: only adamw (and its alias adam) are supported')
+        return self
+
+    def model_config(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in MODEL_KEYS}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def tb_name(self) -> str:
+        return re.sub(r'[^\w\-+,.]', '_', f'tb-VARd{self.depth}__pn{self.pn}__b{self.bs}ep{self.ep}{self.sche[:4]}lr{self.tblr:g}wd{self.twd:g}')
+
+
+T = TypeVar('T')
+
+
+def _field_type(tp):
+    if get_origin(tp) is Union:
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return inner[0]
+    return tp
+
+
+def parse_dataclass(cls: Type[T], argv: Optional[Sequence[str]] = None, description: str = '') -> T:
+    """Parse --name=value / --name value flags into a dataclass; bool flags also take a bare --name.
+
+    Unknown flags are an error. Fields with metadata {'derived': True} are not flags.
+    """
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get('derived'):
+            continue
+        tp = _field_type(f.type)
+        if tp is bool:
+            parser.add_argument(f'--{f.name}', type=str2bool, nargs='?', const=True, default=f.default)
+        else:
+            parser.add_argument(f'--{f.name}', type=tp, default=f.default)
+    ns = parser.parse_args(argv)
+    return cls(**vars(ns))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Args:
+    args = parse_dataclass(Args, argv, description='Train VAR (torchrun or plain python).')
+    args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
+    return args

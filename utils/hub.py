@@ -1,0 +1,49 @@
+"""Published weights: a local path first, the Hugging Face Hub second, a clear error offline."""
+import logging
+import os
+from typing import Optional
+
+from utils.cli import UserError
+
+__all__ = ['HF_REPO', 'resolve_checkpoint', 'CheckpointUnavailableError']
+
+logger = logging.getLogger(__name__)
+
+HF_REPO = 'FoundationVision/var'
+
+
+class CheckpointUnavailableError(UserError, FileNotFoundError):
+    """A weights file that is neither local nor downloadable."""
+
+
+def resolve_checkpoint(path_or_name: str, repo_id: str = HF_REPO, downloadable: Optional[bool] = None) -> str:
+    """Local path of a weights file.
+
+    An existing file is returned as is. Otherwise, if its base name is a published file (or
+    `downloadable` is True), it is downloaded once into the Hugging Face cache (HF_HOME) and that
+    path returned; offline or unreachable, the error says where to put the file.
+    """
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    from models.state_dict import PUBLISHED
+    name = os.path.basename(path_or_name)
+    if downloadable is None:
+        downloadable = name in PUBLISHED
+    if not downloadable:
+        raise CheckpointUnavailableError(
+            f'{path_or_name} does not exist (the published files that can be downloaded are {", ".join(PUBLISHED)})')
+    url = f'https://huggingface.co/{repo_id}/resolve/main/{name}'
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise CheckpointUnavailableError(f'{path_or_name} does not exist and huggingface_hub is not installed to download it '
+                                         f'(pip install huggingface_hub), or download {url} yourself') from None
+    try:
+        local = hf_hub_download(repo_id=repo_id, filename=name)
+    except Exception as e:  # offline, unreachable, not found, no permission
+        raise CheckpointUnavailableError(
+            f'{name} is not at {path_or_name} and could not be downloaded from the Hugging Face repo {repo_id} '
+            f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}). If this machine is offline, download {url} '
+            f'on one that is online and pass its path (or put it at {os.path.abspath(path_or_name)})') from None
+    logger.info('using %s from the Hugging Face cache: %s', name, local)
+    return local

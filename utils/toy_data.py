@@ -1,0 +1,115 @@
+"""The built-in dataset: coloured shapes whose class (shape × colour) is visible in the picture.
+
+A deterministic generator writes an ImageFolder (train/ and val/, one folder per class) of PNGs with
+varied backgrounds, positions and sizes. Nothing is downloaded; the same arguments give the same files.
+
+    python -m utils.toy_data data/shapes --train_per_class 200 --val_per_class 20 --size 64
+"""
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import random
+from typing import Dict, List, Sequence, Tuple
+
+from PIL import Image, ImageDraw
+
+__all__ = ['SHAPES', 'COLOURS', 'class_names', 'render', 'make_shapes_dataset']
+
+SHAPES = ('circle', 'square', 'triangle', 'cross')
+COLOURS: Dict[str, Tuple[int, int, int]] = {'red': (215, 35, 35), 'blue': (35, 70, 215), 'yellow': (235, 200, 20), 'green': (30, 160, 60)}
+
+
+def class_names(n_shapes: int = 3, n_colours: int = 2) -> List[str]:
+    if not (1 <= n_shapes <= len(SHAPES) and 1 <= n_colours <= len(COLOURS)):
+        raise ValueError(f'n_shapes must be 1..{len(SHAPES)} and n_colours 1..{len(COLOURS)}')
+    return [f'{c}_{s}' for s in SHAPES[:n_shapes] for c in list(COLOURS)[:n_colours]]
+
+
+def _background(rng: random.Random, size: int) -> Image.Image:
+    """A light two-colour vertical or horizontal gradient, far from every class colour."""
+    a = [rng.randint(150, 245) for _ in range(3)]
+    b = [min(255, max(120, v + rng.randint(-60, 60))) for v in a]
+    img = Image.new('RGB', (size, size))
+    px = img.load()
+    horizontal = rng.random() < 0.5
+    for y in range(size):
+        for x in range(size):
+            t = (x if horizontal else y) / max(size - 1, 1)
+            px[x, y] = tuple(round(a[k] * (1 - t) + b[k] * t) for k in range(3))
+    return img
+
+
+def render(shape: str, colour: str, rng: random.Random, size: int = 64) -> Image.Image:
+    """One picture of `shape` in `colour` at a random position and size on a random background."""
+    img = _background(rng, size)
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.2, 0.34) * size
+    cx = rng.uniform(r + 1, size - r - 1)
+    cy = rng.uniform(r + 1, size - r - 1)
+    fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[colour])
+    if shape == 'circle':
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == 'square':
+        s = r * 0.9
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape == 'triangle':
+        pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        draw.polygon(pts, fill=fill)
+    elif shape == 'cross':
+        w = r * 0.38
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        raise ValueError(f'unknown shape {shape!r}; known: {SHAPES}')
+    return img
+
+
+def make_shapes_dataset(root: str, train_per_class: int = 200, val_per_class: int = 20, size: int = 64,
+                        n_shapes: int = 3, n_colours: int = 2, seed: int = 0) -> List[str]:
+    """Write root/{train,val}/<colour>_<shape>/NNNNN.png; returns the class names.
+
+    A complete dataset with the same parameters is reused as it is (root/dataset.json records them).
+    """
+    params = dict(train_per_class=train_per_class, val_per_class=val_per_class, size=size, n_shapes=n_shapes,
+                  n_colours=n_colours, seed=seed, version=1)
+    stamp = osp.join(root, 'dataset.json')
+    classes = class_names(n_shapes, n_colours)
+    if osp.isfile(stamp):
+        with open(stamp) as f:
+            if json.load(f) == params:
+                return classes
+    for split, n in (('train', train_per_class), ('val', val_per_class)):
+        for ci, name in enumerate(classes):
+            colour, shape = name.split('_')
+            d = osp.join(root, split, name)
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                rng = random.Random(f'{seed}-{split}-{name}-{i}')
+                path = osp.join(d, f'{i:05d}.png')
+                tmp = path + '.tmp.png'
+                render(shape, colour, rng, size).save(tmp)
+                os.replace(tmp, path)
+    with open(stamp + '.tmp', 'w') as f:
+        json.dump(params, f)
+    os.replace(stamp + '.tmp', stamp)
+    return classes
+
+
+def main(argv: Sequence[str] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('root')
+    p.add_argument('--train_per_class', type=int, default=200)
+    p.add_argument('--val_per_class', type=int, default=20)
+    p.add_argument('--size', type=int, default=64)
+    p.add_argument('--n_shapes', type=int, default=3)
+    p.add_argument('--n_colours', type=int, default=2)
+    p.add_argument('--seed', type=int, default=0)
+    a = p.parse_args(argv)
+    classes = make_shapes_dataset(a.root, a.train_per_class, a.val_per_class, a.size, a.n_shapes, a.n_colours, a.seed)
+    print(f'{len(classes)} classes in {a.root}: {", ".join(classes)}')
+
+
+if __name__ == '__main__':
+    main()
