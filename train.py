@@ -5,19 +5,14 @@
 torchrun's own flags cover several machines; a plain `python train.py ...` runs as one process.
 Rerunning the same command resumes from local_output/ar-ckpt-last.pth, mid-epoch included.
 """
-import json
 import logging
 import math
-import os
 import os.path as osp
-import random
-import sys
 import time
 from typing import Dict
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dist
@@ -25,23 +20,17 @@ from models import VQVAE, build_vae_var
 from trainer import VARTrainer
 from utils.amp_opt import AmpOptimizer, build_adamw
 from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args
-from utils.ckpt import ConfigMismatchError, copy_atomic, load_first_good, save_atomic
-from utils.cli import TrainingStopped, run_main
+from utils.cli import run_main
 from utils.data import build_dataset
-from utils.data_sampler import EvalShardSampler, GlobalBatchSampler
 from utils.hub import resolve_checkpoint
-from utils.log import setup_logging
 from utils.lr_control import filter_params, lr_wd_annealing
+from utils.run import (CheckpointWriter, NonFiniteGuard, append_log, build_loaders, check_resume_config, iteration_seed, resume,
+                       setup_run)
 from utils.tb import TensorboardLogger
 
 logger = logging.getLogger('train')
 
 LAST, PREV, BEST = 'ar-ckpt-last.pth', 'ar-ckpt-prev.pth', 'ar-ckpt-best.pth'
-
-
-def iteration_seed(seed: int, rank: int, g_it: int) -> int:
-    """Seed of the model's random draws (condition dropout, drop path) at one iteration of one process."""
-    return (seed * 0x9E3779B1 + rank * 0x85EBCA6B + g_it * 0xC2B2AE35 + 1) % (2 ** 63 - 1)
 
 
 def progressive_si(args: Args, g_it: int, wp_it: float, max_it: int) -> int:
@@ -68,14 +57,14 @@ def compile_model(m: torch.nn.Module, fast: int) -> torch.nn.Module:
 
 
 def load_vae(vae: VQVAE, ckpt_path: str) -> str:
-    """Load tokenizer weights: a local file, else the published file from the Hub (downloaded once per machine)."""
+    """Load tokenizer weights: a local file (a state dict or a train_vae.py checkpoint), else the published file from the Hub."""
     if dist.is_local_master():
-        path = resolve_checkpoint(ckpt_path)
+        path = resolve_checkpoint(ckpt_path)   # downloads once per machine
     dist.barrier()
     if not dist.is_local_master():
         path = resolve_checkpoint(ckpt_path)
     state = torch.load(path, map_location='cpu', weights_only=True)
-    if isinstance(state, dict) and 'trainer' in state and 'vae_wo_ddp' in state.get('trainer', {}):
+    if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
         state = state['trainer']['vae_wo_ddp']   # a train_vae.py checkpoint
     vae.load_state_dict(state, strict=True)
     return path
@@ -90,58 +79,14 @@ def validate_ckpt(ckpt: Dict) -> None:
             raise KeyError(f'no trainer[{k!r}] entry: not a train.py checkpoint')
 
 
-def check_resume_config(saved: Dict, args: Args) -> None:
-    diffs = []
-    for k in MODEL_KEYS:
-        a, b = saved.get(k), getattr(args, k)
-        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-            a, b = tuple(a or ()), tuple(b or ())
-        if a != b:
-            diffs.append(f'--{k}: checkpoint {a}, now {b}')
-    if diffs:
-        raise ConfigMismatchError(
-            f'{osp.join(args.local_out_dir_path, LAST)} was trained with another model configuration: ' + '; '.join(diffs)
-            + '. Use the same flags to resume, or another --local_out_dir_path to start a new run')
-
-
-def append_log(path: str, record: Dict) -> None:
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
 def main(args: Args) -> Dict[str, float]:
-    # ------------------------------------------------------------------ set up distributed
-    device = dist.initialize()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # ------------------------------------------------------------------ set up distributed, resume
     out_dir = args.local_out_dir_path
-    if dist.is_local_master():
-        os.makedirs(out_dir, exist_ok=True)
-    dist.barrier()
-    setup_logging(rank, osp.join(out_dir, 'stdout.txt'))
-    args.finalize(world)
-    if args.tf32 and device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    logger.info('command: %s %s', sys.argv[0], args.cmd)
-    logger.info('%s', dist.describe())
-
-    # ------------------------------------------------------------------ resume
-    ckpt, ckpt_path = load_first_good([osp.join(out_dir, LAST), osp.join(out_dir, PREV)], validate=validate_ckpt)
-    start_ep, start_it = 0, 0
-    if ckpt is not None:
-        saved = ckpt['args']
-        start_ep, start_it = ckpt['epoch'], ckpt['iter']
-        args.seed = saved['seed']
-        if args.num_classes == 0:
-            args.num_classes = saved['num_classes']
-        if saved.get('world_size') != world:
-            logger.info('resuming with %d processes (the checkpoint was written with %s): the global batch of %d images per step '
-                        'is kept, %d per process and micro step', world, saved.get('world_size'), args.bs, args.batch_size)
-        if saved.get('bs') != args.bs:
-            logger.warning('--bs=%d differs from the checkpoint\'s %s: the data order after the resume point changes', args.bs, saved.get('bs'))
-        logger.info('resuming from %s at epoch %d, iteration %d', ckpt_path, start_ep, start_it)
-    elif args.seed is None:
-        args.seed = dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
+    device = setup_run(args, out_dir)
+    rank = dist.get_rank()
+    ckpt, start_ep, start_it = resume(args, out_dir, (LAST, PREV), validate_ckpt)
+    if ckpt is not None and args.num_classes == 0:
+        args.num_classes = ckpt['args']['num_classes']
 
     # ------------------------------------------------------------------ build data
     if args.tokens_path:
@@ -157,16 +102,9 @@ def main(args: Args) -> Dict[str, float]:
     elif args.num_classes < num_folder_classes:
         raise FlagError(f'--num_classes={args.num_classes} but the data has {num_folder_classes} classes')
     if ckpt is not None:
-        check_resume_config(ckpt['args'], args)
-
-    sampler = GlobalBatchSampler(len(train_set), args.glb_batch_size, world_size=world, rank=rank, seed=args.same_seed_for_all_ranks,
-                                 shuffle=True, fill_last=True, start_ep=start_ep, start_it=start_it)
+        check_resume_config(ckpt['args'], args, MODEL_KEYS, osp.join(out_dir, LAST))
+    sampler, ld_train, ld_val = build_loaders(args, train_set, val_set, start_ep, start_it, device)
     iters_train = len(sampler)
-    pin = device.type == 'cuda'
-    ld_train = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin,
-                          persistent_workers=args.workers > 0)
-    ld_val = DataLoader(val_set, batch_size=max(1, round(args.batch_size * 1.5)), sampler=EvalShardSampler(len(val_set), world, rank),
-                        num_workers=args.workers, pin_memory=pin, drop_last=False)
 
     # ------------------------------------------------------------------ build models
     torch.manual_seed(args.seed)   # the same initial weights on every process and in every rerun
@@ -215,30 +153,18 @@ def main(args: Args) -> Dict[str, float]:
                 args.ep, iters_train, args.bs, args.batch_size, args.ac, args.tlr)
     pbar = tqdm(total=max_it, initial=start_g_it, disable=not dist.is_master(), dynamic_ncols=True, desc='train', unit='it')
     ld_iter = iter(ld_train)
-    last_ckpt_time = time.time()
-    nonfinite_run, skipped_total = 0, 0
-    pending_save = False
+    guard = NonFiniteGuard(args.nonfinite_patience, osp.join(out_dir, LAST))
     last_val = {}
 
-    def save_last(ep_next: int, it_next: int, best_improved: bool = False) -> None:
-        nonlocal last_ckpt_time
-        if it_next >= iters_train:
-            ep_next, it_next = ep_next + 1, 0
-        bad = [n for n, p in var_wo_ddp.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise TrainingStopped(f'training stopped: {len(bad)} weight tensors are no longer finite ({", ".join(bad[:5])}); '
-                               f'no checkpoint was written, the last good one is {osp.join(out_dir, LAST)}. '
-                               f'Try a lower --tblr, a stronger --tclip, or --fp16=2 (bfloat16)')
-        if dist.is_local_master():
-            state = {'epoch': ep_next, 'iter': it_next, 'trainer': trainer.state_dict(), 'args': args.state_dict(), 'best': dict(best),
-                     # where the data stream stands, and how every random draw after it is seeded
-                     'sampler': {'epoch': ep_next, 'iter': it_next, 'glb_batch_size': args.glb_batch_size, 'seed': args.same_seed_for_all_ranks},
-                     'rng': {'seed': args.seed, 'rule': 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration; '
-                                                       'augmentation seeded by (seed, epoch, index)'}}
-            save_atomic(state, osp.join(out_dir, LAST), prev_path=osp.join(out_dir, PREV))
-            if best_improved:
-                copy_atomic(osp.join(out_dir, LAST), osp.join(out_dir, BEST))
-        last_ckpt_time = time.time()
+    def checkpoint_state(ep_next: int, it_next: int) -> Dict:
+        return {'epoch': ep_next, 'iter': it_next, 'trainer': trainer.state_dict(), 'args': args.state_dict(), 'best': dict(best),
+                # where the data stream stands, and how every random draw after it is seeded
+                'sampler': {'epoch': ep_next, 'iter': it_next, 'glb_batch_size': args.glb_batch_size, 'seed': args.same_seed_for_all_ranks},
+                'rng': {'seed': args.seed, 'rule': 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration; '
+                                                   'augmentation seeded by (seed, epoch, index)'}}
+
+    writer = CheckpointWriter(out_dir, LAST, PREV, BEST, checkpoint_state, {'var': var_wo_ddp}, iters_train,
+                              args.ckpt_every_min, args.ckpt_every_it)
 
     t_log = time.time()
     it_log = start_g_it
@@ -262,17 +188,7 @@ def main(args: Args) -> Dict[str, float]:
                 out = trainer.train_step(g_it, stepping, label_B, prog_si, args.pgwp * iters_train, inp_B3HW=batch.to(device, non_blocking=True))
 
             if stepping:
-                if out['skipped']:
-                    nonfinite_run += 1
-                    skipped_total += 1
-                    logger.warning('iteration %d: non-finite gradient (norm %s), optimizer step skipped (%d in a row)', g_it, out['grad_norm'], nonfinite_run)
-                    if nonfinite_run >= args.nonfinite_patience:
-                        raise TrainingStopped(
-                            f'training stopped: {nonfinite_run} optimizer steps in a row had a non-finite loss or gradient (iteration {g_it}). '
-                            f'No checkpoint was written for them; the last good one is {osp.join(out_dir, LAST)}. '
-                            f'Try a lower --tblr, a stronger --tclip, or --fp16=2 (bfloat16)')
-                else:
-                    nonfinite_run = 0
+                guard.step(out['skipped'], g_it, out['grad_norm'])
 
             pbar.update(1)
             if (g_it + 1) % log_every == 0 or it == iters_train - 1 or g_it == start_g_it:
@@ -287,18 +203,14 @@ def main(args: Args) -> Dict[str, float]:
                 if dist.is_master():
                     tb.update('AR_iter_loss', g_it, **m)
                     tb.update('AR_opt', g_it, lr_max=max_tlr, lr_min=min_tlr, wd_max=max_twd, wd_min=min_twd,
-                              grad_norm=out['grad_norm'], loss_scale_log2=out['scale_log2'], skipped_steps=skipped_total)
+                              grad_norm=out['grad_norm'], loss_scale_log2=out['scale_log2'], skipped_steps=guard.total)
                     tb.update('AR_speed', g_it, images_per_sec=imgs_per_sec)
                     tb.update('AR_iter_schedule', g_it, prog_si=out['prog_si'], prog_wp=out['prog_wp'])
                     pbar.set_postfix(ep=f'{ep + 1}/{args.ep}', loss=f'{m["L_mean"]:.3f}', acc=f'{m["acc_mean"]:.1f}',
                                      lr=f'{max_tlr:.2e}', img_s=f'{imgs_per_sec:.1f}', refresh=False)
 
-            if stepping:
-                due_time = args.ckpt_every_min > 0 and time.time() - last_ckpt_time >= args.ckpt_every_min * 60
-                due_it = args.ckpt_every_it > 0 and (g_it + 1) % args.ckpt_every_it == 0
-                if due_time or due_it or pending_save:
-                    save_last(ep, it + 1)
-                    pending_save = False
+            if stepping and writer.due(g_it):
+                writer.save(ep, it + 1)
 
         # ---------------------------------------------------------- end of epoch
         stats = {k: v / max(n_logged, 1) for k, v in ep_stats.items()}
@@ -306,7 +218,7 @@ def main(args: Args) -> Dict[str, float]:
         sec = time.time() - t_ep
         remain = sec * (args.ep - ep - 1)
         record = {'ep': ep + 1, 'it': (ep + 1) * iters_train, **{k: round(v, 5) for k, v in stats.items()},
-                  'tlr': max_tlr, 'twd': max_twd, 'skipped_steps': skipped_total, 'skipped_images': n_skipped_imgs,
+                  'tlr': max_tlr, 'twd': max_twd, 'skipped_steps': guard.total, 'skipped_images': n_skipped_imgs,
                   'sec_per_ep': round(sec, 2), 'remain_hours': round(remain / 3600, 3)}
         if n_skipped_imgs:
             logger.warning('%d unreadable images were skipped so far', n_skipped_imgs)
@@ -320,24 +232,21 @@ def main(args: Args) -> Dict[str, float]:
             last_val = dict(vL_mean=vL_mean, vL_tail=vL_tail, vacc_mean=vacc_mean, vacc_tail=vacc_tail)
             logger.info('[ep %d] val (%d images, %.1fs): loss %.4f, last scale %.4f, acc %.2f%%, last scale %.2f%%',
                         ep + 1, tot, cost, vL_mean, vL_tail, vacc_mean, vacc_tail)
-            if dist.is_master():
-                append_log(log_txt, {'ep': ep + 1, 'eval': True, **{k: round(v, 5) for k, v in last_val.items()}, 'val_images': tot,
-                                     'best_vL_tail': round(best['vL_tail'], 5)})
-                tb.update('AR_ep_loss', ep + 1, **last_val)
+            append_log(log_txt, {'ep': ep + 1, 'eval': True, **{k: round(v, 5) for k, v in last_val.items()}, 'val_images': tot,
+                                 'best_vL_tail': round(best['vL_tail'], 5)})
+            tb.update('AR_ep_loss', ep + 1, **last_val)
         logger.info('[ep %d/%d] loss %.4f acc %.2f%% | %.1fs/epoch, %.2f h left', ep + 1, args.ep, stats.get('L_mean', float('nan')),
                     stats.get('acc_mean', float('nan')), sec, remain / 3600)
-        if dist.is_master():
-            append_log(log_txt, record)
-            tb.update('AR_ep_loss', ep + 1, **stats)
-            tb.update('AR_z_burnout', ep + 1, rest_hours=remain / 3600)
-            tb.flush()
-        if (ep * iters_train + iters_train) % args.ac == 0:
-            save_last(ep + 1, 0, best_improved=best_improved)
-        else:
-            pending_save = True  # the epoch ended inside a gradient accumulation: save at the next optimizer step
-            if best_improved and dist.is_local_master():
-                save_atomic({'epoch': ep + 1, 'iter': 0, 'trainer': trainer.state_dict(), 'args': args.state_dict(), 'best': dict(best)},
-                            osp.join(out_dir, BEST))
+        append_log(log_txt, record)
+        tb.update('AR_ep_loss', ep + 1, **stats)
+        tb.update('AR_z_burnout', ep + 1, rest_hours=remain / 3600)
+        tb.flush()
+        if ((ep + 1) * iters_train) % args.ac == 0:
+            writer.save(ep + 1, 0, best=best_improved)
+        else:  # the epoch ended inside a gradient accumulation: the last checkpoint waits for the next optimizer step
+            writer.pending = True
+            if best_improved:
+                writer.save_best_only(ep + 1, 0)
 
     pbar.close()
     tb.close()
