@@ -16,5 +16,8 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not benchmark"
 
+demo: $(STAMP)
+	$(PYTHON) demo.py --out demo_output
+
 clean:
 	rm -rf local_output demo_output .pytest_cache

@@ -115,6 +115,11 @@ def main(args: Args) -> Dict[str, float]:
         init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
     )
     logger.info('tokenizer weights: %s', load_vae(vae_local, args.vae_ckpt))
+    if token_batches:
+        from utils.token_data import TokensError, tokenizer_fingerprint
+        if meta['tokenizer'] != tokenizer_fingerprint(vae_local.state_dict()):
+            raise TokensError(f'the tokens in {args.tokens_path} were extracted with another tokenizer than --vae_ckpt={args.vae_ckpt}')
+        logger.info('training from the token maps in %s (%d images and their flips; no other augmentation)', args.tokens_path, len(train_set))
     var_wo_ddp.grad_ckpt = args.grad_ckpt
     logger.info('VAR d%d: %.2fM parameters; tokenizer: %.2fM', args.depth, sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6,
                 sum(p.numel() for p in vae_local.parameters()) / 1e6)

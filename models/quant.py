@@ -220,7 +220,7 @@ class VectorQuantizer2(nn.Module):
                            v_patch_nums: Optional[Sequence[Union[int, Tuple[int, int]]]] = None) -> List[torch.Tensor]:
         """Encode f (B, C, H, W): per scale, the index map (B, ph·pw) or, with to_fhat, the running f_hat (B, C, H, W)."""
         B, C, H, W = f_BChw.shape
-        f_no_grad = f_BChw.detach()
+        f_no_grad = f_BChw.detach().float()   # nearest entries in float32, also under autocast
         f_rest = f_no_grad.clone()
         f_hat = torch.zeros_like(f_rest)
 
@@ -231,18 +231,19 @@ class VectorQuantizer2(nn.Module):
                              f'images must be {patch_hws[-1][0]}x{patch_hws[-1][1]} times the tokenizer downsampling')
 
         SN = len(patch_hws)
-        for si, (ph, pw) in enumerate(patch_hws):
-            if 0 <= self.prog_si < si:
-                break
-            z_BChw = F.interpolate(f_rest, size=(ph, pw), mode='area') if si != SN - 1 else f_rest
-            idx_N = self._nearest_idx(z_BChw.permute(0, 2, 3, 1).reshape(-1, C))
-            h_BChw = self.embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
-            if si != SN - 1:
-                h_BChw = F.interpolate(h_BChw, size=(H, W), mode='bicubic')
-            h_BChw = self.quant_resi[si / (SN - 1)](h_BChw.contiguous())
-            f_hat.add_(h_BChw)
-            f_rest.sub_(h_BChw)
-            f_hat_or_idx_Bl.append(f_hat.clone() if to_fhat else idx_N.reshape(B, ph * pw))
+        with torch.autocast(device_type=f_BChw.device.type, enabled=False):
+            for si, (ph, pw) in enumerate(patch_hws):
+                if 0 <= self.prog_si < si:
+                    break
+                z_BChw = F.interpolate(f_rest, size=(ph, pw), mode='area') if si != SN - 1 else f_rest
+                idx_N = self._nearest_idx(z_BChw.permute(0, 2, 3, 1).reshape(-1, C))
+                h_BChw = self.embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
+                if si != SN - 1:
+                    h_BChw = F.interpolate(h_BChw, size=(H, W), mode='bicubic')
+                h_BChw = self.quant_resi[si / (SN - 1)](h_BChw.contiguous())
+                f_hat.add_(h_BChw)
+                f_rest.sub_(h_BChw)
+                f_hat_or_idx_Bl.append(f_hat.clone() if to_fhat else idx_N.reshape(B, ph * pw))
         return f_hat_or_idx_Bl
 
     # ------------------------------------------------------------------ transformer input

@@ -89,3 +89,18 @@ def tiny_vae_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp('vae') / 'tiny_vae.pth'
     torch.save(vae.state_dict(), path)
     return path
+
+
+def run_and_kill_after_checkpoint(argv, ckpt_path, delay=0.3, timeout=240):
+    """Start `python argv`, SIGKILL it `delay` seconds after `ckpt_path` first appears; returns the exit code."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable] + list(argv), cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not Path(ckpt_path).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()

@@ -1,15 +1,11 @@
 """train.py end to end on the CPU: torchrun with gloo, checkpoints, resume after SIGKILL, mixed precision, bad input."""
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN_FLAGS, run_script, script_env
+from conftest import REPO, TINY_TRAIN_FLAGS, run_and_kill_after_checkpoint, run_script, script_env
 
 
 def train_flags(data, vae, out, *extra):
@@ -80,14 +76,7 @@ def test_sigkill_and_resume_gives_the_same_weights(shapes_data, tiny_vae_ckpt, t
     run_script(train_flags(shapes_data, tiny_vae_ckpt, ref, *flags))
 
     out = tmp_path / 'killed'
-    cmd = [sys.executable] + train_flags(shapes_data, tiny_vae_ckpt, out, *flags)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / 'ar-ckpt-last.pth').exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.3)  # somewhere after the first checkpoint, mid-epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_kill_after_checkpoint(train_flags(shapes_data, tiny_vae_ckpt, out, *flags), out / 'ar-ckpt-last.pth')
     ck_at_kill = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
     assert (ck_at_kill['epoch'], ck_at_kill['iter']) < (3, 0), 'the kill came too late to test a resume'
     res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *flags))

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar, Union, g
 
 from utils.cli import UserError
 
-__all__ = ['FlagError', 'Args', 'parse_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS']
+__all__ = ['FlagError', 'Args', 'parse_args', 'VAEArgs', 'parse_vae_args', 'VAE_MODEL_KEYS', 'ExtractArgs', 'parse_extract_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS']
 
 logger = logging.getLogger(__name__)
 
@@ -202,5 +202,151 @@ def parse_dataclass(cls: Type[T], argv: Optional[Sequence[str]] = None, descript
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Args:
     args = parse_dataclass(Args, argv, description='Train VAR (torchrun or plain python).')
+    args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+VAE_MODEL_KEYS = ('vocab_size', 'z_channels', 'vae_ch', 'share_quant_resi', 'patch_nums', 'using_znorm', 'quant_resi')
+
+
+@dataclass
+class VAEArgs:
+    """Flags of train_vae.py: the multi-scale VQVAE tokenizer, from scratch or fine-tuned."""
+    data_path: str = '/path/to/imagenet'
+    exp_name: str = 'vae'
+    local_out_dir_path: str = 'local_output_vae'
+    vae_ckpt: str = ''           # weights to start from (fine-tuning); '' trains from scratch; a published name is downloaded
+    eval_only: bool = False      # only measure PSNR, SSIM and codebook usage on the val folder, then stop
+    # tokenizer shape (the published one by default)
+    vocab_size: int = 4096
+    z_channels: int = 32
+    vae_ch: int = 160
+    share_quant_resi: int = 4
+    quant_resi: float = 0.5
+    using_znorm: bool = False
+    beta: float = 0.25           # commitment weight inside the vq loss
+    pn: str = '1_2_3_4_5_6_8_10_13_16'
+    patch_size: int = 16
+    # data
+    mid_reso: float = 1.125
+    hflip: bool = False
+    workers: int = 0
+    # optimisation
+    bs: int = 64                 # global batch size
+    ac: int = 1
+    ep: int = 100
+    lr: float = 1e-4             # peak lr of the tokenizer (not scaled by bs)
+    wd: float = 0.0
+    wp: float = 1                # warm-up epochs
+    wp0: float = 0.01
+    wpe: float = 0.1
+    sche: str = 'cos'
+    clip: float = 0.0            # gradient clip (<= 0: off)
+    fp16: int = 0                # 1: float16 with a loss scaler, 2: bfloat16
+    afuse: bool = True
+    # losses
+    rec_loss: str = 'l1'         # pixel reconstruction: l1 or l2
+    rec_weight: float = 1.0
+    vq_weight: float = 1.0       # weight of the multi-scale vq loss
+    lpips_weight: float = 1.0    # perceptual loss weight (0: off, no VGG weights needed)
+    lpips_vgg: str = ''          # VGG16 ImageNet weights file ('' : torchvision's download)
+    lpips_lin: str = ''          # LPIPS v0.1 linear weights file ('' : the LPIPS release download)
+    disc_start: int = 20000      # iteration at which the adversarial loss starts (< 0: never)
+    disc_weight: float = 0.5
+    disc_lr: float = 0.0         # 0: = lr
+    disc_ch: int = 64
+    disc_layers: int = 3
+    reinit_dead: int = 0         # every this many iterations, re-initialise unused codebook entries (0: off)
+    dead_threshold: float = 0.03  # an entry is unused when its EMA hits fall below this fraction of a uniform share
+    # checkpoints and logs
+    ckpt_every_min: float = 30
+    ckpt_every_it: int = 0
+    val_every_ep: int = 1
+    nonfinite_patience: int = 50
+    tf32: bool = True
+    seed: Optional[int] = None
+    same_seed_for_all_ranks: int = 0
+
+    patch_nums: Tuple[int, ...] = field(default=(), metadata={'derived': True})
+    data_load_reso: int = field(default=0, metadata={'derived': True})
+    batch_size: int = field(default=0, metadata={'derived': True})
+    glb_batch_size: int = field(default=0, metadata={'derived': True})
+    world_size: int = field(default=1, metadata={'derived': True})
+    cmd: str = field(default='', metadata={'derived': True})
+
+    def finalize(self, world_size: int) -> 'VAEArgs':
+        if self.pn in PN_SHORTCUTS:
+            self.pn = PN_SHORTCUTS[self.pn]
+        self.patch_nums = parse_patch_nums(self.pn)
+        if self.patch_size != 16:
+            raise FlagError(f'--patch_size={self.patch_size}: the tokenizer downsamples by 16, so patch_size must be 16')
+        self.data_load_reso = self.patch_nums[-1] * self.patch_size
+        if self.fp16 not in (0, 1, 2):
+            raise FlagError(f'--fp16={self.fp16}: use 0 (float32), 1 (float16 with a loss scaler) or 2 (bfloat16)')
+        if self.rec_loss not in ('l1', 'l2'):
+            raise FlagError(f'--rec_loss={self.rec_loss!r}: use l1 or l2')
+        if self.vae_ch % 32 != 0:
+            raise FlagError(f'--vae_ch={self.vae_ch} must be a multiple of 32 (GroupNorm with 32 groups)')
+        if self.ac < 1 or self.bs < 1 or self.ep < 1:
+            raise FlagError(f'--bs, --ac and --ep must be >= 1, got bs={self.bs} ac={self.ac} ep={self.ep}')
+        self.world_size = world_size
+        bs_per_proc = round(self.bs / self.ac / world_size)
+        if bs_per_proc < 1:
+            raise FlagError(f'--bs={self.bs} is too small for --ac={self.ac} and {world_size} processes')
+        self.batch_size = bs_per_proc
+        self.glb_batch_size = bs_per_proc * world_size
+        self.bs = self.glb_batch_size * self.ac
+        self.disc_lr = self.disc_lr or self.lr
+        return self
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def tb_name(self) -> str:
+        return re.sub(r'[^\w\-+,.]', '_', f'tb-VQVAE_v{self.vocab_size}z{self.z_channels}ch{self.vae_ch}__pn{self.pn}__b{self.bs}ep{self.ep}lr{self.lr:g}')
+
+
+def parse_vae_args(argv: Optional[Sequence[str]] = None) -> VAEArgs:
+    args = parse_dataclass(VAEArgs, argv, description='Train the multi-scale VQVAE tokenizer (torchrun or plain python).')
+    args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+@dataclass
+class ExtractArgs:
+    """Flags of extract_tokens.py."""
+    data_path: str = '/path/to/imagenet'
+    tokens_path: str = 'local_tokens'
+    vae_ckpt: str = 'vae_ch160v4096z32.pth'
+    vocab_size: int = 4096
+    z_channels: int = 32
+    vae_ch: int = 160
+    share_quant_resi: int = 4
+    pn: str = '1_2_3_4_5_6_8_10_13_16'
+    patch_size: int = 16
+    mid_reso: float = 1.125   # images: short side resized to mid_reso x the final size, then centre-cropped
+    bs: int = 64              # images per process and batch
+    workers: int = 0
+    tf32: bool = False        # keep float32 tokenisation exact on CUDA by default
+
+    patch_nums: Tuple[int, ...] = field(default=(), metadata={'derived': True})
+    data_load_reso: int = field(default=0, metadata={'derived': True})
+    cmd: str = field(default='', metadata={'derived': True})
+
+    def finalize(self, world_size: int) -> 'ExtractArgs':
+        if self.pn in PN_SHORTCUTS:
+            self.pn = PN_SHORTCUTS[self.pn]
+        self.patch_nums = parse_patch_nums(self.pn)
+        if self.patch_size != 16:
+            raise FlagError(f'--patch_size={self.patch_size}: the tokenizer downsamples by 16, so patch_size must be 16')
+        self.data_load_reso = self.patch_nums[-1] * self.patch_size
+        if self.bs < 1:
+            raise FlagError(f'--bs={self.bs} must be >= 1')
+        return self
+
+
+def parse_extract_args(argv: Optional[Sequence[str]] = None) -> ExtractArgs:
+    args = parse_dataclass(ExtractArgs, argv, description='Write the multi-scale token maps of every image (and of its flip) once.')
     args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
     return args

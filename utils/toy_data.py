@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 __all__ = ['SHAPES', 'COLOURS', 'class_names', 'render', 'make_shapes_dataset']
 
-SHAPES = ('circle', 'square', 'triangle', 'cross')
+SHAPES = ('circle', 'hbar', 'vbar', 'triangle', 'cross', 'square')  # the first three differ even when blurred (aspect ratio)
 COLOURS: Dict[str, Tuple[int, int, int]] = {'red': (215, 35, 35), 'blue': (35, 70, 215), 'yellow': (235, 200, 20), 'green': (30, 160, 60)}
 
 
@@ -27,9 +27,12 @@ def class_names(n_shapes: int = 3, n_colours: int = 2) -> List[str]:
     return [f'{c}_{s}' for s in SHAPES[:n_shapes] for c in list(COLOURS)[:n_colours]]
 
 
-def _background(rng: random.Random, size: int) -> Image.Image:
-    """A light two-colour vertical or horizontal gradient, far from every class colour."""
-    a = [rng.randint(150, 245) for _ in range(3)]
+def _background(rng: random.Random, size: int, gradient: bool = True, bg_jitter: int = 95) -> Image.Image:
+    """A light colour (245 minus up to bg_jitter per channel), far from every class colour; with `gradient`,
+    a vertical or horizontal blend to a second one."""
+    a = [rng.randint(245 - bg_jitter, 245) for _ in range(3)]
+    if not gradient:
+        return Image.new('RGB', (size, size), tuple(a))
     b = [min(255, max(120, v + rng.randint(-60, 60))) for v in a]
     img = Image.new('RGB', (size, size))
     px = img.load()
@@ -41,11 +44,13 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     return img
 
 
-def render(shape: str, colour: str, rng: random.Random, size: int = 64) -> Image.Image:
-    """One picture of `shape` in `colour` at a random position and size on a random background."""
-    img = _background(rng, size)
+def render(shape: str, colour: str, rng: random.Random, size: int = 64, gradient: bool = True,
+           min_r: float = 0.2, max_r: float = 0.34, bg_jitter: int = 95) -> Image.Image:
+    """One picture of `shape` in `colour` at a random position and size (radius min_r..max_r of the side)
+    on a random light background."""
+    img = _background(rng, size, gradient, bg_jitter)
     draw = ImageDraw.Draw(img)
-    r = rng.uniform(0.2, 0.34) * size
+    r = rng.uniform(min_r, max_r) * size
     cx = rng.uniform(r + 1, size - r - 1)
     cy = rng.uniform(r + 1, size - r - 1)
     fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[colour])
@@ -54,6 +59,10 @@ def render(shape: str, colour: str, rng: random.Random, size: int = 64) -> Image
     elif shape == 'square':
         s = r * 0.9
         draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape in ('hbar', 'vbar'):   # a bar three times as long as it is wide
+        a, b = r, r / 3
+        w, h = (a, b) if shape == 'hbar' else (b, a)
+        draw.rectangle([cx - w, cy - h, cx + w, cy + h], fill=fill)
     elif shape == 'triangle':
         pts = [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
         draw.polygon(pts, fill=fill)
@@ -67,13 +76,14 @@ def render(shape: str, colour: str, rng: random.Random, size: int = 64) -> Image
 
 
 def make_shapes_dataset(root: str, train_per_class: int = 200, val_per_class: int = 20, size: int = 64,
-                        n_shapes: int = 3, n_colours: int = 2, seed: int = 0) -> List[str]:
+                        n_shapes: int = 3, n_colours: int = 2, seed: int = 0, gradient: bool = True,
+                        min_r: float = 0.2, max_r: float = 0.34, bg_jitter: int = 95) -> List[str]:
     """Write root/{train,val}/<colour>_<shape>/NNNNN.png; returns the class names.
 
     A complete dataset with the same parameters is reused as it is (root/dataset.json records them).
     """
     params = dict(train_per_class=train_per_class, val_per_class=val_per_class, size=size, n_shapes=n_shapes,
-                  n_colours=n_colours, seed=seed, version=1)
+                  n_colours=n_colours, seed=seed, gradient=gradient, min_r=min_r, max_r=max_r, bg_jitter=bg_jitter, version=1)
     stamp = osp.join(root, 'dataset.json')
     classes = class_names(n_shapes, n_colours)
     if osp.isfile(stamp):
@@ -89,7 +99,7 @@ def make_shapes_dataset(root: str, train_per_class: int = 200, val_per_class: in
                 rng = random.Random(f'{seed}-{split}-{name}-{i}')
                 path = osp.join(d, f'{i:05d}.png')
                 tmp = path + '.tmp.png'
-                render(shape, colour, rng, size).save(tmp)
+                render(shape, colour, rng, size, gradient, min_r, max_r, bg_jitter).save(tmp)
                 os.replace(tmp, path)
     with open(stamp + '.tmp', 'w') as f:
         json.dump(params, f)
@@ -106,8 +116,13 @@ def main(argv: Sequence[str] = None) -> None:
     p.add_argument('--n_shapes', type=int, default=3)
     p.add_argument('--n_colours', type=int, default=2)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--gradient', type=int, default=1, help='1: gradient backgrounds, 0: solid ones')
+    p.add_argument('--min_r', type=float, default=0.2)
+    p.add_argument('--max_r', type=float, default=0.34)
+    p.add_argument('--bg_jitter', type=int, default=95, help='how far (per channel) backgrounds vary below 245')
     a = p.parse_args(argv)
-    classes = make_shapes_dataset(a.root, a.train_per_class, a.val_per_class, a.size, a.n_shapes, a.n_colours, a.seed)
+    classes = make_shapes_dataset(a.root, a.train_per_class, a.val_per_class, a.size, a.n_shapes, a.n_colours, a.seed,
+                                  bool(a.gradient), a.min_r, a.max_r, a.bg_jitter)
     print(f'{len(classes)} classes in {a.root}: {", ".join(classes)}')
 
 

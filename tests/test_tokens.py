@@ -1,0 +1,89 @@
+"""extract_tokens.py and train.py --tokens_path: same tokens for any number of processes, resumable, same training as live tokenisation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_TRAIN_FLAGS, run_script
+
+TOK_FLAGS = ['--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--pn=1_2_3_4']
+
+
+def extract(data, vae, out, procs=0, *extra):
+    return run_script(['extract_tokens.py', f'--data_path={data}', f'--vae_ckpt={vae}', f'--tokens_path={out}', *TOK_FLAGS, '--bs=5', *extra],
+                      torchrun_procs=procs)
+
+
+@pytest.fixture(scope='module')
+def tokens_one(shapes_data, tiny_vae_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp('tokens') / 'one'
+    extract(shapes_data, tiny_vae_ckpt, out, 0, '--mid_reso=1')
+    return out
+
+
+def test_tokens_match_the_tokenizer_and_do_not_depend_on_processes(shapes_data, tiny_vae_ckpt, tokens_one, tmp_path):
+    meta = json.loads((tokens_one / 'meta.json').read_text())
+    assert meta['n_train'] == 96 and meta['n_val'] == 24 and meta['patch_nums'] == [1, 2, 3, 4] and len(meta['classes']) == 6
+    tok = np.load(tokens_one / 'train_tokens.npy')
+    assert tok.shape == (96, 2, 30) and tok.dtype == np.uint16 and np.load(tokens_one / 'val_tokens.npy').shape == (24, 1, 30)
+    assert np.all(np.load(tokens_one / 'train_done.npy') == 1)
+    # row 5 is the tokenizer's output for image 5 and for its flip
+    from conftest import build_tiny
+    from utils.data import build_dataset
+    vae, _ = build_tiny(seed=11)
+    _, train_set, _, _ = build_dataset(str(shapes_data), final_reso=64, mid_reso=1.0)
+    train_set.train = False
+    x = train_set[5][0][None]
+    with torch.no_grad():
+        want = [torch.cat(vae.img_to_idxBl(v), 1)[0].numpy() for v in (x, x.flip(-1))]
+    assert np.array_equal(tok[5, 0], want[0]) and np.array_equal(tok[5, 1], want[1])
+    assert np.load(tokens_one / 'train_labels.npy')[5] == train_set.samples[5][1]
+    # two processes write the same arrays
+    two = tmp_path / 'two'
+    extract(shapes_data, tiny_vae_ckpt, two, 2, '--mid_reso=1')
+    for name in ('train_tokens.npy', 'train_labels.npy', 'val_tokens.npy', 'val_labels.npy'):
+        assert np.array_equal(np.load(tokens_one / name), np.load(two / name)), name
+
+
+def test_an_interrupted_extraction_is_finished_on_rerun(shapes_data, tiny_vae_ckpt, tokens_one, tmp_path):
+    import shutil
+    out = tmp_path / 'partial'
+    shutil.copytree(tokens_one, out)
+    (out / 'meta.json').unlink()                       # as if killed before the end
+    done = np.load(out / 'train_done.npy', mmap_mode='r+')
+    tok = np.load(out / 'train_tokens.npy', mmap_mode='r+')
+    done[10:40] = 0
+    tok[10:40] = 0                                      # rows never written
+    done.flush()
+    tok.flush()
+    del done, tok
+    res = extract(shapes_data, tiny_vae_ckpt, out, 0, '--mid_reso=1')
+    assert 'train tokens: 100%' in res.stderr and '30/30' in res.stderr   # only the missing rows
+    assert np.array_equal(np.load(out / 'train_tokens.npy'), np.load(tokens_one / 'train_tokens.npy'))
+    assert (out / 'meta.json').is_file()
+    assert 'complete already' in extract(shapes_data, tiny_vae_ckpt, out, 0, '--mid_reso=1').stdout
+
+
+def test_training_from_tokens_equals_live_tokenisation(shapes_data, tiny_vae_ckpt, tokens_one, tmp_path):
+    common = [f'--vae_ckpt={tiny_vae_ckpt}', *TINY_TRAIN_FLAGS, '--bs=8', '--ep=2', '--hflip=1', '--mid_reso=1', '--seed=4', '--tblr=1e-3']
+    run_script(['train.py', f'--data_path={shapes_data}', f'--local_out_dir_path={tmp_path / "live"}', *common])
+    res = run_script(['train.py', f'--tokens_path={tokens_one}', f'--local_out_dir_path={tmp_path / "tok"}', *common])
+    assert 'training from the token maps' in res.stdout
+    a = torch.load(tmp_path / 'live' / 'ar-ckpt-last.pth', weights_only=True)['trainer']['var_wo_ddp']
+    b = torch.load(tmp_path / 'tok' / 'ar-ckpt-last.pth', weights_only=True)['trainer']['var_wo_ddp']
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    val = [json.loads(x) for x in (tmp_path / 'tok' / 'log.txt').read_text().splitlines() if '"eval"' in x]
+    assert val and val[-1]['val_images'] == 24
+
+
+def test_tokens_of_another_tokenizer_are_refused(shapes_data, tokens_one, tmp_path):
+    from conftest import build_tiny
+    other = tmp_path / 'other_vae.pth'
+    torch.save(build_tiny(seed=99)[0].state_dict(), other)
+    res = run_script(['train.py', f'--tokens_path={tokens_one}', f'--vae_ckpt={other}', f'--local_out_dir_path={tmp_path / "x"}',
+                      *TINY_TRAIN_FLAGS, '--ep=1'], check=False)
+    assert res.returncode == 1 and 'were extracted with another tokenizer' in res.stderr
+    res = run_script(['train.py', f'--tokens_path={tmp_path / "nothing"}', f'--vae_ckpt={other}', f'--local_out_dir_path={tmp_path / "y"}',
+                      *TINY_TRAIN_FLAGS, '--ep=1'], check=False)
+    assert res.returncode == 1 and 'run extract_tokens.py first' in res.stderr
