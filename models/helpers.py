@@ -2,7 +2,7 @@
 
 Letters: B batch, l tokens of one scale, V vocabulary, h/w side of a mask.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -11,9 +11,16 @@ import torch.nn.functional as F
 __all__ = ['sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'DropPath', 'make_edit_mask', 'EDIT_MODES']
 
 
+RNG = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
 def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                             rng: Optional[torch.Generator] = None, num_samples: int = 1) -> torch.Tensor:
-    """Filter logits in place (top_k > 0: keep the k largest; top_p > 0: nucleus) and draw (B, l, num_samples) indices."""
+                             rng: RNG = None, num_samples: int = 1) -> torch.Tensor:
+    """Filter logits in place (top_k > 0: keep the k largest; top_p > 0: nucleus) and draw (B, l, num_samples) indices.
+
+    rng: one generator for the whole batch (the reference's behaviour), or B generators, one per sample,
+    so that a sample's draws do not depend on the rest of the batch.
+    """
     B, l, V = logits_BlV.shape
     if top_k > 0:
         idx_to_remove = logits_BlV < logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
@@ -25,16 +32,23 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
         logits_BlV.masked_fill_(sorted_idx_to_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_idx_to_remove), -torch.inf)
     replacement = num_samples >= 0
     num_samples = abs(num_samples)
-    return torch.multinomial(logits_BlV.softmax(dim=-1).view(-1, V), num_samples=num_samples,
-                             replacement=replacement, generator=rng).view(B, l, num_samples)
+    probs_BlV = logits_BlV.softmax(dim=-1)
+    if isinstance(rng, (list, tuple)):
+        return torch.stack([torch.multinomial(probs_BlV[b], num_samples=num_samples, replacement=replacement, generator=g)
+                            for b, g in enumerate(rng)])
+    return torch.multinomial(probs_BlV.view(-1, V), num_samples=num_samples, replacement=replacement, generator=rng).view(B, l, num_samples)
 
 
 def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = False, eps: float = 1e-10,
-                            dim: int = -1, rng: Optional[torch.Generator] = None) -> torch.Tensor:
-    """F.gumbel_softmax whose Gumbel noise −log(Exponential(1)) comes from `rng`."""
+                            dim: int = -1, rng: RNG = None) -> torch.Tensor:
+    """F.gumbel_softmax whose Gumbel noise −log(Exponential(1)) comes from `rng` (one generator, or one per sample along dim 0)."""
     if rng is None:
         return F.gumbel_softmax(logits=logits, tau=tau, hard=hard, eps=eps, dim=dim)
-    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
+    if isinstance(rng, (list, tuple)):
+        gumbels = torch.stack([-torch.empty_like(logits[b], memory_format=torch.legacy_contiguous_format).exponential_(generator=g).log()
+                               for b, g in enumerate(rng)])
+    else:
+        gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
     y_soft = ((logits + gumbels) / tau).softmax(dim)
     if not hard:
         return y_soft

@@ -183,14 +183,15 @@ class VAR(nn.Module):
 
     @torch.no_grad()
     def autoregressive_infer_cfg(
-        self, B: int, label_B: LabelArg, g_seed: Optional[int] = None, cfg=1.5, top_k=0, top_p=0.0,
+        self, B: int, label_B: LabelArg, g_seed: Union[None, int, Sequence[int]] = None, cfg=1.5, top_k=0, top_p=0.0,
         more_smooth=False, input_img_tokens: Optional[List[torch.Tensor]] = None, edit_mask: Optional[torch.Tensor] = None,
         on_scale: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
     ) -> torch.Tensor:
         """Sample B images, coarse to fine, with classifier-free guidance.
 
         label_B: None (labels drawn uniformly), an int for all B (negative: no class) or B labels.
-        g_seed: seeds the model's own generator; every random draw of the call then comes from it.
+        g_seed: seeds the model's own generator; every random draw of the call then comes from it. A sequence
+            of B seeds gives every sample a generator of its own instead (results independent of the batch).
         cfg: guidance strength, ramped linearly over scales. top_k, top_p: filtering (0 = off).
         more_smooth: Gumbel-softmax smoothing (for viewing, not FID).
         input_img_tokens, edit_mask: zero-shot editing; `vae.img_to_idxBl(img)` and an (h, w) mask with
@@ -206,12 +207,20 @@ class VAR(nn.Module):
 
         if g_seed is None:
             rng = None
-        else:
+        elif isinstance(g_seed, int):
             rng = self.rng
             rng.manual_seed(g_seed)
+        else:   # one seed per sample: each sample's draws are its own, whatever else is in the batch
+            seeds = [int(s) for s in g_seed]
+            if len(seeds) != B:
+                raise ValueError(f'g_seed has {len(seeds)} per-sample seeds for B={B} samples')
+            rng = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         if label_B is None:
             uniform_prob = torch.full((1, self.num_classes), fill_value=1.0 / self.num_classes, dtype=torch.float32, device=device)
-            label_B = torch.multinomial(uniform_prob, num_samples=B, replacement=True, generator=rng).reshape(B)
+            if isinstance(rng, list):
+                label_B = torch.cat([torch.multinomial(uniform_prob, num_samples=1, generator=g).reshape(1) for g in rng])
+            else:
+                label_B = torch.multinomial(uniform_prob, num_samples=B, replacement=True, generator=rng).reshape(B)
 
         quant = self.vae_quant_proxy[0]
         sos = cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, fill_value=self.num_classes)), dim=0))

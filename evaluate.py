@@ -1,0 +1,170 @@
+"""FID, Inception Score, precision and recall of a sample npz against a reference npz.
+
+    python evaluate.py VIRTUAL_imagenet256_labeled.npz samples/d16.npz
+    python evaluate.py ref.npz samples.npz --inception_weights=weights-inception-2015-12-05-6726825d.pth
+
+Both files hold arr_0 (N, H, W, 3) uint8, like the OpenAI evaluator's reference batches and
+sample.py's output; they are read in batches, never whole. Features come from torch-fidelity's
+InceptionV3 with the standard TensorFlow FID weights (`--inception_weights`, or the usual download
+into the torch hub cache; offline, the error says what to fetch). FID uses the 2048-d pool features,
+IS the 1008 logits (10 splits), precision and recall the pool features with k = 3 neighbours.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import zipfile
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from utils.cli import UserError, run_main
+from utils.log import setup_logging
+
+__all__ = ['frechet_distance', 'iter_npz_images', 'inception_features', 'evaluate']
+
+logger = logging.getLogger('evaluate')
+
+INCEPTION_URL = 'https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth'
+
+
+class EvaluationInputError(UserError, ValueError):
+    """An npz that cannot be evaluated, or Inception weights that cannot be had."""
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½, in float64.
+
+    tr (Σ1 Σ2)^½ = Σ √λ of the symmetric PSD matrix Σ1^½ Σ2 Σ1^½, computed with symmetric
+    eigendecompositions (no complex parts, no failure on singular covariances).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    w1, v1 = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    m = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def _open_arr0(path: str):
+    """(zip, arr_0 stream positioned after the header, shape); checks it holds uint8 (N, H, W, 3) images."""
+    try:
+        zf = zipfile.ZipFile(path)
+        f = zf.open('arr_0.npy')
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise EvaluationInputError(f'{path} is not an npz with arr_0 ({type(e).__name__}: {e})') from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        f.close()
+        zf.close()
+        raise EvaluationInputError(f'{path}: arr_0 is {dtype} {shape}, expected uint8 (N, H, W, 3) images')
+    return zf, f, shape
+
+
+def npz_shape(path: str) -> Tuple[int, ...]:
+    zf, f, shape = _open_arr0(path)
+    f.close()
+    zf.close()
+    return shape
+
+
+def iter_npz_images(path: str, bs: int) -> Tuple[int, Iterator[np.ndarray]]:
+    """(number of images, iterator of (b, H, W, 3) uint8 batches) of an npz's arr_0, streamed from the zip."""
+    shape = npz_shape(path)
+    n, per = shape[0], int(np.prod(shape[1:]))
+
+    def gen():
+        zf, f, _ = _open_arr0(path)
+        try:
+            for start in range(0, n, bs):
+                cnt = min(bs, n - start)
+                buf = f.read(cnt * per)
+                if len(buf) != cnt * per:
+                    raise EvaluationInputError(f'{path} is truncated')
+                yield np.frombuffer(buf, dtype=np.uint8).reshape(cnt, *shape[1:])
+        finally:
+            f.close()
+            zf.close()
+    return n, gen()
+
+
+def load_inception(weights: Optional[str], device: torch.device):
+    """torch-fidelity's TF-compatible InceptionV3 (pool features and 1008 unbiased logits)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    if weights and not os.path.isfile(weights):
+        raise EvaluationInputError(f'--inception_weights {weights} does not exist')
+    try:
+        net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'], feature_extractor_weights_path=weights or None)
+    except Exception as e:   # offline, unreachable, or a file of another layout
+        raise EvaluationInputError(
+            f'the InceptionV3 FID weights could not be loaded from {weights or INCEPTION_URL} ({type(e).__name__}: {str(e)[:200]}). '
+            f'Download {INCEPTION_URL} on a connected machine and pass it with --inception_weights') from None
+    return net.to(device).eval()
+
+
+@torch.no_grad()
+def inception_features(net, path: str, bs: int, device: torch.device) -> Tuple[np.ndarray, np.ndarray]:
+    """(pool features (N, 2048), logits (N, 1008)) of the images of an npz, in float64."""
+    n, batches = iter_npz_images(path, bs)
+    pools, logits = [], []
+    t, done = time.time(), 0
+    for arr in batches:
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(device)
+        pool, logit = net(x)
+        pools.append(pool.double().cpu().numpy())
+        logits.append(logit.double().cpu().numpy())
+        done += len(arr)
+        logger.info('%s: %d/%d images (%.1f img/s)', os.path.basename(path), done, n, done / max(time.time() - t, 1e-9))
+    return np.concatenate(pools), np.concatenate(logits)
+
+
+def evaluate(ref_npz: str, sample_npz: str, inception_weights: Optional[str] = None, bs: int = 100, splits: int = 10, k: int = 3,
+             device: Optional[str] = None) -> Dict[str, float]:
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    for path in (ref_npz, sample_npz):
+        npz_shape(path)   # fail on a bad file before loading the network
+    net = load_inception(inception_weights, dev)
+    ref_pool, _ = inception_features(net, ref_npz, bs, dev)
+    pool, logits = inception_features(net, sample_npz, bs, dev)
+    fid = frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), ref_pool.mean(0), np.cov(ref_pool, rowvar=False))
+    isc = isc_features_to_metric(torch.from_numpy(logits), splits=min(splits, len(logits)), shuffle=False)
+    precision, recall = calculate_precision_recall_part(torch.from_numpy(pool).float(), torch.from_numpy(ref_pool).float(),
+                                                        neighborhood=k, batch_size=10000)
+    return {'fid': fid, 'inception_score': isc['inception_score_mean'], 'inception_score_std': isc['inception_score_std'],
+            'precision': precision, 'recall': recall, 'n_samples': int(len(pool)), 'n_ref': int(len(ref_pool))}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument('ref_npz', help='reference batch, e.g. VIRTUAL_imagenet256_labeled.npz')
+    p.add_argument('sample_npz', help='samples, e.g. the npz written by sample.py')
+    p.add_argument('--inception_weights', default='', help=f'local copy of {INCEPTION_URL}')
+    p.add_argument('--bs', type=int, default=100)
+    p.add_argument('--splits', type=int, default=10, help='Inception Score splits')
+    p.add_argument('--k', type=int, default=3, help='neighbours for precision and recall')
+    p.add_argument('--device', default=None)
+    p.add_argument('--out_json', default='', help='append the metrics as one JSON line to this file')
+    a = p.parse_args(argv)
+    setup_logging(0)
+    m = evaluate(a.ref_npz, a.sample_npz, a.inception_weights or None, a.bs, a.splits, a.k, a.device)
+    print(f'Inception Score: {m["inception_score"]:.4f} (± {m["inception_score_std"]:.4f})')
+    print(f'FID: {m["fid"]:.4f}')
+    print(f'Precision: {m["precision"]:.4f}')
+    print(f'Recall: {m["recall"]:.4f}')
+    if a.out_json:
+        with open(a.out_json, 'a') as f:
+            f.write(json.dumps({'ref': a.ref_npz, 'samples': a.sample_npz, **m}) + '\n')
+    return m
+
+
+if __name__ == '__main__':
+    run_main(lambda: main(sys.argv[1:]))
