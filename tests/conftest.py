@@ -104,3 +104,12 @@ def run_and_kill_after_checkpoint(argv, ckpt_path, delay=0.3, timeout=240):
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     return proc.wait()
+
+
+@pytest.fixture(scope='session')
+def tiny_shapes(tmp_path_factory):
+    """An even smaller built-in dataset for the slow tokenizer tests: 6 classes, 4 train and 1 val image each."""
+    from utils.toy_data import make_shapes_dataset
+    root = tmp_path_factory.mktemp('tiny_shapes')
+    make_shapes_dataset(str(root), train_per_class=4, val_per_class=1, size=64)
+    return root

@@ -42,15 +42,15 @@ def test_a_few_steps_lower_the_reconstruction_loss(shapes_data):
     assert losses[-1] < losses[0]
 
 
-def test_checkpoint_round_trips_into_train_py_and_eval_only(shapes_data, tmp_path):
+def test_checkpoint_round_trips_into_train_py_and_eval_only(tiny_shapes, tmp_path):
     out = tmp_path / 'vae'
-    run_script(vae_flags(shapes_data, out, '--bs=8', '--ep=2', '--lr=1e-3', '--lpips_weight=0', '--disc_start=3', '--disc_ch=16',
+    run_script(vae_flags(tiny_shapes, out, '--bs=4', '--ep=2', '--lr=1e-3', '--lpips_weight=0', '--disc_start=3', '--disc_ch=16',
                          '--reinit_dead=2', '--dead_threshold=0.5', '--seed=0'), torchrun_procs=2)
     for name in ('vae.pth', 'vae-ckpt-last.pth', 'vae-ckpt-best.pth', 'log.txt', 'stdout.txt'):
         assert (out / name).is_file(), name
     log = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
     evals = [r for r in log if r.get('eval')]
-    assert len(evals) == 2 and all(k in evals[-1] for k in ('psnr', 'ssim', 'usage_1', 'usage_4', 'l1'))
+    assert len(evals) == 2 and all(k in evals[-1] for k in ('psnr', 'ssim', 'usage_1', 'usage_4', 'l1')) and evals[-1]['images'] == 6
     assert 0 < evals[-1]['ssim'] <= 1 and evals[-1]['psnr'] > 5
     assert log[-1]['reinitialised'] > 0
     stdout = (out / 'stdout.txt').read_text()
@@ -68,37 +68,37 @@ def test_checkpoint_round_trips_into_train_py_and_eval_only(shapes_data, tmp_pat
     vae.load_state_dict(torch.load(out / 'vae.pth', map_location='cpu', weights_only=True), strict=True)
     # ... and both files work as train.py --vae_ckpt
     for i, src in enumerate(('vae.pth', 'vae-ckpt-last.pth')):
-        res = run_script(['train.py', f'--data_path={shapes_data}', f'--vae_ckpt={out / src}', f'--local_out_dir_path={tmp_path / f"var{i}"}',
+        res = run_script(['train.py', f'--data_path={tiny_shapes}', f'--vae_ckpt={out / src}', f'--local_out_dir_path={tmp_path / f"var{i}"}',
                           *TINY_TRAIN_FLAGS, '--bs=8', '--ep=1'])
         assert f'tokenizer weights: {out / src}' in res.stdout
 
-    res = run_script(vae_flags(shapes_data, tmp_path / 'eval', '--eval_only=1', f'--vae_ckpt={out / "vae.pth"}'))
+    res = run_script(vae_flags(tiny_shapes, tmp_path / 'eval', '--eval_only=1', f'--vae_ckpt={out / "vae.pth"}'))
     assert 'eval: PSNR' in res.stdout and 'codebook usage 1:' in res.stdout
     line = json.loads((tmp_path / 'eval' / 'log.txt').read_text().splitlines()[-1])
     assert line['eval_only'] and line['psnr'] == pytest.approx(evals[-1]['psnr'], abs=0.05)
 
 
-def test_perceptual_loss_weights_local_or_a_clear_stop(shapes_data, tmp_path):
-    res = run_script([str(REPO / 'train_vae.py'), f'--data_path={shapes_data}', f'--local_out_dir_path={tmp_path / "a"}', *TINY_VAE_FLAGS,
+def test_perceptual_loss_weights_local_or_a_clear_stop(tiny_shapes, tmp_path):
+    res = run_script([str(REPO / 'train_vae.py'), f'--data_path={tiny_shapes}', f'--local_out_dir_path={tmp_path / "a"}', *TINY_VAE_FLAGS,
                       '--ep=1', '--bs=8'], check=False, env=script_env(TORCH_HOME=tmp_path / 'torch_home'), cwd=tmp_path)
     assert res.returncode == 1
     assert 'vgg16-397923af.pth' in res.stderr and '--lpips_weight=0' in res.stderr
     vgg, lin = fake_lpips_weights(tmp_path)
-    res = run_script(vae_flags(shapes_data, tmp_path / 'b', '--ep=1', '--bs=16', f'--lpips_vgg={vgg}', f'--lpips_lin={lin}', '--disc_start=-1'))
+    res = run_script(vae_flags(tiny_shapes, tmp_path / 'b', '--ep=1', '--bs=8', f'--lpips_vgg={vgg}', f'--lpips_lin={lin}', '--disc_start=-1'))
     assert 'losses: l1 + lpips' in res.stdout
     from test_train import read_scalars
     assert 'VAE_iter_loss/lpips' in read_scalars(tmp_path / 'b')
 
 
-def test_sigkill_and_resume_gives_the_same_tokenizer(shapes_data, tmp_path):
-    flags = ['--bs=6', '--ep=2', '--lr=1e-3', '--ckpt_every_it=4', '--seed=3', '--lpips_weight=0', '--disc_start=4', '--disc_ch=16',
+def test_sigkill_and_resume_gives_the_same_tokenizer(tiny_shapes, tmp_path):
+    flags = ['--bs=4', '--ep=3', '--lr=1e-3', '--ckpt_every_it=2', '--seed=3', '--lpips_weight=0', '--disc_start=4', '--disc_ch=16',
              '--reinit_dead=3', '--dead_threshold=0.5', '--hflip=1']
-    run_script(vae_flags(shapes_data, tmp_path / 'ref', *flags))
+    run_script(vae_flags(tiny_shapes, tmp_path / 'ref', *flags))
     out = tmp_path / 'killed'
-    run_and_kill_after_checkpoint(vae_flags(shapes_data, out, *flags), out / 'vae-ckpt-last.pth', delay=0.2)
+    run_and_kill_after_checkpoint(vae_flags(tiny_shapes, out, *flags), out / 'vae-ckpt-last.pth', delay=0.2)
     at_kill = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)
-    assert (at_kill['epoch'], at_kill['iter']) < (2, 0), 'the kill came too late to test a resume'
-    res = run_script(vae_flags(shapes_data, out, *flags))
+    assert (at_kill['epoch'], at_kill['iter']) < (3, 0), 'the kill came too late to test a resume'
+    res = run_script(vae_flags(tiny_shapes, out, *flags))
     assert f"at epoch {at_kill['epoch']}, iteration {at_kill['iter']}" in res.stdout
     a = torch.load(tmp_path / 'ref' / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)['trainer']
     b = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)['trainer']
