@@ -9,12 +9,13 @@ Letters: B batch, H heads, L query tokens, S key tokens, c head dim.
 import functools
 import importlib
 import logging
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['BACKENDS', 'attention', 'choose_backend', 'describe_backends', 'flash_attn_func', 'xformers_attn_func']
+__all__ = ['BACKENDS', 'attention', 'BlockCausal', 'block_causal_groups', 'choose_backend', 'describe_backends', 'flash_attn_func', 'xformers_attn_func']
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,41 @@ def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, 
                           attn_bias=bias, p=dropout_p, scale=scale)
             return oup_BLHc.transpose(1, 2)
     return F.scaled_dot_product_attention(q_BHLc, k_BHSc, v_BHSc, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
+
+
+@dataclass(frozen=True)
+class BlockCausal:
+    """Block-causal attention over scales, computed group by group instead of with one dense L×L mask.
+
+    groups: (q_begin, q_end, k_end, masked). Queries [q_begin, q_end) attend to keys [0, k_end); a masked
+    group also needs `bias` (the dense additive mask) over that window. Large scales form unmasked groups
+    of their own (their queries see the whole prefix), small ones share one masked group.
+    """
+    groups: Tuple[Tuple[int, int, int, bool], ...]
+    bias: torch.Tensor
+
+
+def block_causal_groups(scale_lengths: Sequence[int], alone_from: int = 64) -> Tuple[Tuple[int, int, int, bool], ...]:
+    """Groups for scales of these token counts: scales of at least `alone_from` tokens alone, the others merged."""
+    groups, start, cur = [], 0, 0
+    for n in scale_lengths:
+        if n >= alone_from:
+            if cur > start:
+                groups.append((start, cur, cur, True))
+            groups.append((cur, cur + n, cur + n, False))
+            start = cur + n
+        cur += n
+    if cur > start:
+        groups.append((start, cur, cur, True))
+    return tuple(groups)
+
+
+def block_causal_attention(q_BHLc, k_BHLc, v_BHLc, scale: float, mask: BlockCausal, dropout_p: float, backend: str) -> torch.Tensor:
+    outs = []
+    for qb, qe, ke, masked in mask.groups:
+        bias = mask.bias[..., qb:qe, :ke] if masked else None
+        outs.append(attention(q_BHLc[:, :, qb:qe], k_BHLc[:, :, :ke], v_BHLc[:, :, :ke], scale, bias, dropout_p, backend))
+    return torch.cat(outs, dim=2)
 
 
 def _check_backend(name: str) -> str:

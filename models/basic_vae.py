@@ -16,15 +16,47 @@ def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
+def _phase_kernels(w_OI33: torch.Tensor):
+    """The four 2×2 kernels (a, b) with conv3×3(nearest×2(x))[2i+a, 2j+b] = conv2×2_ab(x) at (i, j).
+
+    Along each axis, output parity 0 reads input offsets (−1, 0) with taps (w0, w1 + w2), parity 1 reads
+    offsets (0, +1) with taps (w0 + w1, w2).
+    """
+    def split(t, dim):
+        w0, w1, w2 = t.unbind(dim)
+        return torch.stack((w0, w1 + w2), dim), torch.stack((w0 + w1, w2), dim)
+    rows = split(w_OI33, 2)
+    return {(a, b): col for a in (0, 1) for b, col in enumerate(split(rows[a], 3))}
+
+
 class Upsample2x(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 conv."""
+    """Nearest-neighbour ×2, then a 3×3 conv.
+
+    With `polyphase` (the default) the same result is computed as four 2×2 convs on the small input,
+    interleaved: 2.25× fewer multiply-adds, equal up to float rounding (the taps are summed first).
+    """
 
     def __init__(self, in_channels: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+        self.polyphase = True
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x_BChw, scale_factor=2, mode='nearest'))  # B, C, 2h, 2w
+        if not self.polyphase:
+            return self.conv(F.interpolate(x_BChw, scale_factor=2, mode='nearest'))  # B, C, 2h, 2w
+        B, C, h, w = x_BChw.shape
+        kernels = _phase_kernels(self.conv.weight)
+        x_pad = F.pad(x_BChw, (1, 1, 1, 1))
+        O = self.conv.weight.shape[0]
+        if x_BChw.is_contiguous(memory_format=torch.channels_last) and not x_BChw.is_contiguous():
+            out_BhawbO = x_BChw.new_empty(B, h, 2, w, 2, O)
+            for (a, b), k in kernels.items():
+                out_BhawbO[:, :, a, :, b] = F.conv2d(x_pad[:, :, a:a + h + 1, b:b + w + 1], k, self.conv.bias).permute(0, 2, 3, 1)
+            return out_BhawbO.view(B, 2 * h, 2 * w, O).permute(0, 3, 1, 2)  # channels-last B, O, 2h, 2w
+        out_BOhawb = x_BChw.new_empty(B, O, h, 2, w, 2)
+        for (a, b), k in kernels.items():
+            out_BOhawb[:, :, :, a, :, b] = F.conv2d(x_pad[:, :, a:a + h + 1, b:b + w + 1], k, self.conv.bias)
+        return out_BOhawb.view(B, O, 2 * h, 2 * w)
 
 
 class Downsample2x(nn.Module):
@@ -128,8 +160,11 @@ class Encoder(nn.Module):
 
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, (2 * z_channels if double_z else z_channels), kernel_size=3, stride=1, padding=1)
+        self.channels_last = True   # run the convs on channels-last activations (faster with oneDNN and cuDNN)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x_B3HW = x_B3HW.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x_B3HW)
         for i_level in range(self.num_resolutions):
             level = self.down[i_level]
@@ -140,7 +175,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))  # B, z_channels, h, w
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # B, z_channels, h, w
 
 
 class Decoder(nn.Module):
@@ -179,8 +214,11 @@ class Decoder(nn.Module):
 
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
+        self.channels_last = True   # run the convs on channels-last activations (faster with oneDNN and cuDNN)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            z_BChw = z_BChw.contiguous(memory_format=torch.channels_last)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]
@@ -190,4 +228,4 @@ class Decoder(nn.Module):
                     h = level.attn[i_block](h)
             if i_level != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # B, 3, H, W
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # B, 3, H, W

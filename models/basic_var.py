@@ -6,13 +6,12 @@ c head dim (C / H), S cached key tokens.
 import functools
 import importlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import BACKENDS, attention
+from .attention import BACKENDS, BlockCausal, attention, block_causal_attention
 from .helpers import DropPath
 
 __all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin']
@@ -84,8 +83,8 @@ class SelfAttention(nn.Module):
     def kv_caching(self, enable: bool) -> None:
         self.caching, self.cached_k, self.cached_v = enable, None, None
 
-    def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (B, L, C), attn_bias None or broadcastable to (B, H, L, S) → (B, L, C)."""
+    def forward(self, x_BLC: torch.Tensor, attn_bias) -> torch.Tensor:
+        """x (B, L, C); attn_bias None, a mask broadcastable to (B, H, L, S) or a BlockCausal → (B, L, C)."""
         B, L, C = x_BLC.shape
         qkv_BL3Hc = F.linear(input=x_BLC, weight=self.mat_qkv.weight,
                              bias=torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))).view(B, L, 3, self.num_heads, self.head_dim)
@@ -103,8 +102,11 @@ class SelfAttention(nn.Module):
                 v_BHLc = self.cached_v = torch.cat((self.cached_v, v_BHLc), dim=2)
 
         dropout_p = self.attn_drop if self.training else 0.0
-        oup_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, scale=self.scale, attn_bias=attn_bias,
-                             dropout_p=dropout_p, backend=self.backend)
+        if isinstance(attn_bias, BlockCausal):
+            oup_BHLc = block_causal_attention(q_BHLc, k_BHLc, v_BHLc, self.scale, attn_bias, dropout_p, self.backend)
+        else:
+            oup_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, scale=self.scale, attn_bias=attn_bias,
+                                 dropout_p=dropout_p, backend=self.backend)
         return self.proj_drop(self.proj(oup_BHLc.transpose(1, 2).reshape(B, L, C)))
 
     def extra_repr(self) -> str:
@@ -134,7 +136,7 @@ class AdaLNSelfAttn(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * embed_dim))
 
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias) -> torch.Tensor:
         """x (B, L, C); cond_BD (B, D), or (B, 1, 6, C) from the shared AdaLN → (B, L, C)."""
         if self.shared_aln:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)  # 6 × (B, 1, C)

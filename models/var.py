@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, choose_backend, describe_backends
+from .attention import BACKENDS, BlockCausal, block_causal_groups, choose_backend, describe_backends
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 from .state_dict import check_state_dict
@@ -47,6 +47,7 @@ class VAR(nn.Module):
         self.cond_drop_rate = cond_drop_rate
         self.prog_si = -1   # progressive training: >= 0 trains scales 0..prog_si only
         self.grad_ckpt = False  # activation checkpointing of every block while training
+        self.grouped_attention = True   # teacher forcing: attention by groups of scales, not one dense L×L mask
 
         self.patch_nums = tuple(patch_nums)
         self.L = sum(pn ** 2 for pn in self.patch_nums)
@@ -126,6 +127,11 @@ class VAR(nn.Module):
         for b in self.blocks:
             b.attn.backend = backend
         logger.info('VAR d%d: attention backend %s', self.depth, describe_backends(backend))
+
+    def set_fast_paths(self, enabled: bool) -> 'VAR':
+        """Grouped block-causal attention (default), or the reference's dense masked attention (for comparison)."""
+        self.grouped_attention = enabled
+        return self
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Final AdaLN and head, in float32: (B, L, C) → (B, L, V)."""
@@ -298,6 +304,9 @@ class VAR(nn.Module):
         x_BLC = x_BLC.to(dtype=main_type)
         cond_BD_or_gss = cond_BD_or_gss.to(dtype=main_type)
         attn_bias = attn_bias.to(dtype=main_type)
+        if self.grouped_attention and self.attn_backend != 'math':
+            n_scales = len(self.patch_nums) if self.prog_si < 0 else self.prog_si + 1
+            attn_bias = BlockCausal(block_causal_groups([pn * pn for pn in self.patch_nums[:n_scales]]), attn_bias)
 
         for b in self.blocks:
             if self.grad_ckpt and self.training and torch.is_grad_enabled():

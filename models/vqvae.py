@@ -54,6 +54,14 @@ class VQVAE(nn.Module):
             for p in self.parameters():
                 p.requires_grad_(False)
 
+    def set_fast_paths(self, enabled: bool) -> 'VQVAE':
+        """Channels-last convs and polyphase upsampling (default), or the reference's plain ops (for comparison)."""
+        self.encoder.channels_last = self.decoder.channels_last = enabled
+        for m in self.modules():
+            if hasattr(m, 'polyphase'):
+                m.polyphase = enabled
+        return self
+
     @property
     def img_size(self) -> int:
         """Side in pixels of the images this tokenizer's scale list covers."""

@@ -91,3 +91,31 @@ def test_kv_cached_sampling_matches_teacher_forcing(cfg, shared_aln):
         assert (logits_2BlV[B:] - uncond_BLV[:, bg:ed]).abs().max().item() < 1e-4, f'unconditional logits of scale {si}'
     # the cache is cleared afterwards
     assert all(b.attn.cached_k is None and not b.attn.caching for b in var.blocks)
+
+
+def test_grouped_block_causal_attention_equals_the_dense_mask():
+    """Teacher forcing by groups of scales gives the dense-mask logits and gradients."""
+    from models import VAR
+    from models.attention import block_causal_groups
+    vae, _ = build_tiny(patch_nums=(1, 2, 4, 8, 9))
+    var = VAR(vae, num_classes=5, depth=2, embed_dim=64, num_heads=4, attn_l2_norm=True, patch_nums=(1, 2, 4, 8, 9))
+    var.init_weights(init_adaln_gamma=1.0, init_head=1.0)
+    var.cond_drop_rate = 0.0
+    assert block_causal_groups([1, 4, 16, 64, 81]) == ((0, 21, 21, True), (21, 85, 85, False), (85, 166, 166, False))
+    x = torch.randn(3, var.L - 1, var.Cvae)
+    labels = torch.tensor([0, 3, 4])
+    outs = {}
+    for grouped in (True, False):
+        var.set_fast_paths(grouped)
+        var.zero_grad()
+        logits = var(labels, x)
+        logits.square().mean().backward()
+        outs[grouped] = (logits.detach(), {n: p.grad.clone() for n, p in var.named_parameters()})
+    assert (outs[True][0] - outs[False][0]).abs().max() < 1e-5
+    assert all((outs[True][1][n] - outs[False][1][n]).abs().max() < 1e-5 for n in outs[True][1])
+    var.prog_si = 3   # progressive training: groups over the first scales only
+    with torch.no_grad():
+        a = var(labels, x[:, :84])
+        var.set_fast_paths(False)
+        b = var(labels, x[:, :84])
+    assert (a - b).abs().max() < 1e-5

@@ -237,3 +237,26 @@ def test_public_api_and_signatures():
     assert list(inspect.signature(VQVAE.img_to_reconstructed_img).parameters) == ['self', 'x', 'v_patch_nums', 'last_one']
     assert list(inspect.signature(VectorQuantizer2.f_to_idxBl_or_fhat).parameters) == ['self', 'f_BChw', 'to_fhat', 'v_patch_nums']
     assert list(inspect.signature(VectorQuantizer2.get_next_autoregressive_input).parameters) == ['self', 'si', 'SN', 'f_hat', 'h_BChw']
+
+
+def test_fast_conv_paths_equal_the_plain_ones():
+    """Channels-last convs and polyphase upsampling compute what the reference's plain ops compute."""
+    from models.basic_vae import Upsample2x
+    torch.manual_seed(0)
+    up = Upsample2x(32)
+    x = torch.randn(2, 32, 5, 7)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx = x.contiguous(memory_format=fmt)
+        up.polyphase = True
+        fast = up(xx)
+        up.polyphase = False
+        assert torch.allclose(fast, up(xx), atol=1e-5) and fast.shape == (2, 32, 10, 14)
+    vae, _ = build_tiny()
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        vae.set_fast_paths(True)
+        f_fast, rec_fast = vae.quant_conv(vae.encoder(img)), vae.img_to_reconstructed_img(img, last_one=True)
+        vae.set_fast_paths(False)
+        f_ref, rec_ref = vae.quant_conv(vae.encoder(img)), vae.img_to_reconstructed_img(img, last_one=True)
+    assert (f_fast - f_ref).abs().max() < 1e-4 and (rec_fast - rec_ref).abs().max() < 1e-3
+    assert f_fast.is_contiguous() and rec_fast.is_contiguous()
