@@ -11,7 +11,6 @@ reconstruction of the input (token cells of the last scale, 16 px each).
 """
 import logging
 import os.path as osp
-import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -23,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 
 import dist
 from models.helpers import EDIT_MODES, make_edit_mask
-from utils.arg_util import FlagError, parse_dataclass
+from utils.arg_util import FlagError, ModelFlags, parse_dataclass
 from utils.cli import UserError, run_main
 from utils.data import normalize_01_into_pm1
 from utils.imgs import save_png_atomic, to_uint8_BHW3
@@ -34,7 +33,7 @@ logger = logging.getLogger('edit')
 
 
 @dataclass
-class EditArgs:
+class EditArgs(ModelFlags):
     image: str = ''
     out: str = 'edit.png'                # with --n > 1: <stem>_<k>.png
     mode: str = 'inpaint'                # inpaint | outpaint | class
@@ -48,20 +47,6 @@ class EditArgs:
     more_smooth: bool = False
     seed: int = 0
     save_recon: bool = False             # also write the tokenizer's reconstruction of the input (<stem>_recon.png)
-    # model
-    var_ckpt: str = ''
-    vae_ckpt: str = 'vae_ch160v4096z32.pth'
-    ema: bool = False
-    depth: int = 16
-    pn: str = ''
-    saln: Optional[bool] = None
-    anorm: bool = True
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
-    num_classes: int = 1000
-    fuse: bool = True
     cmd: str = field(default='', metadata={'derived': True})
 
 
@@ -107,9 +92,7 @@ def main(args: EditArgs) -> List[str]:
         raise FlagError('--mode=class needs the target --class_id')
     if not args.image:
         raise FlagError('--image is required')
-    vae, var, kw = load_for_sampling(device, var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt, depth=args.depth, pn=args.pn, saln=args.saln,
-                                     anorm=args.anorm, vocab_size=args.vocab_size, z_channels=args.z_channels, vae_ch=args.vae_ch,
-                                     share_quant_resi=args.share_quant_resi, num_classes=args.num_classes, ema=args.ema, fuse=args.fuse)
+    vae, var, kw = load_for_sampling(device, args)
     pn = var.patch_nums[-1]
     img = load_image(args.image, vae.img_size).to(device)
     keep_hw = region_mask(args, pn).to(device)
@@ -134,9 +117,7 @@ def main(args: EditArgs) -> List[str]:
 
 
 def parse_edit_args(argv: Optional[List[str]] = None) -> EditArgs:
-    args = parse_dataclass(EditArgs, argv, description=__doc__.splitlines()[0])
-    args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
-    return args
+    return parse_dataclass(EditArgs, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == '__main__':

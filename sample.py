@@ -11,7 +11,6 @@ set does not depend on the number of processes, and with batch-invariant kernels
 import logging
 import os
 import os.path as osp
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import dist
-from utils.arg_util import FlagError, parse_dataclass
+from utils.arg_util import FlagError, ModelFlags, parse_dataclass
 from utils.cli import run_main
 from utils.imgs import save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
@@ -33,30 +32,16 @@ logger = logging.getLogger('sample')
 
 
 @dataclass
-class SampleArgs:
+class SampleArgs(ModelFlags):
     out: str = 'samples'                 # PNG folder; the npz is <out>.npz
     per_class: int = 50
-    num_classes: int = 1000
     cfg: float = 1.5
     top_k: int = 900
     top_p: float = 0.96
     more_smooth: bool = False
     seed: int = 0
     bs: int = 32                         # images per process and batch
-    fp16: int = 0                        # CUDA autocast: 1 float16, 2 bfloat16
-    # model
-    var_ckpt: str = ''
-    vae_ckpt: str = 'vae_ch160v4096z32.pth'
-    ema: bool = False
-    depth: int = 16
-    pn: str = ''                         # '' : the published scales for the depth (512 px for d36)
-    saln: Optional[bool] = None          # None: as published (True for d36)
-    anorm: bool = True
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
-    fuse: bool = True
+    fp16: int = 0                        # autocast (CUDA or CPU): 1 float16, 2 bfloat16; 0 float32 (the reference's numbers)
     tf32: bool = True
     no_npz: bool = False                 # only the PNGs
     cmd: str = field(default='', metadata={'derived': True})
@@ -100,10 +85,7 @@ def main(args: SampleArgs) -> str:
         logger.info('%s.npz holds all %d images already', out, N)
         return out + '.npz'
 
-    vae, var, kw = load_for_sampling(device, var_ckpt=args.var_ckpt, vae_ckpt=args.vae_ckpt, depth=args.depth, pn=args.pn,
-                                     saln=args.saln, anorm=args.anorm, vocab_size=args.vocab_size, z_channels=args.z_channels,
-                                     vae_ch=args.vae_ch, share_quant_resi=args.share_quant_resi, num_classes=args.num_classes,
-                                     ema=args.ema, fuse=args.fuse)
+    vae, var, kw = load_for_sampling(device, args)
     if args.num_classes > var.num_classes:
         raise FlagError(f'--num_classes={args.num_classes} but the model knows {var.num_classes} classes')
     done = set(list_sample_indices(out))
@@ -116,8 +98,7 @@ def main(args: SampleArgs) -> str:
                 '%d per batch on %d processes', N, args.num_classes, args.per_class, len(done), args.cfg, args.top_k, args.top_p,
                 args.more_smooth, args.seed, args.bs, world)
 
-    amp = torch.autocast('cuda', dtype=torch.float16 if args.fp16 == 1 else torch.bfloat16) if (args.fp16 and device.type == 'cuda') \
-        else torch.autocast(device.type, enabled=False)
+    amp = torch.autocast(device.type, dtype=torch.float16 if args.fp16 == 1 else torch.bfloat16, enabled=args.fp16 > 0)
     bar = tqdm(total=N, initial=len(done), disable=not dist.is_master(), desc='sample', unit='img', dynamic_ncols=True)
     t0, made = time.time(), 0
     for blk in mine:
@@ -149,9 +130,7 @@ def img_size(kw) -> int:
 
 
 def parse_sample_args(argv: Optional[List[str]] = None) -> SampleArgs:
-    args = parse_dataclass(SampleArgs, argv, description=__doc__.splitlines()[0])
-    args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
-    return args
+    return parse_dataclass(SampleArgs, argv, description=__doc__.splitlines()[0])
 
 
 if __name__ == '__main__':

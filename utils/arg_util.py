@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar, Union, g
 
 from utils.cli import UserError
 
-__all__ = ['FlagError', 'Args', 'parse_args', 'VAEArgs', 'parse_vae_args', 'VAE_MODEL_KEYS', 'ExtractArgs', 'parse_extract_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS']
+__all__ = ['ModelFlags', 'derive_scales', 'derive_batch', 'FlagError', 'Args', 'parse_args', 'VAEArgs', 'parse_vae_args', 'VAE_MODEL_KEYS', 'ExtractArgs', 'parse_extract_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS']
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,35 @@ def parse_patch_nums(pn: str) -> Tuple[int, ...]:
     if not patch_nums or any(p < 1 for p in patch_nums) or list(patch_nums) != sorted(set(patch_nums)):
         raise FlagError(f'--pn={pn!r} must list increasing positive sides')
     return patch_nums
+
+
+def derive_scales(args) -> None:
+    """pn (shortcuts 256/512/1024) → patch_nums, resos and the data resolution; patch_size must be 16."""
+    if args.pn in PN_SHORTCUTS:
+        args.pn = PN_SHORTCUTS[args.pn]
+    args.patch_nums = parse_patch_nums(args.pn)
+    if args.patch_size != 16:
+        raise FlagError(f'--patch_size={args.patch_size}: the tokenizer downsamples by 16, so patch_size must be 16')
+    if hasattr(args, 'resos'):
+        args.resos = tuple(pn * args.patch_size for pn in args.patch_nums)
+    args.data_load_reso = args.patch_nums[-1] * args.patch_size
+
+
+def derive_batch(args, world_size: int) -> None:
+    """bs (global, per optimizer step) → per-process micro batch bs/ac/world (rounded) and the global micro batch."""
+    if args.fp16 not in (0, 1, 2):
+        raise FlagError(f'--fp16={args.fp16}: use 0 (float32), 1 (float16 with a loss scaler) or 2 (bfloat16)')
+    if args.ac < 1 or args.bs < 1 or args.ep < 1:
+        raise FlagError(f'--bs, --ac and --ep must be >= 1, got bs={args.bs} ac={args.ac} ep={args.ep}')
+    args.world_size = world_size
+    bs_per_proc = round(args.bs / args.ac / world_size)
+    if bs_per_proc < 1:
+        raise FlagError(f'--bs={args.bs} is too small for --ac={args.ac} and {world_size} processes')
+    if bs_per_proc * args.ac * world_size != args.bs:
+        logger.warning('--bs=%d is not a multiple of ac x processes = %d: using bs=%d', args.bs, args.ac * world_size, bs_per_proc * args.ac * world_size)
+    args.batch_size = bs_per_proc
+    args.glb_batch_size = bs_per_proc * world_size
+    args.bs = args.glb_batch_size * args.ac
 
 
 # the flags that define the model: a checkpoint made with other values cannot be resumed
@@ -127,26 +156,8 @@ class Args:
 
     def finalize(self, world_size: int) -> 'Args':
         """Compute the derived values (the reference's rules) for a run of world_size processes."""
-        if self.pn in PN_SHORTCUTS:
-            self.pn = PN_SHORTCUTS[self.pn]
-        self.patch_nums = parse_patch_nums(self.pn)
-        if self.patch_size != 16:
-            raise FlagError(f'--patch_size={self.patch_size}: the tokenizer downsamples by 16, so patch_size must be 16')
-        self.resos = tuple(pn * self.patch_size for pn in self.patch_nums)
-        self.data_load_reso = max(self.resos)
-        if self.fp16 not in (0, 1, 2):
-            raise FlagError(f'--fp16={self.fp16}: use 0 (float32), 1 (float16 with a loss scaler) or 2 (bfloat16)')
-        if self.ac < 1 or self.bs < 1 or self.ep < 1:
-            raise FlagError(f'--bs, --ac and --ep must be >= 1, got bs={self.bs} ac={self.ac} ep={self.ep}')
-        self.world_size = world_size
-        bs_per_proc = round(self.bs / self.ac / world_size)
-        if bs_per_proc < 1:
-            raise FlagError(f'--bs={self.bs} is too small for --ac={self.ac} and {world_size} processes')
-        if bs_per_proc * self.ac * world_size != self.bs:
-            logger.warning('--bs=%d is not a multiple of ac x processes = %d: using bs=%d', self.bs, self.ac * world_size, bs_per_proc * self.ac * world_size)
-        self.batch_size = bs_per_proc
-        self.glb_batch_size = bs_per_proc * world_size
-        self.bs = self.glb_batch_size * self.ac
+        derive_scales(self)
+        derive_batch(self, world_size)
         if self.tlr is None:
             self.tlr = self.tblr * self.bs / 256
         self.twde = self.twde or self.twd
@@ -197,13 +208,14 @@ def parse_dataclass(cls: Type[T], argv: Optional[Sequence[str]] = None, descript
         else:
             parser.add_argument(f'--{f.name}', type=tp, default=f.default)
     ns = parser.parse_args(argv)
-    return cls(**vars(ns))
+    out = cls(**vars(ns))
+    if any(f.name == 'cmd' for f in dataclasses.fields(cls)):
+        out.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
+    return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Args:
-    args = parse_dataclass(Args, argv, description='Train VAR (torchrun or plain python).')
-    args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
-    return args
+    return parse_dataclass(Args, argv, description='Train VAR (torchrun or plain python).')
 
 
 VAE_MODEL_KEYS = ('vocab_size', 'z_channels', 'vae_ch', 'share_quant_resi', 'patch_nums', 'using_znorm', 'quant_resi')
@@ -275,27 +287,12 @@ class VAEArgs:
     cmd: str = field(default='', metadata={'derived': True})
 
     def finalize(self, world_size: int) -> 'VAEArgs':
-        if self.pn in PN_SHORTCUTS:
-            self.pn = PN_SHORTCUTS[self.pn]
-        self.patch_nums = parse_patch_nums(self.pn)
-        if self.patch_size != 16:
-            raise FlagError(f'--patch_size={self.patch_size}: the tokenizer downsamples by 16, so patch_size must be 16')
-        self.data_load_reso = self.patch_nums[-1] * self.patch_size
-        if self.fp16 not in (0, 1, 2):
-            raise FlagError(f'--fp16={self.fp16}: use 0 (float32), 1 (float16 with a loss scaler) or 2 (bfloat16)')
+        derive_scales(self)
+        derive_batch(self, world_size)
         if self.rec_loss not in ('l1', 'l2'):
             raise FlagError(f'--rec_loss={self.rec_loss!r}: use l1 or l2')
         if self.vae_ch % 32 != 0:
             raise FlagError(f'--vae_ch={self.vae_ch} must be a multiple of 32 (GroupNorm with 32 groups)')
-        if self.ac < 1 or self.bs < 1 or self.ep < 1:
-            raise FlagError(f'--bs, --ac and --ep must be >= 1, got bs={self.bs} ac={self.ac} ep={self.ep}')
-        self.world_size = world_size
-        bs_per_proc = round(self.bs / self.ac / world_size)
-        if bs_per_proc < 1:
-            raise FlagError(f'--bs={self.bs} is too small for --ac={self.ac} and {world_size} processes')
-        self.batch_size = bs_per_proc
-        self.glb_batch_size = bs_per_proc * world_size
-        self.bs = self.glb_batch_size * self.ac
         self.disc_lr = self.disc_lr or self.lr
         return self
 
@@ -308,9 +305,7 @@ class VAEArgs:
 
 
 def parse_vae_args(argv: Optional[Sequence[str]] = None) -> VAEArgs:
-    args = parse_dataclass(VAEArgs, argv, description='Train the multi-scale VQVAE tokenizer (torchrun or plain python).')
-    args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
-    return args
+    return parse_dataclass(VAEArgs, argv, description='Train the multi-scale VQVAE tokenizer (torchrun or plain python).')
 
 
 @dataclass
@@ -335,18 +330,29 @@ class ExtractArgs:
     cmd: str = field(default='', metadata={'derived': True})
 
     def finalize(self, world_size: int) -> 'ExtractArgs':
-        if self.pn in PN_SHORTCUTS:
-            self.pn = PN_SHORTCUTS[self.pn]
-        self.patch_nums = parse_patch_nums(self.pn)
-        if self.patch_size != 16:
-            raise FlagError(f'--patch_size={self.patch_size}: the tokenizer downsamples by 16, so patch_size must be 16')
-        self.data_load_reso = self.patch_nums[-1] * self.patch_size
+        derive_scales(self)
         if self.bs < 1:
             raise FlagError(f'--bs={self.bs} must be >= 1')
         return self
 
 
 def parse_extract_args(argv: Optional[Sequence[str]] = None) -> ExtractArgs:
-    args = parse_dataclass(ExtractArgs, argv, description='Write the multi-scale token maps of every image (and of its flip) once.')
-    args.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
-    return args
+    return parse_dataclass(ExtractArgs, argv, description='Write the multi-scale token maps of every image (and of its flip) once.')
+
+
+@dataclass
+class ModelFlags:
+    """How sample.py and edit.py find their weights and build the models."""
+    var_ckpt: str = ''                   # train.py checkpoint or VAR state dict; '' : the published var_d{depth}.pth
+    vae_ckpt: str = 'vae_ch160v4096z32.pth'
+    ema: bool = False                    # the EMA weights of a train.py checkpoint
+    depth: int = 16
+    pn: str = ''                         # '' : the published scales for the depth (512 px for d36)
+    saln: Optional[bool] = None          # None: as published (True for d36)
+    anorm: bool = True
+    vocab_size: int = 4096
+    z_channels: int = 32
+    vae_ch: int = 160
+    share_quant_resi: int = 4
+    num_classes: int = 1000
+    fuse: bool = True
