@@ -21,3 +21,6 @@ demo: $(STAMP)
 
 clean:
 	rm -rf local_output demo_output .pytest_cache
+
+bench: $(STAMP)
+	$(PYTHON) bench.py compare

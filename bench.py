@@ -2,7 +2,7 @@
 
     python bench.py train  --depth=8 --bs=4 --reso=256 --dtype=fp32 [--tokens] [--grad_ckpt] [--mode=baseline]
     python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--mode=baseline]
-    python bench.py compare [--quick]          # the README table: baseline and this code side by side, one machine, one run
+    python bench.py compare [--quick] [--out_dir=DIR]   # the README table: baseline and this code side by side, one machine, one run
 
 `--mode=baseline` switches every optimisation of this codebase off (dense masked attention, plain
 NCHW convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
@@ -152,7 +152,7 @@ def compare(args) -> None:
     """Baseline and this code side by side: the README's table."""
     d, bs, steps = (2, 2, 1) if args.quick else (args.depth, args.bs, args.steps)
     common = [f'--depth={d}', f'--bs={bs}', f'--steps={steps}', f'--device={args.device}']
-    tmp = os.path.join(REPO, 'local_output', 'bench')
+    tmp = args.out_dir
     os.makedirs(tmp, exist_ok=True)
     train_runs = [
         ('reference ops, fp32 (baseline)', ['train', '--mode=baseline', '--dtype=fp32']),
@@ -209,6 +209,7 @@ def main(argv=None) -> None:
     p.add_argument('--steps', type=int, default=3)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--save_images', default='')
+    p.add_argument('--out_dir', default=os.path.join(REPO, 'local_output', 'bench'), help='compare: where compare.json and the sampled images go')
     p.add_argument('--quick', action='store_true', help='compare: a tiny configuration, to check the script')
     p.add_argument('--json', action='store_true', help='print one JSON line (used by compare)')
     args = p.parse_args(argv)

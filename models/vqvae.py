@@ -55,11 +55,13 @@ class VQVAE(nn.Module):
                 p.requires_grad_(False)
 
     def set_fast_paths(self, enabled: bool) -> 'VQVAE':
-        """Channels-last convs and polyphase upsampling (default), or the reference's plain ops (for comparison)."""
+        """Channels-last convs, polyphase upsampling and in-place inference ops (default), or the reference's plain ops (for comparison)."""
         self.encoder.channels_last = self.decoder.channels_last = enabled
         for m in self.modules():
             if hasattr(m, 'polyphase'):
                 m.polyphase = enabled
+            if hasattr(m, 'inplace'):
+                m.inplace = enabled
         return self
 
     @property
