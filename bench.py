@@ -2,7 +2,7 @@
 
     python bench.py train  --depth=8 --bs=4 --reso=256 --dtype=fp32 [--tokens] [--grad_ckpt] [--mode=baseline]
     python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--mode=baseline]
-    python bench.py compare [--quick] [--out_dir=DIR]   # the README table: baseline and this code side by side, one machine, one run
+    python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # the README table: baseline and this code side by side, one machine, one run
 
 `--mode=baseline` switches every optimisation of this codebase off (dense masked attention, plain
 NCHW convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
@@ -141,11 +141,38 @@ def run_one(argv: List[str]) -> Dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def median_of(runs: List[Dict]) -> Dict:
+    """Stage-wise medians of repeated measurements (the spread of the totals is kept)."""
+    r = dict(runs[-1])
+    r['seconds'] = {k: statistics.median(x['seconds'][k] for x in runs) for k in runs[0]['seconds']}
+    r['images_per_sec'] = r['bs'] / r['seconds']['total']
+    r['peak_memory_gb'] = statistics.median(x['peak_memory_gb'] for x in runs)
+    r['totals'] = [x['seconds']['total'] for x in runs]
+    r['peaks'] = [x['peak_memory_gb'] for x in runs]
+    return r
+
+
 def fmt_row(r: Dict, base: Dict) -> str:
     s = r['seconds']
     stages = ', '.join(f'{k} {v:.2f}' for k, v in s.items() if k != 'total')
     ratio = base['seconds']['total'] / s['total']
-    return f"| {r['label']} | {s['total']:.2f} | {r['images_per_sec']:.2f} | {ratio:.2f}x | {stages} | {r['peak_memory_gb']:.2f} |"
+    spread = f" ({min(r['totals']):.2f}–{max(r['totals']):.2f})" if len(r['totals']) > 1 else ''
+    mem = f" ({min(r['peaks']):.2f}–{max(r['peaks']):.2f})" if len(r['peaks']) > 1 else ''
+    return f"| {r['label']} | {s['total']:.2f}{spread} | {r['images_per_sec']:.2f} | {ratio:.2f}x | {stages} | {r['peak_memory_gb']:.2f}{mem} |"
+
+
+def measure(runs: List, common: List[str], repeat: int) -> List[Dict]:
+    """Every run `repeat` times, interleaved (baseline, fast, ..., baseline, fast, ...), so drift hits all alike."""
+    samples: Dict[str, List[Dict]] = {label: [] for label, _ in runs}
+    for _ in range(repeat):
+        for label, argv in runs:
+            samples[label].append(run_one(argv + common))
+    out = []
+    for label, _ in runs:
+        r = median_of(samples[label])
+        r['label'] = label
+        out.append(r)
+    return out
 
 
 def compare(args) -> None:
@@ -169,29 +196,24 @@ def compare(args) -> None:
     results = []
     header = '| run | seconds | images/s | speed-up | stages (s) | peak memory (GB) |\n| --- | --- | --- | --- | --- | --- |'
     print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}, '
-          f'{torch.get_num_threads()} threads\n')
+          f'{torch.get_num_threads()} threads; medians of {args.repeat} interleaved runs (min–max in brackets)\n')
     for title, runs in (('training step', train_runs), ('sampling', sample_runs)):
-        print(f'### {title}: depth {d}, batch {bs}, 256 px\n\n{header}')
-        base = None
-        for label, argv in runs:
-            r = run_one(argv + common)
-            r['label'] = label
-            base = base or r
-            results.append(r)
-            print(fmt_row(r, base), flush=True)
-        print()
+        rows = measure(runs, common, args.repeat)
+        print(f'### {title}: depth {d}, batch {bs}, {args.reso} px\n\n{header}')
+        for r in rows:
+            print(fmt_row(r, rows[0]))
+        print(flush=True)
+        results += rows
     base_img, fast_img, bf16_img = (torch.load(f'{tmp}/{n}.pt') for n in ('base', 'fast', 'bf16'))
     print(f'sampled images vs the baseline (max |diff| in [0, 1]): this code fp32 {(fast_img - base_img).abs().max():.2e}, '
           f'bf16 {(bf16_img - base_img).abs().max():.2e}\n')
     if not args.quick:
-        print(f'### activation checkpointing: depth 16, batch {bs}, fp32\n\n{header}')
-        base = None
-        for label, extra in (('--grad_ckpt off', []), ('--grad_ckpt on', ['--grad_ckpt'])):
-            r = run_one(['train', '--depth=16', f'--bs={bs}', '--steps=1', f'--device={args.device}', '--tokens', *extra])
-            r['label'] = label
-            base = base or r
-            results.append(r)
-            print(fmt_row(r, base), flush=True)
+        print(f'### activation checkpointing: depth 16, batch {bs}, fp32, from tokens\n\n{header}')
+        rows = measure([('--grad_ckpt off', ['train', '--tokens']), ('--grad_ckpt on', ['train', '--tokens', '--grad_ckpt'])],
+                       ['--depth=16', f'--bs={bs}', '--steps=1', f'--device={args.device}'], 1)
+        for r in rows:
+            print(fmt_row(r, rows[0]), flush=True)
+        results += rows
     with open(os.path.join(tmp, 'compare.json'), 'w') as f:
         json.dump(results, f, indent=1)
 
@@ -210,6 +232,7 @@ def main(argv=None) -> None:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--save_images', default='')
     p.add_argument('--out_dir', default=os.path.join(REPO, 'local_output', 'bench'), help='compare: where compare.json and the sampled images go')
+    p.add_argument('--repeat', type=int, default=3, help='compare: runs of each measurement, interleaved; the table gives medians')
     p.add_argument('--quick', action='store_true', help='compare: a tiny configuration, to check the script')
     p.add_argument('--json', action='store_true', help='print one JSON line (used by compare)')
     args = p.parse_args(argv)
