@@ -9,7 +9,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .basic_vae import Decoder, Encoder
+from .basic_vae import Decoder, Encoder, channels_last_pays
 from .quant import VectorQuantizer2
 from .state_dict import check_state_dict
 
@@ -56,7 +56,7 @@ class VQVAE(nn.Module):
 
     def set_fast_paths(self, enabled: bool) -> 'VQVAE':
         """Channels-last convs, polyphase upsampling and in-place inference ops (default), or the reference's plain ops (for comparison)."""
-        self.encoder.channels_last = self.decoder.channels_last = enabled
+        self.encoder.channels_last = self.decoder.channels_last = enabled and channels_last_pays(self.encoder.ch)
         for m in self.modules():
             if hasattr(m, 'polyphase'):
                 m.polyphase = enabled
