@@ -80,17 +80,22 @@ MODEL_KEYS = ('depth', 'saln', 'anorm', 'patch_nums', 'patch_size', 'num_classes
 
 
 @dataclass
-class Args:
+class TokenizerShape:
+    """The tokenizer's build arguments, shared by every script (the published tokenizer by default)."""
+    vocab_size: int = 4096
+    z_channels: int = 32
+    vae_ch: int = 160
+    share_quant_resi: int = 4
+
+
+@dataclass
+class Args(TokenizerShape):
     # data and experiment
     data_path: str = '/path/to/imagenet'
     exp_name: str = 'text'
     # VAE
     vfast: int = 0          # torch.compile the tokenizer; 0: no, 1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'
     vae_ckpt: str = 'vae_ch160v4096z32.pth'   # local path; a published file name not found locally is downloaded from FoundationVision/var
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
     # VAR
     tfast: int = 0          # torch.compile VAR; same values as vfast
     depth: int = 16         # VAR depth (width 64·depth, depth heads)
@@ -222,18 +227,13 @@ VAE_MODEL_KEYS = ('vocab_size', 'z_channels', 'vae_ch', 'share_quant_resi', 'pat
 
 
 @dataclass
-class VAEArgs:
+class VAEArgs(TokenizerShape):
     """Flags of train_vae.py: the multi-scale VQVAE tokenizer, from scratch or fine-tuned."""
     data_path: str = '/path/to/imagenet'
     exp_name: str = 'vae'
     local_out_dir_path: str = 'local_output_vae'
     vae_ckpt: str = ''           # weights to start from (fine-tuning); '' trains from scratch; a published name is downloaded
     eval_only: bool = False      # only measure PSNR, SSIM and codebook usage on the val folder, then stop
-    # tokenizer shape (the published one by default)
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
     quant_resi: float = 0.5
     using_znorm: bool = False
     beta: float = 0.25           # commitment weight inside the vq loss
@@ -309,15 +309,11 @@ def parse_vae_args(argv: Optional[Sequence[str]] = None) -> VAEArgs:
 
 
 @dataclass
-class ExtractArgs:
+class ExtractArgs(TokenizerShape):
     """Flags of extract_tokens.py."""
     data_path: str = '/path/to/imagenet'
     tokens_path: str = 'local_tokens'
     vae_ckpt: str = 'vae_ch160v4096z32.pth'
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
     pn: str = '1_2_3_4_5_6_8_10_13_16'
     patch_size: int = 16
     mid_reso: float = 1.125   # images: short side resized to mid_reso x the final size, then centre-cropped
@@ -341,7 +337,7 @@ def parse_extract_args(argv: Optional[Sequence[str]] = None) -> ExtractArgs:
 
 
 @dataclass
-class ModelFlags:
+class ModelFlags(TokenizerShape):
     """How sample.py and edit.py find their weights and build the models."""
     var_ckpt: str = ''                   # train.py checkpoint or VAR state dict; '' : the published var_d{depth}.pth
     vae_ckpt: str = 'vae_ch160v4096z32.pth'
@@ -350,9 +346,5 @@ class ModelFlags:
     pn: str = ''                         # '' : the published scales for the depth (512 px for d36)
     saln: Optional[bool] = None          # None: as published (True for d36)
     anorm: bool = True
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
     num_classes: int = 1000
     fuse: bool = True
