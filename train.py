@@ -25,7 +25,7 @@ from utils.data import build_dataset
 from utils.hub import resolve_checkpoint
 from utils.lr_control import filter_params, lr_wd_annealing
 from utils.run import (CheckpointWriter, NonFiniteGuard, append_log, build_loaders, check_resume_config, iteration_seed, resume,
-                       setup_run)
+                       plan_iterations, setup_run)
 from utils.tb import TensorboardLogger
 
 logger = logging.getLogger('train')
@@ -146,13 +146,10 @@ def main(args: Args) -> Dict[str, float]:
     # ------------------------------------------------------------------ train
     tb = TensorboardLogger(osp.join(out_dir, args.tb_name), enabled=dist.is_master())
     log_txt = osp.join(out_dir, 'log.txt')
-    max_it = args.ep * iters_train
-    wp_it = args.wp * iters_train
-    start_g_it = start_ep * iters_train + start_it
-    log_every = max(1, iters_train // 10)
-    if start_ep >= args.ep:
-        logger.info('training already finished (%d epochs); nothing to do', args.ep)
+    plan = plan_iterations(args.ep, args.wp, iters_train, start_ep, start_it)
+    if plan is None:
         return {}
+    max_it, wp_it, start_g_it, log_every = plan.max_it, plan.wp_it, plan.start_g_it, plan.log_every
 
     logger.info('training: %d epochs x %d iterations, global batch %d (%d per process, %d accumulation steps), lr %.3g',
                 args.ep, iters_train, args.bs, args.batch_size, args.ac, args.tlr)

@@ -28,7 +28,7 @@ from utils.data import build_dataset
 from utils.hub import resolve_checkpoint
 from utils.lr_control import filter_params, lr_wd_annealing
 from utils.run import (CheckpointWriter, NonFiniteGuard, append_log, build_loaders, check_resume_config, iteration_seed, resume,
-                       setup_run)
+                       plan_iterations, setup_run)
 from utils.tb import TensorboardLogger
 from vae_trainer import VQVAETrainer
 
@@ -141,13 +141,10 @@ def main(args: VAEArgs) -> Dict[str, float]:
 
     # ------------------------------------------------------------------ train
     tb = TensorboardLogger(osp.join(out_dir, args.tb_name), enabled=dist.is_master())
-    max_it = args.ep * iters_train
-    wp_it = args.wp * iters_train
-    start_g_it = start_ep * iters_train + start_it
-    log_every = max(1, iters_train // 10)
-    if start_ep >= args.ep:
-        logger.info('training already finished (%d epochs); nothing to do', args.ep)
+    plan = plan_iterations(args.ep, args.wp, iters_train, start_ep, start_it)
+    if plan is None:
         return {}
+    max_it, wp_it, start_g_it, log_every = plan.max_it, plan.wp_it, plan.start_g_it, plan.log_every
     logger.info('training: %d epochs x %d iterations, global batch %d (%d per process), lr %.3g, losses: %s%s%s', args.ep, iters_train,
                 args.bs, args.batch_size, args.lr, args.rec_loss, ' + lpips' if lpips is not None else '',
                 f' + adversarial from iteration {args.disc_start}' if use_disc else '')

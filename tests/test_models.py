@@ -264,3 +264,31 @@ def test_fast_conv_paths_equal_the_plain_ones():
     assert (f_fast - f_ref).abs().max() < 1e-4 and (rec_fast - rec_ref).abs().max() < 1e-3
     assert f_fast.is_contiguous() and rec_fast.is_contiguous()
     assert torch.equal(img, img_before)   # the in-place inference ops touch only their own activations
+
+
+def test_cpu_tokenising_goes_in_groups_of_images_with_the_same_tokens(monkeypatch):
+    """Without autograd on the CPU the encoder sees groups of images under the byte budget; tokens are those of the whole batch."""
+    import models.vqvae as vqvae_mod
+    vae, _ = build_tiny()
+    img = torch.rand(5, 3, 64, 64) * 2 - 1
+    batch_sizes = []
+    hook = vae.encoder.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        whole = vae.img_to_idxBl(img)
+        assert batch_sizes == [5]   # the tiny tokenizer's activations fit the default budget: one call
+        per_image_bytes = vae.ch * 64 * 64 * 4
+        monkeypatch.setattr(vqvae_mod, 'CPU_ENCODE_CHUNK_BYTES', 2 * per_image_bytes)
+        batch_sizes.clear()
+        grouped = vae.img_to_idxBl(img)
+        assert batch_sizes == [2, 2, 1]
+        batch_sizes.clear()
+        vae.set_fast_paths(False)
+        plain = vae.img_to_idxBl(img)
+        assert batch_sizes == [5]   # the reference's path: the batch goes through whole
+    batch_sizes.clear()
+    vae.set_fast_paths(True)
+    f = vae.encode(img)   # with autograd (tokenizer training) the batch goes through whole as well
+    assert batch_sizes == [5] and f.shape == (5, vae.Cvae, 4, 4)
+    hook.remove()
+    for a, b, c in zip(whole, grouped, plain):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -132,3 +132,13 @@ def test_eval_shards_cover_everything_once():
     for n, w in ((10, 3), (2, 4), (7, 1)):
         idx = sum((list(EvalShardSampler(n, w, r)) for r in range(w)), [])
         assert idx == list(range(n))
+
+
+def test_iteration_plan_of_a_fresh_a_resumed_and_a_finished_run():
+    from utils.run import plan_iterations
+    fresh = plan_iterations(ep=10, wp=0.5, iters_train=40, start_ep=0, start_it=0)
+    assert (fresh.max_it, fresh.wp_it, fresh.start_g_it, fresh.log_every) == (400, 20.0, 0, 4)
+    resumed = plan_iterations(ep=10, wp=0.5, iters_train=40, start_ep=3, start_it=7)
+    assert resumed.start_g_it == 3 * 40 + 7 and resumed.max_it == 400
+    assert plan_iterations(ep=2, wp=0, iters_train=5, start_ep=1, start_it=2).log_every == 1   # fewer than 10 iterations an epoch
+    assert plan_iterations(ep=10, wp=0.5, iters_train=40, start_ep=10, start_it=0) is None

@@ -6,6 +6,7 @@ import os.path as osp
 import random
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -17,7 +18,7 @@ from utils.cli import TrainingStopped
 from utils.data_sampler import EvalShardSampler, GlobalBatchSampler
 from utils.log import setup_logging
 
-__all__ = ['iteration_seed', 'setup_run', 'resume', 'check_resume_config', 'build_loaders', 'CheckpointWriter', 'append_log',
+__all__ = ['iteration_seed', 'IterationPlan', 'plan_iterations', 'setup_run', 'resume', 'check_resume_config', 'build_loaders', 'CheckpointWriter', 'append_log',
            'NonFiniteGuard']
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,24 @@ logger = logging.getLogger(__name__)
 def iteration_seed(seed: int, rank: int, g_it: int) -> int:
     """Seed of the random draws (condition dropout, drop path, ...) at one iteration of one process."""
     return (seed * 0x9E3779B1 + rank * 0x85EBCA6B + g_it * 0xC2B2AE35 + 1) % (2 ** 63 - 1)
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    """Global iteration counts of a run: all of it, the warm-up, where this (maybe resumed) run starts, how often it logs."""
+    max_it: int
+    wp_it: float
+    start_g_it: int
+    log_every: int
+
+
+def plan_iterations(ep: int, wp: float, iters_train: int, start_ep: int, start_it: int) -> Optional[IterationPlan]:
+    """The plan of a run of `ep` epochs (`wp` of them warm-up) resumed at (start_ep, start_it); None when it has finished."""
+    if start_ep >= ep:
+        logger.info('training already finished (%d epochs); nothing to do', ep)
+        return None
+    return IterationPlan(max_it=ep * iters_train, wp_it=wp * iters_train, start_g_it=start_ep * iters_train + start_it,
+                         log_every=max(1, iters_train // 10))
 
 
 def setup_run(args, out_dir: str) -> torch.device:
