@@ -23,6 +23,7 @@ import torch
 
 from utils.cli import UserError, run_main
 from utils.log import setup_logging
+from utils.misc import open_npz_arr0
 
 __all__ = ['frechet_distance', 'iter_npz_images', 'inception_features', 'evaluate']
 
@@ -54,11 +55,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def _open_arr0(path: str):
     """(zip, arr_0 stream positioned after the header, shape); checks it holds uint8 (N, H, W, 3) images."""
     try:
-        zf = zipfile.ZipFile(path)
-        f = zf.open('arr_0.npy')
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
+        zf, f, shape, fortran, dtype = open_npz_arr0(path)
     except (OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         raise EvaluationInputError(f'{path} is not an npz with arr_0 ({type(e).__name__}: {e})') from None
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:

@@ -12,7 +12,6 @@ import logging
 import os
 import os.path as osp
 import time
-import zipfile
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -25,7 +24,7 @@ from utils.arg_util import FlagError, ModelFlags, parse_dataclass
 from utils.cli import run_main
 from utils.imgs import save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
-from utils.misc import SampleFolderError, create_npz_from_sample_folder, list_sample_indices, sample_png_name
+from utils.misc import SampleFolderError, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0, sample_png_name
 from utils.model_loading import load_for_sampling
 
 logger = logging.getLogger('sample')
@@ -57,13 +56,12 @@ def npz_complete(path: str, n: int) -> bool:
     if not osp.isfile(path):
         return False
     try:
-        with zipfile.ZipFile(path) as zf, zf.open('arr_0.npy') as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(f)
-        return shape[0] == n and len(shape) == 4 and shape[-1] == 3 and dtype == np.uint8
+        zf, f, shape, _, dtype = open_npz_arr0(path)
     except Exception:  # not a zip, no arr_0, truncated: not complete
         return False
+    f.close()
+    zf.close()
+    return shape[0] == n and len(shape) == 4 and shape[-1] == 3 and dtype == np.uint8
 
 
 def main(args: SampleArgs) -> str:
@@ -85,7 +83,7 @@ def main(args: SampleArgs) -> str:
         logger.info('%s.npz holds all %d images already', out, N)
         return out + '.npz'
 
-    vae, var, kw = load_for_sampling(device, args)
+    vae, var, _ = load_for_sampling(device, args)
     if args.num_classes > var.num_classes:
         raise FlagError(f'--num_classes={args.num_classes} but the model knows {var.num_classes} classes')
     done = set(list_sample_indices(out))
@@ -120,13 +118,9 @@ def main(args: SampleArgs) -> str:
     if dist.is_master():
         t = time.time()
         path = create_npz_from_sample_folder(out, n=N)
-        logger.info('%s: arr_0 (%d, %d, %d, 3) uint8 in %.0fs', path, N, img_size(kw), img_size(kw), time.time() - t)
+        logger.info('%s: arr_0 (%d, %d, %d, 3) uint8 in %.0fs', path, N, vae.img_size, vae.img_size, time.time() - t)
     dist.barrier()
     return out + '.npz'
-
-
-def img_size(kw) -> int:
-    return kw['patch_nums'][-1] * 16
 
 
 def parse_sample_args(argv: Optional[List[str]] = None) -> SampleArgs:

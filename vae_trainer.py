@@ -95,7 +95,7 @@ class VQVAETrainer:
         new_nC = torch.zeros(n, q.Cvae, device=q.embedding.weight.device)
         if dist.is_master():
             with torch.autocast(device_type=inp_B3HW.device.type, enabled=False):
-                f_BChw = self.vae_wo_ddp.quant_conv(self.vae_wo_ddp.encoder(inp_B3HW.float()))
+                f_BChw = self.vae_wo_ddp.encode(inp_B3HW.float())
             f_NC = f_BChw.permute(0, 2, 3, 1).reshape(-1, q.Cvae)
             pick = torch.randint(0, f_NC.shape[0], (n,), device=f_NC.device)
             new_nC = f_NC[pick] + 0.01 * f_NC.std() * torch.randn(n, q.Cvae, device=f_NC.device)

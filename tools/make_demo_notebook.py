@@ -2,11 +2,14 @@
 import os
 
 import nbformat as nbf
-nb = nbf.v4.new_notebook()
-nb.metadata['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}
-nb.metadata['language_info'] = {'name': 'python'}
-cells = []
-cells.append(nbf.v4.new_markdown_cell("""# VAR: sampling from the published checkpoints
+
+
+def main() -> None:
+    nb = nbf.v4.new_notebook()
+    nb.metadata['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}
+    nb.metadata['language_info'] = {'name': 'python'}
+    cells = []
+    cells.append(nbf.v4.new_markdown_cell("""# VAR: sampling from the published checkpoints
 
 Builds the tokenizer and a VAR, gets the published weights of [`FoundationVision/var`](https://huggingface.co/FoundationVision/var)
 (a local file of the same name first, else `huggingface_hub` downloads it once), and samples a class-conditional grid
@@ -15,7 +18,7 @@ with the settings of the reference notebook (seed 0, cfg 4, top-k 900, top-p 0.9
 Environment variables point it at other files (the tests use tiny local checkpoints this way):
 `VAR_NB_DEPTH`, `VAR_NB_VAE_CKPT`, `VAR_NB_VAR_CKPT`, `VAR_NB_BUILD` (JSON of extra `build_vae_var` arguments),
 `VAR_NB_CLASS_LABELS` (comma-separated), `VAR_NB_SAVE` (a path to also save the grid as PNG)."""))
-cells.append(nbf.v4.new_code_cell("""import json, os, random, sys
+    cells.append(nbf.v4.new_code_cell("""import json, os, random, sys
 
 import numpy as np
 import PIL.Image as PImage
@@ -24,7 +27,7 @@ import torchvision
 
 sys.path.insert(0, os.path.abspath('.'))   # the repository root
 from models import build_vae_var
-from models.state_dict import published_build_kwargs
+from models.state_dict import PUBLISHED, published_build_kwargs
 from utils.hub import resolve_checkpoint   # local path first, huggingface_hub second
 
 MODEL_DEPTH = int(os.environ.get('VAR_NB_DEPTH', 16))   # 16, 20, 24, 30 or 36 for the published models
@@ -32,7 +35,7 @@ vae_ckpt = os.environ.get('VAR_NB_VAE_CKPT', 'vae_ch160v4096z32.pth')
 var_ckpt = os.environ.get('VAR_NB_VAR_CKPT', f'var_d{MODEL_DEPTH}.pth')
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
-build = published_build_kwargs(f'var_d{MODEL_DEPTH}.pth') if MODEL_DEPTH in (16, 20, 24, 30, 36) else {}
+build = published_build_kwargs(f'var_d{MODEL_DEPTH}.pth') if f'var_d{MODEL_DEPTH}.pth' in PUBLISHED else {}
 build.update(depth=MODEL_DEPTH, **json.loads(os.environ.get('VAR_NB_BUILD', '{}')))
 vae, var = build_vae_var(device=device, **build)
 vae.load_state_dict(torch.load(resolve_checkpoint(vae_ckpt), map_location='cpu', weights_only=True), strict=True)
@@ -42,7 +45,7 @@ var.eval()
 for p in vae.parameters(): p.requires_grad_(False)
 for p in var.parameters(): p.requires_grad_(False)
 print(f'VAR d{MODEL_DEPTH} ready on {device}: {sum(p.numel() for p in var.parameters()) / 1e6:.1f}M parameters')"""))
-cells.append(nbf.v4.new_code_cell("""# the reference notebook's settings
+    cells.append(nbf.v4.new_code_cell("""# the reference notebook's settings
 seed = 0
 cfg = 4
 class_labels = tuple(int(c) for c in os.environ.get('VAR_NB_CLASS_LABELS', '980,980,437,437,22,22,562,562').split(','))
@@ -71,5 +74,9 @@ grid = PImage.fromarray(chw.astype(np.uint8))
 if os.environ.get('VAR_NB_SAVE'):
     grid.save(os.environ['VAR_NB_SAVE'])
 grid"""))
-nb.cells = cells
-nbf.write(nb, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'demo_sample.ipynb'))
+    nb.cells = cells
+    nbf.write(nb, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'demo_sample.ipynb'))
+
+
+if __name__ == '__main__':
+    main()

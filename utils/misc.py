@@ -10,7 +10,7 @@ import PIL.Image
 
 from utils.cli import UserError
 
-__all__ = ['create_npz_from_sample_folder', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
+__all__ = ['create_npz_from_sample_folder', 'open_npz_arr0', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
 
 _INDEX_PNG = re.compile(r'^(\d+)\.png$')
 
@@ -31,6 +31,23 @@ def list_sample_indices(folder: str) -> Dict[int, str]:
         if m:
             out[int(m.group(1))] = name
     return out
+
+
+def open_npz_arr0(path: str):
+    """(zip, arr_0 stream positioned after its header, shape, fortran_order, dtype) of an npz; the caller closes both.
+
+    Raises OSError, ValueError, zipfile.BadZipFile or KeyError for a file that is not an npz with arr_0.
+    """
+    zf = zipfile.ZipFile(path)
+    try:
+        f = zf.open('arr_0.npy')
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except BaseException:
+        zf.close()
+        raise
+    return zf, f, shape, fortran, dtype
 
 
 def _ranges(idx: List[int], limit: int = 8) -> str:

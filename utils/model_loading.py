@@ -75,4 +75,3 @@ def load_for_sampling(device: torch.device, flags: ModelFlags) -> Tuple[VQVAE, V
     var.eval()
     logger.info('VAR d%d from %s; %d classes, scales %s', kw['depth'], source, kw['num_classes'], kw['patch_nums'])
     return vae, var, kw
-
