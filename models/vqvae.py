@@ -17,11 +17,12 @@ __all__ = ['VQVAE']
 
 logger = logging.getLogger(__name__)
 
-# Tokenising without autograd on the CPU, images go through the encoder in groups whose full-resolution
-# activation stays under this many bytes: the same speed as one batch here (4.7 s for 4 images at 256 px,
-# either way) with a quarter of the encoder's working memory, and each image's tokens no longer depend on
-# the other images of its batch. On CUDA the batch goes through whole, as in the reference.
-CPU_ENCODE_CHUNK_BYTES = 64 * 2 ** 20
+# In inference without autograd on the CPU, images go through the encoder and the decoder in groups whose
+# full-resolution activation stays under this many bytes (one 256-px image for the published tokenizer): the
+# same speed as one batch for oneDNN's convs (4.7 s to encode 4 images at 256 px, either way), the batch size
+# NNPACK's Winograd convs want (winograd.py), a quarter of the working memory, and each image's tokens and
+# pixels no longer depend on the other images of its batch. On CUDA the batch goes through whole, as in the reference.
+CPU_CHUNK_BYTES = 64 * 2 ** 20
 
 
 class VQVAE(nn.Module):
@@ -42,7 +43,7 @@ class VQVAE(nn.Module):
         ddconfig = dict(dropout=dropout, ch=ch, z_channels=z_channels, in_channels=3, ch_mult=(1, 1, 2, 2, 4),
                         num_res_blocks=2, using_sa=True, using_mid_sa=True)
         self.ch = ch
-        self.chunked_encode = True   # set_fast_paths(False) encodes every batch whole
+        self.chunked = True   # set_fast_paths(False) encodes and decodes every batch whole
         self.encoder = Encoder(double_z=False, **ddconfig)
         self.decoder = Decoder(**ddconfig)
 
@@ -62,24 +63,36 @@ class VQVAE(nn.Module):
                 p.requires_grad_(False)
 
     def set_fast_paths(self, enabled: bool) -> 'VQVAE':
-        """Channels-last convs, polyphase upsampling and in-place inference ops (default), or the reference's plain ops (for comparison)."""
+        """Channels-last convs, polyphase upsampling, Winograd convs and in-place inference ops (default), or the
+        reference's plain ops (for comparison)."""
         self.encoder.channels_last = self.decoder.channels_last = enabled and channels_last_pays(self.encoder.ch)
         for m in self.modules():
-            if hasattr(m, 'polyphase'):
-                m.polyphase = enabled
-            if hasattr(m, 'inplace'):
-                m.inplace = enabled
-        self.chunked_encode = enabled
+            for flag in ('polyphase', 'inplace', 'winograd'):
+                if hasattr(m, flag):
+                    setattr(m, flag, enabled)
+        self.chunked = enabled
         return self
+
+    def _cpu_chunk(self, x_BChw: torch.Tensor, H: int, W: int) -> int:
+        """How many images go through the encoder or decoder at once (the whole batch unless CPU inference)."""
+        B = x_BChw.shape[0]
+        if not self.chunked or x_BChw.device.type != 'cpu' or torch.is_grad_enabled():
+            return B
+        return max(1, CPU_CHUNK_BYTES // (self.ch * H * W * x_BChw.element_size()))
 
     def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) → latent f (B, Cvae, h, w) before quantisation; in groups of images on the CPU without autograd."""
-        B, _, H, W = img_B3HW.shape
-        per_image_bytes = self.ch * H * W * img_B3HW.element_size()
-        n = max(1, CPU_ENCODE_CHUNK_BYTES // per_image_bytes)
-        if not self.chunked_encode or img_B3HW.device.type != 'cpu' or torch.is_grad_enabled() or n >= B:
+        n = self._cpu_chunk(img_B3HW, *img_B3HW.shape[-2:])
+        if n >= img_B3HW.shape[0]:
             return self.quant_conv(self.encoder(img_B3HW))
         return torch.cat([self.quant_conv(self.encoder(chunk)) for chunk in img_B3HW.split(n)])
+
+    def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        """Quantised latent f_hat (B, Cvae, h, w) → image (B, 3, H, W), not clamped; in groups of images on the CPU without autograd."""
+        n = self._cpu_chunk(f_hat_BChw, *(s * self.downsample for s in f_hat_BChw.shape[-2:]))
+        if n >= f_hat_BChw.shape[0]:
+            return self.decoder(self.post_quant_conv(f_hat_BChw))
+        return torch.cat([self.decoder(self.post_quant_conv(chunk)) for chunk in f_hat_BChw.split(n)])
 
     @property
     def img_size(self) -> int:
@@ -106,7 +119,7 @@ class VQVAE(nn.Module):
     # ------------------------------------------------------------------ inference
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat (B, C, h, w) → image (B, 3, H, W) in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+        return self.decode(f_hat).clamp_(-1, 1)
 
     def img_to_idxBl(self, inp_img_no_grad: torch.Tensor, v_patch_nums=None) -> List[torch.LongTensor]:
         """Image (B, 3, H, W) → list of token maps (B, pn²), coarse to fine."""

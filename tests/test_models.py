@@ -277,7 +277,7 @@ def test_cpu_tokenising_goes_in_groups_of_images_with_the_same_tokens(monkeypatc
         whole = vae.img_to_idxBl(img)
         assert batch_sizes == [5]   # the tiny tokenizer's activations fit the default budget: one call
         per_image_bytes = vae.ch * 64 * 64 * 4
-        monkeypatch.setattr(vqvae_mod, 'CPU_ENCODE_CHUNK_BYTES', 2 * per_image_bytes)
+        monkeypatch.setattr(vqvae_mod, 'CPU_CHUNK_BYTES', 2 * per_image_bytes)
         batch_sizes.clear()
         grouped = vae.img_to_idxBl(img)
         assert batch_sizes == [2, 2, 1]
@@ -292,3 +292,22 @@ def test_cpu_tokenising_goes_in_groups_of_images_with_the_same_tokens(monkeypatc
     hook.remove()
     for a, b, c in zip(whole, grouped, plain):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_cpu_decoding_goes_in_groups_of_images_with_the_same_pixels(monkeypatch):
+    """Without autograd on the CPU the decoder sees groups of images under the byte budget, with the pixels of the whole batch."""
+    import models.vqvae as vqvae_mod
+    vae, _ = build_tiny()
+    f_hat = torch.randn(3, vae.Cvae, 4, 4)
+    batch_sizes = []
+    hook = vae.decoder.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        whole = vae.fhat_to_img(f_hat)
+        monkeypatch.setattr(vqvae_mod, 'CPU_CHUNK_BYTES', 2 * vae.ch * 64 * 64 * 4)
+        grouped = vae.fhat_to_img(f_hat)
+    assert batch_sizes == [3, 2, 1]
+    assert whole.shape == grouped.shape == (3, 3, 64, 64) and (whole - grouped).abs().max() < 1e-5
+    batch_sizes.clear()
+    vae.decode(f_hat)   # with autograd (tokenizer training) the batch goes through whole
+    assert batch_sizes == [3]
+    hook.remove()

@@ -1,0 +1,86 @@
+"""3×3 convolutions of CPU inference by Winograd's minimal filtering (NNPACK's F(6×6, 3×3)).
+
+A direct 3×3 conv spends 9 multiply-adds per output and channel pair. Winograd's F(6×6, 3×3) gets a 6×6
+output tile from an 8×8 input tile with 64 products, 1.78 per output, plus cheap tile transforms. PyTorch
+ships NNPACK, which implements it, but calls it only for batches of 16 images or more and never before
+oneDNN. One image at a time it is 2.0-2.5× faster than oneDNN's direct conv for the tokenizer's wide,
+large layers (160 channels at 256²: 70 vs 149-178 ms; 320 at 64²: 15 vs 33 ms, on a 2-core Zen 4), and
+slower on small maps (640 channels at 16²: 20 vs 10 ms) and narrow layers (32 channels at 128²), hence
+the thresholds below.
+
+The result differs from a direct conv by float rounding only, about 2e-5 of the output's scale (the
+transforms add and subtract before multiplying): decoded images move by ~5e-5, far inside the reference
+data's 1e-3 image tolerance.
+
+Letters: B batch, C/O input/output channels, h/w height/width.
+"""
+import functools
+
+import torch
+import torch.nn as nn
+
+__all__ = ['Conv3x3', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays', 'nnpack_available',
+           'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
+
+WINOGRAD_MIN_HW = 64 * 64        # feature maps of at least this many positions (equal at 32², 2× slower at 16²)
+WINOGRAD_MIN_CHANNELS = 128      # and at least this many input and output channels (slower at 32 and 64)
+
+
+@functools.lru_cache(maxsize=None)
+def nnpack_available() -> bool:
+    """Whether this PyTorch build has NNPACK and it runs on this CPU (the first call initialises it)."""
+    try:
+        return bool(torch._nnpack_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:   # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def winograd_applies(x: torch.Tensor) -> bool:
+    """Whether `x` may go through the Winograd path: float32 on the CPU, autograd and autocast off, NNPACK present."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not _cpu_autocast_enabled() and nnpack_available())
+
+
+def winograd_pays(in_channels: int, out_channels: int, h: int, w: int) -> bool:
+    """Whether a 3×3 conv of this size is faster by Winograd than by oneDNN's direct conv (measured, see above)."""
+    return min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS and h * w >= WINOGRAD_MIN_HW
+
+
+def winograd_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: torch.Tensor = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) by NNPACK's Winograd, one image at a time (its fast inference path).
+
+    Give it one image where you can (VQVAE decodes and encodes image by image on the CPU): a batch costs
+    a copy of the output to put the images together.
+    """
+    x_BChw, weight_OC33 = x_BChw.contiguous(), weight_OC33.contiguous()
+    if x_BChw.shape[0] == 1:
+        return torch._nnpack_spatial_convolution(x_BChw, weight_OC33, bias_O, [1, 1])
+    return torch.cat([torch._nnpack_spatial_convolution(x_1Chw, weight_OC33, bias_O, [1, 1]) for x_1Chw in x_BChw.split(1)])
+
+
+class Conv3x3(nn.Conv2d):
+    """nn.Conv2d(in, out, 3, stride=1, padding=1), same parameters and checkpoint keys.
+
+    Without autograd on the CPU in float32, wide convs on large maps go through `winograd_conv3x3`;
+    `winograd = False` (VQVAE.set_fast_paths) keeps oneDNN's direct conv everywhere.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.winograd = True
+
+    def uses_winograd(self, x_BChw: torch.Tensor) -> bool:
+        return (self.winograd and winograd_pays(self.in_channels, self.out_channels, *x_BChw.shape[-2:])
+                and winograd_applies(x_BChw))
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        if self.uses_winograd(x_BChw):
+            return winograd_conv3x3(x_BChw, self.weight, self.bias)
+        return super().forward(x_BChw)

@@ -1,0 +1,89 @@
+"""Winograd 3×3 convs (NNPACK) of CPU inference: same numbers as the direct conv, used exactly where they pay."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import VQVAE
+from models import winograd
+from models.basic_vae import Upsample2x
+from models.winograd import Conv3x3, winograd_conv3x3
+
+pytestmark = pytest.mark.skipif(not winograd.nnpack_available(), reason='this PyTorch build has no NNPACK for this CPU')
+
+
+@pytest.fixture
+def nnpack_calls(monkeypatch):
+    """Counts the images that went through NNPACK."""
+    calls = []
+    real = torch._nnpack_spatial_convolution
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(torch, '_nnpack_spatial_convolution', counting)
+    return calls
+
+
+def test_winograd_conv_equals_the_direct_conv():
+    torch.manual_seed(0)
+    x = torch.randn(3, 128, 64, 64)
+    w, b = torch.randn(160, 128, 3, 3) * 0.03, torch.randn(160)
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    for x_in in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = winograd_conv3x3(x_in, w, b)
+        assert got.shape == ref.shape and got.dtype == torch.float32 and got.is_contiguous()
+        assert (got.double() - ref).abs().max() / ref.abs().max() < 1e-4
+        assert (got.double() - ref).abs().max() / ref.abs().max() > 1e-9   # really another algorithm, not a copy of the direct conv
+
+
+def test_conv3x3_goes_by_winograd_only_where_it_pays_and_applies(nnpack_calls):
+    torch.manual_seed(0)
+    conv = Conv3x3(128, 128)
+    assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {'weight', 'bias'}   # checkpoint keys unchanged
+    big, small = torch.randn(2, 128, 64, 64), torch.randn(2, 128, 32, 32)
+    with torch.no_grad():
+        out = conv(big)
+        assert nnpack_calls == [(1, 128, 64, 64)] * 2   # one image at a time
+        assert torch.allclose(out, F.conv2d(big, conv.weight, conv.bias, padding=1), atol=1e-4)
+        nnpack_calls.clear()
+        conv(small)                                 # a 32² map: oneDNN's direct conv is as fast
+        Conv3x3(64, 64)(torch.randn(1, 64, 64, 64))  # 64 channels: the direct conv is faster
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            conv(big)                               # autocast asks for bfloat16
+        conv.winograd = False
+        conv(big)                                   # switched off (VQVAE.set_fast_paths(False))
+        assert nnpack_calls == []
+    conv.winograd = True
+    out = conv(big)                                 # autograd on (tokenizer training): the direct conv, differentiable
+    assert nnpack_calls == [] and out.requires_grad
+
+
+def test_upsample_by_winograd_equals_the_plain_upsample(nnpack_calls):
+    torch.manual_seed(0)
+    up = Upsample2x(128)
+    x = torch.randn(2, 128, 32, 32)
+    with torch.no_grad():
+        fast = up(x)
+        assert nnpack_calls == [(1, 128, 64, 64)] * 2
+        up.conv.winograd, up.polyphase = False, False
+        plain = up(x)
+    assert fast.shape == (2, 128, 64, 64) and (fast - plain).abs().max() < 1e-4
+
+
+def test_tokenizer_with_winograd_matches_the_plain_path(nnpack_calls):
+    """A tokenizer wide enough for Winograd (ch=128, 64-px images): features, tokens and images as on the plain path."""
+    torch.manual_seed(0)
+    vae = VQVAE(vocab_size=64, z_channels=8, ch=128, v_patch_nums=(1, 2, 4), test_mode=True)
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        f_fast, idx_fast = vae.encode(img), vae.img_to_idxBl(img)
+        rec_fast = vae.idxBl_to_img(idx_fast, same_shape=True, last_one=True)
+        assert nnpack_calls and all(s[0] == 1 and s[-2:] == (64, 64) for s in nnpack_calls)
+        n_fast = len(nnpack_calls)
+        vae.set_fast_paths(False)
+        f_ref, idx_ref = vae.encode(img), vae.img_to_idxBl(img)
+        rec_ref = vae.idxBl_to_img(idx_ref, same_shape=True, last_one=True)
+        assert len(nnpack_calls) == n_fast   # the plain path never calls NNPACK
+    assert (f_fast - f_ref).abs().max() < 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(idx_fast, idx_ref))
+    assert (rec_fast - rec_ref).abs().max() < 1e-3 and rec_fast.is_contiguous()
