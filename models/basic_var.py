@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import BACKENDS, BlockCausal, attention, block_causal_attention
+from .cpu_linear import Linear, linear
 from .helpers import DropPath
 
 __all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin']
@@ -34,9 +35,9 @@ class FFN(nn.Module):
         self.fused_if_available = fused_if_available
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate='tanh')
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc1 = Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate='tanh')   # fused into fc1 where it goes through oneDNN (cpu_linear.py)
+        self.fc2 = Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop, inplace=True) if drop > 0 else nn.Identity()
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
@@ -46,6 +47,8 @@ class FFN(nn.Module):
                                    bias1=self.fc1.bias, bias2=self.fc2.bias, activation='gelu_approx',
                                    save_pre_act=self.training, return_residual=False, checkpoint_lvl=0,
                                    heuristic=0, process_group=None))
+        if self.fc1.onednn:
+            return self.drop(self.fc2(linear(x_BLC, self.fc1.weight, self.fc1.bias, gelu_tanh=True)))
         return self.drop(self.fc2(self.act(self.fc1(x_BLC))))
 
 
@@ -68,11 +71,11 @@ class SelfAttention(nn.Module):
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
 
-        self.mat_qkv = nn.Linear(embed_dim, embed_dim * 3, bias=False)
+        self.mat_qkv = Linear(embed_dim, embed_dim * 3, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(embed_dim)), nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer('zero_k_bias', torch.zeros(embed_dim))
 
-        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj = Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop, inplace=True) if proj_drop > 0 else nn.Identity()
         self.attn_drop: float = attn_drop
         self.backend = backend
@@ -86,8 +89,8 @@ class SelfAttention(nn.Module):
     def forward(self, x_BLC: torch.Tensor, attn_bias) -> torch.Tensor:
         """x (B, L, C); attn_bias None, a mask broadcastable to (B, H, L, S) or a BlockCausal → (B, L, C)."""
         B, L, C = x_BLC.shape
-        qkv_BL3Hc = F.linear(input=x_BLC, weight=self.mat_qkv.weight,
-                             bias=torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv_BL3Hc = linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)),
+                           onednn=self.mat_qkv.onednn).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(dim=0)
         if self.attn_l2_norm:
             scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
@@ -134,7 +137,7 @@ class AdaLNSelfAttn(nn.Module):
         if self.shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim ** 0.5)
         else:
-            self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * embed_dim))
+            self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), Linear(cond_dim, 6 * embed_dim))
 
     def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias) -> torch.Tensor:
         """x (B, L, C); cond_BD (B, D), or (B, 1, 6, C) from the shared AdaLN → (B, L, C)."""
@@ -157,14 +160,14 @@ class AdaLNBeforeHead(nn.Module):
         super().__init__()
         self.C, self.D = C, D
         self.ln_wo_grad = norm_layer(C, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(D, 2 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), Linear(D, 2 * C))
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
         return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
 
 
-class SharedAdaLin(nn.Linear):
+class SharedAdaLin(Linear):
     """One AdaLN projection shared by all blocks: cond (B, D) → (B, 1, 6, C)."""
 
     def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:

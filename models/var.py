@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, BlockCausal, block_causal_groups, choose_backend, describe_backends
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from .cpu_linear import Linear
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
 from .state_dict import check_state_dict
 from .vqvae import VQVAE
@@ -65,7 +66,7 @@ class VAR(nn.Module):
         quant = vae_local.quantize
         self.vae_proxy = (vae_local,)        # a tuple, so the tokenizer is not part of this state dict
         self.vae_quant_proxy = (quant,)
-        self.word_embed = nn.Linear(self.Cvae, self.C)
+        self.word_embed = Linear(self.Cvae, self.C)
 
         # 2. class embedding; the last row is "no class" (condition dropout, unconditional guidance)
         init_std = math.sqrt(1 / self.C / 3)
@@ -108,7 +109,7 @@ class VAR(nn.Module):
 
         # 6. classifier head
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_layer=norm_layer)
-        self.head = nn.Linear(self.C, self.V)
+        self.head = Linear(self.C, self.V)
 
     # ------------------------------------------------------------------ utilities
     @property
@@ -129,8 +130,12 @@ class VAR(nn.Module):
         logger.info('VAR d%d: attention backend %s', self.depth, describe_backends(backend))
 
     def set_fast_paths(self, enabled: bool) -> 'VAR':
-        """Grouped block-causal attention (default), or the reference's dense masked attention (for comparison)."""
+        """Grouped block-causal attention and oneDNN linear layers (default), or the reference's dense masked
+        attention and F.linear (for comparison)."""
         self.grouped_attention = enabled
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.onednn = enabled
         return self
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
