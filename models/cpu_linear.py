@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_context import cpu_autocast_enabled
+
 __all__ = ['Linear', 'linear', 'onednn_applies', 'onednn_available']
 
 
@@ -34,16 +36,9 @@ def onednn_available() -> bool:
         return False
 
 
-def _cpu_autocast_enabled() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:   # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
 def onednn_applies(x: torch.Tensor) -> bool:
     """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, oneDNN present."""
-    return x.device.type == 'cpu' and x.dtype == torch.float32 and not _cpu_autocast_enabled() and onednn_available()
+    return x.device.type == 'cpu' and x.dtype == torch.float32 and not cpu_autocast_enabled() and onednn_available()
 
 
 def _onednn_linear(x_NK: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor], gelu_tanh: bool = False) -> torch.Tensor:

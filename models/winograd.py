@@ -15,37 +15,43 @@ data's 1e-3 image tolerance.
 Letters: B batch, C/O input/output channels, h/w height/width.
 """
 import functools
+import logging
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .cpu_context import cpu_autocast_enabled
 
 __all__ = ['Conv3x3', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays', 'nnpack_available',
            'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
+
+logger = logging.getLogger(__name__)
 
 WINOGRAD_MIN_HW = 64 * 64        # feature maps of at least this many positions (equal at 32², 2× slower at 16²)
 WINOGRAD_MIN_CHANNELS = 128      # and at least this many input and output channels (slower at 32 and 64)
 
 
+_failure = {'error': None}   # set by the first NNPACK call that fails: the direct conv from then on
+
+
 @functools.lru_cache(maxsize=None)
-def nnpack_available() -> bool:
-    """Whether this PyTorch build has NNPACK and it runs on this CPU (the first call initialises it)."""
+def _nnpack_initialised() -> bool:
     try:
         return bool(torch._nnpack_available())
     except (AttributeError, RuntimeError):
         return False
 
 
-def _cpu_autocast_enabled() -> bool:
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:   # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+def nnpack_available() -> bool:
+    """Whether this PyTorch build has NNPACK and it runs on this CPU (the first call initialises it)."""
+    return _failure['error'] is None and _nnpack_initialised()
 
 
 def winograd_applies(x: torch.Tensor) -> bool:
     """Whether `x` may go through the Winograd path: float32 on the CPU, autograd and autocast off, NNPACK present."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not _cpu_autocast_enabled() and nnpack_available())
+            and not cpu_autocast_enabled() and nnpack_available())
 
 
 def winograd_pays(in_channels: int, out_channels: int, h: int, w: int) -> bool:
@@ -60,9 +66,15 @@ def winograd_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: to
     a copy of the output to put the images together.
     """
     x_BChw, weight_OC33 = x_BChw.contiguous(), weight_OC33.contiguous()
-    if x_BChw.shape[0] == 1:
-        return torch._nnpack_spatial_convolution(x_BChw, weight_OC33, bias_O, [1, 1])
-    return torch.cat([torch._nnpack_spatial_convolution(x_1Chw, weight_OC33, bias_O, [1, 1]) for x_1Chw in x_BChw.split(1)])
+    try:
+        if x_BChw.shape[0] == 1:
+            return torch._nnpack_spatial_convolution(x_BChw, weight_OC33, bias_O, [1, 1])
+        return torch.cat([torch._nnpack_spatial_convolution(x_1Chw, weight_OC33, bias_O, [1, 1]) for x_1Chw in x_BChw.split(1)])
+    except RuntimeError as e:   # NNPACK refused (a CPU or size it does not handle): say so once, then convolve directly
+        _failure['error'] = str(e)
+        logger.warning('NNPACK Winograd conv failed (%s) for input %s; using the direct conv from now on',
+                       e, tuple(x_BChw.shape))
+        return F.conv2d(x_BChw, weight_OC33, bias_O, padding=1)
 
 
 class Conv3x3(nn.Conv2d):

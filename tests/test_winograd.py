@@ -87,3 +87,23 @@ def test_tokenizer_with_winograd_matches_the_plain_path(nnpack_calls):
     assert (f_fast - f_ref).abs().max() < 1e-4
     assert all(torch.equal(a, b) for a, b in zip(idx_fast, idx_ref))
     assert (rec_fast - rec_ref).abs().max() < 1e-3 and rec_fast.is_contiguous()
+
+
+def test_a_failing_nnpack_falls_back_to_the_direct_conv_and_says_so(monkeypatch, caplog):
+    torch.manual_seed(0)
+    calls = []
+
+    def failing(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        raise RuntimeError('NNPACK SpatialConvolution_updateOutput failed')
+    monkeypatch.setattr(torch, '_nnpack_spatial_convolution', failing)
+    monkeypatch.setitem(winograd._failure, 'error', None)
+    conv = Conv3x3(128, 128)
+    x = torch.randn(2, 128, 64, 64)
+    with torch.no_grad():
+        first = conv(x)
+        second = conv(x)
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert torch.allclose(first, ref, atol=1e-5) and torch.allclose(second, ref, atol=1e-5)
+    assert calls == [(1, 128, 64, 64)]   # tried once, then the direct conv only
+    assert 'NNPACK Winograd conv failed' in caplog.text and not winograd.nnpack_available()
