@@ -108,7 +108,7 @@ class ResnetBlock(nn.Module):
         self.conv1 = Conv3x3(in_channels, out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.inplace = True   # in-place SiLU and residual add when autograd is off (VQVAE.set_fast_paths)
+        self.inplace = True   # in-place residual add when autograd is off (VQVAE.set_fast_paths)
         self.conv2 = Conv3x3(out_channels, out_channels)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
@@ -116,12 +116,13 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Identity()
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        if self.inplace and not torch.is_grad_enabled():   # same values, one full-size activation fewer alive at a time
-            h_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))
-            h_BChw = self.conv2(self.dropout(F.silu(self.norm2(h_BChw), inplace=True)))
+        # Without autograd the SiLUs run in place on the norms' fresh outputs, as in the reference; with it they
+        # allocate (autograd needs their inputs). The in-place residual add is this code's (`inplace`).
+        no_grad = not torch.is_grad_enabled()
+        h_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=no_grad))
+        h_BChw = self.conv2(self.dropout(F.silu(self.norm2(h_BChw), inplace=no_grad)))
+        if self.inplace and no_grad:   # same values, one full-size activation fewer alive at a time
             return h_BChw.add_(self.nin_shortcut(x_BChw))
-        h_BChw = self.conv1(F.silu(self.norm1(x_BChw)))
-        h_BChw = self.conv2(self.dropout(F.silu(self.norm2(h_BChw))))
         return self.nin_shortcut(x_BChw) + h_BChw
 
 
@@ -206,7 +207,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # B, z_channels, h, w
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())).contiguous()  # B, z_channels, h, w
 
 
 class Decoder(nn.Module):
@@ -259,4 +260,4 @@ class Decoder(nn.Module):
                     h = level.attn[i_block](h)
             if i_level != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # B, 3, H, W
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())).contiguous()  # B, 3, H, W
