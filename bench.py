@@ -4,8 +4,8 @@
     python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--mode=baseline]
     python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # the README table: baseline and this code side by side, one machine, one run
 
-`--mode=baseline` switches every optimisation of this codebase off (dense masked attention, plain
-NCHW convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
+`--mode=baseline` switches every optimisation of this codebase off (dense masked attention, F.linear,
+whole-batch NCHW direct convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
 `compare` runs in a fresh process, so its peak resident memory is its own. Times are medians of the
 timed steps after one warm-up step. The tokenizer weights are random but sane (default init).
 """

@@ -7,7 +7,7 @@ backend calls) runs them at 165-207 GFLOP/s, adds the bias in its epilogue and c
 there too. The input gradient goes through oneDNN as well (1.1-1.3×); the weight gradient stays with MKL
 (as fast). Results differ from MKL's by float rounding (~1e-6 relative).
 
-Used for float32 on the CPU with autocast off (bf16/fp16 autocast and CUDA keep F.linear), when this
+Used for float32 on the CPU with autocast off (bf16/fp16 autocast, torch.compile and CUDA keep F.linear), when this
 PyTorch build has oneDNN; `Linear.onednn = False` (VAR.set_fast_paths(False)) keeps F.linear.
 
 Letters: N rows (all leading dimensions together), K input features, O output features.
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_context import cpu_autocast_enabled
+from .cpu_context import compiling, cpu_autocast_enabled
 
 __all__ = ['Linear', 'linear', 'onednn_applies', 'onednn_available']
 
@@ -37,8 +37,9 @@ def onednn_available() -> bool:
 
 
 def onednn_applies(x: torch.Tensor) -> bool:
-    """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, oneDNN present."""
-    return x.device.type == 'cpu' and x.dtype == torch.float32 and not cpu_autocast_enabled() and onednn_available()
+    """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, not under torch.compile, oneDNN present."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not cpu_autocast_enabled() and not compiling()
+            and onednn_available())
 
 
 def _onednn_linear(x_NK: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor], gelu_tanh: bool = False) -> torch.Tensor:

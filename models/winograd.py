@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_context import cpu_autocast_enabled
+from .cpu_context import compiling, cpu_autocast_enabled
 
 __all__ = ['Conv3x3', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays', 'nnpack_available',
            'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
@@ -49,9 +49,9 @@ def nnpack_available() -> bool:
 
 
 def winograd_applies(x: torch.Tensor) -> bool:
-    """Whether `x` may go through the Winograd path: float32 on the CPU, autograd and autocast off, NNPACK present."""
+    """Whether `x` may go through the Winograd path: float32 on the CPU, autograd, autocast and torch.compile off, NNPACK present."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not cpu_autocast_enabled() and nnpack_available())
+            and not cpu_autocast_enabled() and not compiling() and nnpack_available())
 
 
 def winograd_pays(in_channels: int, out_channels: int, h: int, w: int) -> bool:

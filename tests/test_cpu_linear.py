@@ -69,3 +69,19 @@ def test_var_switches_onednn_with_its_fast_paths():
         assert onednn_calls(lambda: var(label_B, x)) == 0
         plain = var(label_B, x)
     assert (fast - plain).abs().max() < 1e-4
+
+
+def test_torch_compile_of_var_traces_f_linear_with_the_same_numbers():
+    """--tfast: torch.compile cannot lower oneDNN's linear with a trainable weight; under tracing F.linear is used."""
+    _, var = build_tiny()
+    var.eval()
+    var.cond_drop_rate = 0
+    label_B, x = torch.tensor([1, 2]), torch.randn(2, var.L - var.first_l, var.Cvae)
+    eager = var(label_B, x)
+    eager.sum().backward()
+    grad_eager = var.head.weight.grad.clone()
+    var.zero_grad()
+    compiled = torch.compile(var)(label_B, x)
+    compiled.sum().backward()
+    assert torch.allclose(compiled, eager, atol=1e-4)
+    assert torch.allclose(var.head.weight.grad, grad_eager, rtol=1e-4, atol=1e-4)
