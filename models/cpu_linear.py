@@ -75,7 +75,7 @@ def linear(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tens
 
     x (..., K) → (..., O). Without autograd the GELU is fused into the matmul.
     """
-    if not (onednn and onednn_applies(x) and weight_OK.dtype == torch.float32):
+    if not (onednn and onednn_applies(x) and weight_OK.dtype == torch.float32 and weight_OK.is_contiguous() and x.numel() > 0):
         y = F.linear(x, weight_OK, bias_O)
         return F.gelu(y, approximate='tanh') if gelu_tanh else y
     x_NK = x.reshape(-1, x.shape[-1])
