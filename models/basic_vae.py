@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .winograd import WINOGRAD_MIN_CHANNELS, Conv3x3, winograd_applies, winograd_conv3x3, winograd_pays
+from .winograd import WINOGRAD_MIN_CHANNELS, Conv3x3, winograd_applies
 
 __all__ = ['Encoder', 'Decoder', 'ResnetBlock', 'AttnBlock', 'Upsample2x', 'Downsample2x', 'Normalize']
 
@@ -47,9 +47,7 @@ class Upsample2x(nn.Module):
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         B, C, h, w = x_BChw.shape
-        if self.conv.winograd and winograd_pays(C, C, 2 * h, 2 * w) and winograd_applies(x_BChw):
-            return winograd_conv3x3(F.interpolate(x_BChw, scale_factor=2, mode='nearest'), self.conv.weight, self.conv.bias)
-        if not self.polyphase:
+        if not self.polyphase or self.conv.uses_winograd(x_BChw, (2 * h, 2 * w)):
             return self.conv(F.interpolate(x_BChw, scale_factor=2, mode='nearest'))  # B, C, 2h, 2w
         kernels = _phase_kernels(self.conv.weight)
         x_pad = F.pad(x_BChw, (1, 1, 1, 1))

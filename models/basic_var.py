@@ -36,7 +36,6 @@ class FFN(nn.Module):
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
         self.fc1 = Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate='tanh')   # fused into fc1 where it goes through oneDNN (cpu_linear.py)
         self.fc2 = Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop, inplace=True) if drop > 0 else nn.Identity()
 
@@ -47,9 +46,8 @@ class FFN(nn.Module):
                                    bias1=self.fc1.bias, bias2=self.fc2.bias, activation='gelu_approx',
                                    save_pre_act=self.training, return_residual=False, checkpoint_lvl=0,
                                    heuristic=0, process_group=None))
-        if self.fc1.onednn:
-            return self.drop(self.fc2(linear(x_BLC, self.fc1.weight, self.fc1.bias, gelu_tanh=True)))
-        return self.drop(self.fc2(self.act(self.fc1(x_BLC))))
+        # fc1 then GELU; fused in oneDNN's epilogue where fc1 goes through oneDNN without autograd (cpu_linear.py)
+        return self.drop(self.fc2(linear(x_BLC, self.fc1.weight, self.fc1.bias, gelu_tanh=True, onednn=self.fc1.onednn)))
 
 
 class SelfAttention(nn.Module):

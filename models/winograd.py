@@ -88,8 +88,9 @@ class Conv3x3(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.winograd = True
 
-    def uses_winograd(self, x_BChw: torch.Tensor) -> bool:
-        return (self.winograd and winograd_pays(self.in_channels, self.out_channels, *x_BChw.shape[-2:])
+    def uses_winograd(self, x_BChw: torch.Tensor, hw=None) -> bool:
+        """Whether this conv goes by Winograd for `x` (or for `x` resized to `hw` = (h, w), e.g. upsampled first)."""
+        return (self.winograd and winograd_pays(self.in_channels, self.out_channels, *(hw or x_BChw.shape[-2:]))
                 and winograd_applies(x_BChw))
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
