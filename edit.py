@@ -77,7 +77,7 @@ def check_flags(args: EditArgs) -> None:
             raise FlagError(f'--{flag}={getattr(args, flag)} must be >= 1')
     if args.pn:
         parse_patch_nums(args.pn)
-    check_sampling_ranges(args, args.num_classes, args.vocab_size, 'the flags --num_classes and --vocab_size')
+    check_sampling_ranges(args, args.num_classes, args.vocab_size, from_checkpoint=False)
     if not (0 < args.top_p <= 1):
         raise FlagError(f'--top_p={args.top_p:g} is outside (0, 1]: the share of probability mass to sample from (1: no nucleus filtering)')
     if not math.isfinite(args.cfg):
@@ -90,14 +90,19 @@ def check_flags(args: EditArgs) -> None:
         raise FlagError(f'--out={args.out!r} must end in .png (the results are written as PNG)')
 
 
-def check_sampling_ranges(args: EditArgs, num_classes: int, V: int, source: str) -> None:
-    """--class_id and --top_k within the model's classes and vocabulary (V tokens)."""
+def check_sampling_ranges(args: EditArgs, num_classes: int, V: int, from_checkpoint: bool) -> None:
+    """--class_id and --top_k within the model's classes and vocabulary (V tokens), as the flags or the checkpoint give them.
+
+    A train.py checkpoint brings its own class count and vocabulary: checked again once it is loaded.
+    """
+    classes_from = 'the checkpoint' if from_checkpoint else '--num_classes; pass the class count of a train.py checkpoint with more'
+    tokens_from = 'the checkpoint' if from_checkpoint else '--vocab_size'
     if not -1 <= args.class_id < num_classes:
         raise FlagError(f'--class_id={args.class_id} is outside [-1, {num_classes - 1}]: the model has {num_classes} classes '
-                        f'(from {source}); -1 samples without a class')
+                        f'({classes_from}); -1 samples without a class')
     if not 0 <= args.top_k <= V:
-        raise FlagError(f'--top_k={args.top_k} is outside [0, {V}]: keep the k most likely of the {V} tokens '
-                        f'(from {source}); 0 keeps all of them')
+        raise FlagError(f'--top_k={args.top_k} is outside [0, {V}]: keep the k most likely of the {V} tokens ({tokens_from}); '
+                        f'0 keeps all of them')
 
 
 def parse_box(box: str) -> List[float]:
@@ -177,7 +182,7 @@ def main(args: EditArgs) -> List[str]:
     device = dist.initialize()
     setup_logging(0)
     vae, var, _ = load_for_sampling(device, args)
-    check_sampling_ranges(args, var.num_classes, var.V, 'the checkpoint')
+    check_sampling_ranges(args, var.num_classes, var.V, from_checkpoint=True)
     size, pn = vae.img_size, var.patch_nums[-1]
     keep_hw = keep_mask(args, mask, size, pn).to(device)
     img = model_input(image, size).to(device)
