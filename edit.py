@@ -33,7 +33,7 @@ from models.helpers import EDIT_MODES, make_edit_mask
 from utils.arg_util import FlagError, ModelFlags, parse_dataclass, parse_patch_nums
 from utils.cli import UserError, run_main
 from utils.data import normalize_01_into_pm1
-from utils.imgs import load_rgb, save_png_atomic, to_uint8_BHW3
+from utils.imgs import IMAGE_READ_ERRORS, load_rgb, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
 from utils.model_loading import load_for_sampling
 
@@ -120,7 +120,7 @@ def read_image(path: str) -> PIL.Image.Image:
     """The photo as 8-bit RGB at its own size (see utils.imgs.load_rgb)."""
     try:
         return load_rgb(path)
-    except Exception as e:   # missing, truncated, not an image, unsupported mode, too large
+    except IMAGE_READ_ERRORS as e:   # missing, truncated, not an image, unsupported mode, too large
         raise UserError(f'cannot read the image {path}: {e}') from None
 
 
@@ -128,7 +128,7 @@ def read_mask(path: str, image_wh) -> PIL.Image.Image:
     """The mask as 8-bit grey (white = the region) at the image's size; transparent pixels are black."""
     try:
         mask = load_rgb(path, background=BLACK).convert('L')
-    except Exception as e:
+    except IMAGE_READ_ERRORS as e:
         raise UserError(f'cannot read the mask image {path}: {e}') from None
     if mask.size != tuple(image_wh):
         raise UserError(f'the mask {path} is {mask.size[0]}x{mask.size[1]} pixels but the image is {image_wh[0]}x{image_wh[1]}: '

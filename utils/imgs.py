@@ -1,5 +1,6 @@
 """Image files in and out: any image file as RGB, [0, 1] images to uint8 arrays, PNG files (written atomically), grids."""
 import os
+import struct
 from typing import Optional, Tuple
 
 import numpy as np
@@ -7,9 +8,11 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-__all__ = ['load_rgb', 'to_rgb', 'to_uint8_BHW3', 'save_png_atomic', 'make_grid', 'save_grid']
+__all__ = ['IMAGE_READ_ERRORS', 'load_rgb', 'to_rgb', 'to_uint8_BHW3', 'save_png_atomic', 'make_grid', 'save_grid']
 
 WHITE = (255, 255, 255)
+# what reading a damaged, truncated, oversized or unsupported image file raises (PIL's plugins use all of these)
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, PIL.Image.DecompressionBombError)
 SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 
 
