@@ -219,3 +219,16 @@ def test_edit_flags_and_files_are_checked_before_the_model(setup, tmp_path, flag
     with pytest.raises(Exception) as e:
         edit.main(edit.parse_edit_args(argv))
     assert type(e.value).__name__ == error and message.format(**names) in str(e.value)
+
+
+def test_class_and_token_ranges_of_a_train_py_checkpoint_are_its_own(setup, tmp_path):
+    """A train.py checkpoint brings its class count and vocabulary: checked once it is read, whatever the flags say."""
+    d, image, vae, var = setup
+    args = dict(patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=32, share_quant_resi=4, num_classes=5, depth=2,
+                saln=False, anorm=True)
+    torch.save({'epoch': 1, 'iter': 0, 'args': args,
+                'trainer': {'var_wo_ddp': var.state_dict(), 'vae_local': vae.state_dict()}}, tmp_path / 'ar-ckpt-last.pth')
+    res = run_script(['edit.py', f'--image={image}', f'--var_ckpt={tmp_path / "ar-ckpt-last.pth"}', '--box=0,0,0.5,0.5',
+                      '--class_id=7', '--top_k=20', f'--out={tmp_path / "x.png"}'], check=False)
+    assert res.returncode == 1 and '--class_id=7 is outside [-1, 4]: the model has 5 classes (the checkpoint)' in res.stderr, res.stderr[-2000:]
+    assert 'Traceback' not in res.stderr and not (tmp_path / 'x.png').exists()
