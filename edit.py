@@ -8,12 +8,20 @@ The region is a box (y0, x0, y1, x1 as fractions of the height and width) or a m
 white pixels mark it. `inpaint` and `class` regenerate the region and keep the rest; `outpaint` keeps
 the region and regenerates the rest. The kept part of the result is exactly the tokenizer's
 reconstruction of the input (token cells of the last scale, 16 px each).
+
+The image is read as a viewer shows it (EXIF orientation applied, any bit depth or colour mode,
+transparency over white), its short side resized to the model's resolution and the centre cropped;
+a mask must have the image's size and goes through the same resize and crop, so the region edited
+is the one marked (transparent mask pixels count as black: not marked).
 """
 import logging
+import math
+import os
 import os.path as osp
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -22,14 +30,16 @@ from torchvision.transforms import InterpolationMode
 
 import dist
 from models.helpers import EDIT_MODES, make_edit_mask
-from utils.arg_util import FlagError, ModelFlags, parse_dataclass
+from utils.arg_util import FlagError, ModelFlags, parse_dataclass, parse_patch_nums
 from utils.cli import UserError, run_main
 from utils.data import normalize_01_into_pm1
-from utils.imgs import save_png_atomic, to_uint8_BHW3
+from utils.imgs import IMAGE_READ_ERRORS, load_rgb, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
 from utils.model_loading import load_for_sampling
 
 logger = logging.getLogger('edit')
+
+BLACK = (0, 0, 0)
 
 
 @dataclass
@@ -50,52 +60,134 @@ class EditArgs(ModelFlags):
     cmd: str = field(default='', metadata={'derived': True})
 
 
-def load_image(path: str, size: int) -> torch.Tensor:
-    """(1, 3, size, size) in [-1, 1]: short side resized to `size` (Lanczos), centre crop."""
-    try:
-        img = PIL.Image.open(path).convert('RGB')
-    except (OSError, ValueError) as e:
-        raise UserError(f'cannot read the image {path}: {e}') from None
-    img = TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.LANCZOS), [size, size])
-    return normalize_01_into_pm1(TF.to_tensor(img))[None]
-
-
-def region_mask(args: EditArgs, pn: int) -> torch.Tensor:
-    """The edit mask (pn, pn) of the model: 1 = keep the input's tokens."""
+def check_flags(args: EditArgs) -> None:
+    """Every flag, before any file is read or model built; class and token ranges as the flags give the model."""
+    if not args.image:
+        raise FlagError('--image is required: the photo to edit')
+    if args.mode not in EDIT_MODES:
+        raise FlagError(f'--mode={args.mode!r} must be one of {", ".join(EDIT_MODES)}')
     if bool(args.box) == bool(args.mask):
         raise FlagError('give the region as exactly one of --box=y0,x0,y1,x1 or --mask=PATH')
     if args.box:
+        parse_box(args.box)
+    if args.mode == 'class' and args.class_id < 0:
+        raise FlagError('--mode=class needs the target --class_id')
+    for flag in ('num_classes', 'vocab_size', 'depth', 'z_channels', 'vae_ch'):
+        if getattr(args, flag) < 1:
+            raise FlagError(f'--{flag}={getattr(args, flag)} must be >= 1')
+    if args.pn:
+        parse_patch_nums(args.pn)
+    check_sampling_ranges(args, args.num_classes, args.vocab_size, from_checkpoint=False)
+    if not (0 < args.top_p <= 1):
+        raise FlagError(f'--top_p={args.top_p:g} is outside (0, 1]: the share of probability mass to sample from (1: no nucleus filtering)')
+    if not math.isfinite(args.cfg):
+        raise FlagError(f'--cfg={args.cfg} must be a finite number (the guidance strength; 0: none)')
+    if args.n < 1:
+        raise FlagError(f'--n={args.n} must be >= 1 (the number of versions)')
+    if args.seed < 0 or args.seed + args.n - 1 > 2 ** 63 - 1:
+        raise FlagError(f'--seed={args.seed} must be in [0, 2^63 - n] (the versions use seed .. seed + n - 1)')
+    if osp.splitext(args.out)[1].lower() != '.png':
+        raise FlagError(f'--out={args.out!r} must end in .png (the results are written as PNG)')
+
+
+def check_sampling_ranges(args: EditArgs, num_classes: int, V: int, from_checkpoint: bool) -> None:
+    """--class_id and --top_k within the model's classes and vocabulary (V tokens), as the flags or the checkpoint give them.
+
+    A train.py checkpoint brings its own class count and vocabulary: checked again once it is loaded.
+    """
+    classes_from = 'the checkpoint' if from_checkpoint else '--num_classes; pass the class count of a train.py checkpoint with more'
+    tokens_from = 'the checkpoint' if from_checkpoint else '--vocab_size'
+    if not -1 <= args.class_id < num_classes:
+        raise FlagError(f'--class_id={args.class_id} is outside [-1, {num_classes - 1}]: the model has {num_classes} classes '
+                        f'({classes_from}); -1 samples without a class')
+    if not 0 <= args.top_k <= V:
+        raise FlagError(f'--top_k={args.top_k} is outside [0, {V}]: keep the k most likely of the {V} tokens ({tokens_from}); '
+                        f'0 keeps all of them')
+
+
+def parse_box(box: str) -> List[float]:
+    """--box=y0,x0,y1,x1 as four fractions with 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1."""
+    try:
+        y0, x0, y1, x1 = (float(v) for v in box.split(','))
+    except ValueError:
+        raise FlagError(f'--box={box!r} must be four numbers y0,x0,y1,x1 in [0, 1]') from None
+    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+        raise FlagError(f'--box={box!r} must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1 (fractions of the height and width)')
+    return [y0, x0, y1, x1]
+
+
+def read_image(path: str) -> PIL.Image.Image:
+    """The photo as 8-bit RGB at its own size (see utils.imgs.load_rgb)."""
+    try:
+        return load_rgb(path)
+    except IMAGE_READ_ERRORS as e:   # missing, truncated, not an image, unsupported mode, too large
+        raise UserError(f'cannot read the image {path}: {e}') from None
+
+
+def read_mask(path: str, image_wh) -> PIL.Image.Image:
+    """The mask as 8-bit grey (white = the region) at the image's size; transparent pixels are black."""
+    try:
+        mask = load_rgb(path, background=BLACK).convert('L')
+    except IMAGE_READ_ERRORS as e:
+        raise UserError(f'cannot read the mask image {path}: {e}') from None
+    if mask.size != tuple(image_wh):
+        raise UserError(f'the mask {path} is {mask.size[0]}x{mask.size[1]} pixels but the image is {image_wh[0]}x{image_wh[1]}: '
+                        'draw the mask at the size of the image (as displayed, after EXIF rotation) so that it marks the same pixels')
+    if np.asarray(mask).max() <= 127:
+        raise UserError(f'the mask {path} marks no region: paint the region white (pixel values above 127) on black')
+    return mask
+
+
+def square_crop(img: PIL.Image.Image, size: int) -> PIL.Image.Image:
+    """The model's view of a photo (and of its mask): short side resized to `size` (Lanczos), centre crop size x size."""
+    return TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.LANCZOS), [size, size])
+
+
+def model_input(image: PIL.Image.Image, size: int) -> torch.Tensor:
+    """(1, 3, size, size) in [-1, 1]: the photo as the model sees it."""
+    return normalize_01_into_pm1(TF.to_tensor(square_crop(image, size)))[None]
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """(1, 3, size, size) in [-1, 1] of an image file."""
+    return model_input(read_image(path), size)
+
+
+def mask_region(mask: PIL.Image.Image, size: int, pn: int, path: str = 'the mask') -> torch.Tensor:
+    """(pn, pn), 1 = the marked region: the mask through the image's resize and crop, then averaged over each token cell."""
+    m_hw = np.asarray(square_crop(mask.convert('F'), size), dtype=np.float32) / 255
+    region_hw = (F.interpolate(torch.from_numpy(m_hw)[None, None], size=(pn, pn), mode='area')[0, 0] > 0.5).float()
+    if region_hw.sum() == 0:
+        raise UserError(f'{path} marks no token cell: at most half of each {size // pn} px cell of the centre {size}x{size} crop '
+                        f'the model sees is white; make the region larger or move it inside the crop')
+    return region_hw
+
+
+def keep_mask(args: EditArgs, mask: Optional[PIL.Image.Image], size: int, pn: int) -> torch.Tensor:
+    """The edit mask (pn, pn) of the model: 1 = keep the input's tokens."""
+    if mask is None:
         try:
-            box = [float(v) for v in args.box.split(',')]
-        except ValueError:
-            raise FlagError(f'--box={args.box!r} must be four numbers y0,x0,y1,x1 in [0, 1]') from None
-        try:
-            return make_edit_mask(box, args.mode, (pn, pn))
+            return make_edit_mask(parse_box(args.box), args.mode, (pn, pn))
         except ValueError as e:
             raise FlagError(f'--box: {e}') from None
-    try:
-        m = TF.to_tensor(PIL.Image.open(args.mask).convert('L'))[None]   # 1, 1, H, W in [0, 1]
-    except (OSError, ValueError) as e:
-        raise UserError(f'cannot read the mask image {args.mask}: {e}') from None
-    region = (F.interpolate(m, size=(pn, pn), mode='area')[0, 0] > 0.5).float()
-    if region.sum() == 0:
-        raise UserError(f'the mask {args.mask} marks no region (white pixels) at the {pn}x{pn} token resolution')
-    return region if args.mode == 'outpaint' else 1.0 - region
+    region_hw = mask_region(mask, size, pn, args.mask)
+    return region_hw if args.mode == 'outpaint' else 1.0 - region_hw
 
 
 def main(args: EditArgs) -> List[str]:
+    # flags, then the (small) input files, then the model
+    check_flags(args)
+    image = read_image(args.image)
+    mask = read_mask(args.mask, image.size) if args.mask else None
     device = dist.initialize()
     setup_logging(0)
-    if args.mode not in EDIT_MODES:
-        raise FlagError(f'--mode={args.mode!r} must be one of {", ".join(EDIT_MODES)}')
-    if args.mode == 'class' and args.class_id < 0:
-        raise FlagError('--mode=class needs the target --class_id')
-    if not args.image:
-        raise FlagError('--image is required')
-    vae, var, kw = load_for_sampling(device, args)
-    pn = var.patch_nums[-1]
-    img = load_image(args.image, vae.img_size).to(device)
-    keep_hw = region_mask(args, pn).to(device)
+    vae, var, _ = load_for_sampling(device, args)
+    check_sampling_ranges(args, var.num_classes, var.V, from_checkpoint=True)
+    size, pn = vae.img_size, var.patch_nums[-1]
+    keep_hw = keep_mask(args, mask, size, pn).to(device)
+    img = model_input(image, size).to(device)
+
+    # tokenise, sample the region, paste the reconstruction over the kept cells
     with torch.inference_mode():
         idx_Bl = vae.img_to_idxBl(img)
         recon = vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True).add(1).mul(0.5)   # 1, 3, H, W in [0, 1]
@@ -103,11 +195,13 @@ def main(args: EditArgs) -> List[str]:
         gen = var.autoregressive_infer_cfg(B=args.n, label_B=args.class_id, g_seed=[args.seed + k for k in range(args.n)],
                                            cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
                                            input_img_tokens=idx_Bl, edit_mask=keep_hw)
-    # the kept token cells show the reconstruction exactly; the others the generated image
     keep_px = F.interpolate(keep_hw[None, None], size=gen.shape[-2:], mode='nearest')
     result = keep_px * recon + (1 - keep_px) * gen
+
+    # write
     stem, ext = osp.splitext(args.out)
-    paths = [args.out] if args.n == 1 else [f'{stem}_{k}{ext or ".png"}' for k in range(args.n)]
+    paths = [args.out] if args.n == 1 else [f'{stem}_{k}{ext}' for k in range(args.n)]
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     for path, arr in zip(paths, to_uint8_BHW3(result)):
         save_png_atomic(arr, path)
     if args.save_recon:

@@ -16,9 +16,10 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
 from utils.cli import UserError
+from utils.imgs import load_rgb
 
 __all__ = ['IMG_EXTENSIONS', 'DataFolderError', 'scan_class_folder', 'check_data_path', 'ImageFolderDataset',
-           'build_dataset', 'normalize_01_into_pm1', 'pil_loader', 'sample_seed']
+           'build_dataset', 'normalize_01_into_pm1', 'sample_seed']
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,22 @@ def scan_class_folder(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
         raise DataFolderError(f'data folder {root} has no class subfolders; {LAYOUT_HINT}')
     exts = tuple(e.lower() for e in IMG_EXTENSIONS)
     samples: List[Tuple[str, int]] = []
+    empty: List[str] = []
     for ci, c in enumerate(classes):
+        n_before = len(samples)
         for dirpath, _, files in sorted(os.walk(osp.join(root, c), followlinks=True)):
             for fn in sorted(files):
                 if fn.lower().endswith(exts):
                     samples.append((osp.join(dirpath, fn), ci))
+        if len(samples) == n_before:
+            empty.append(c)
     if not samples:
         raise DataFolderError(f'data folder {root} has {len(classes)} class folders but no images ({", ".join(IMG_EXTENSIONS)}); {LAYOUT_HINT}')
+    if empty:
+        raise DataFolderError(
+            f'{len(empty)} of the {len(classes)} class folders of {root} hold no images ({", ".join(IMG_EXTENSIONS)}): '
+            f'{", ".join(osp.join(root, c) for c in empty[:10])}{" ..." if len(empty) > 10 else ""}; '
+            f'add images to them or remove them (every class folder is a class label)')
     return classes, samples
 
 
@@ -73,13 +83,6 @@ def check_data_path(data_path: str) -> Tuple[List[str], List[Tuple[str, int]], L
 def normalize_01_into_pm1(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] → [-1, 1]."""
     return x.add(x).add_(-1)
-
-
-def pil_loader(path: str) -> PIL.Image.Image:
-    with open(path, 'rb') as f:
-        img = PIL.Image.open(f)
-        img.load()
-        return img.convert('RGB')
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -129,7 +132,7 @@ class ImageFolderDataset(Dataset):
         for attempt in range(n):
             path, label = self.samples[(index + attempt) % n]
             try:
-                img = pil_loader(path)
+                img = load_rgb(path)
             except Exception as e:  # truncated, corrupt or not an image
                 self.n_skipped += 1
                 logger.warning('skipping unreadable image %s (%s: %s)', path, type(e).__name__, e)

@@ -1,12 +1,64 @@
-"""Images in [0, 1] to uint8 arrays, PNG files (written atomically) and grids."""
+"""Image files in and out: any image file as RGB, [0, 1] images to uint8 arrays, PNG files (written atomically), grids."""
 import os
-from typing import Optional
+import struct
+from typing import Optional, Tuple
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
-__all__ = ['to_uint8_BHW3', 'save_png_atomic', 'make_grid', 'save_grid']
+__all__ = ['IMAGE_READ_ERRORS', 'load_rgb', 'to_rgb', 'to_uint8_BHW3', 'save_png_atomic', 'make_grid', 'save_grid']
+
+WHITE = (255, 255, 255)
+# what reading a damaged, truncated, oversized or unsupported image file raises (PIL's plugins use all of these)
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, PIL.Image.DecompressionBombError)
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
+def load_rgb(path: str, background: Tuple[int, int, int] = WHITE) -> PIL.Image.Image:
+    """The image of a file as 8-bit RGB, as a viewer shows it (the one loader of the data sets and edit.py).
+
+    EXIF orientation is applied; transparent pixels are composited over `background` (white: how the
+    image looks on a page). Raises OSError / ValueError (with the file's name) for an unreadable file
+    or a mode with no defined RGB meaning.
+    """
+    with PIL.Image.open(path) as img:
+        img.load()
+        try:
+            return to_rgb(PIL.ImageOps.exif_transpose(img), background)
+        except ValueError as e:
+            raise ValueError(f'{path}: {e}') from None
+
+
+def to_rgb(img: PIL.Image.Image, background: Tuple[int, int, int] = WHITE) -> PIL.Image.Image:
+    """Any PIL mode → 8-bit RGB: 16-bit and 32-bit integer grey scaled from [0, 65535] (not clipped at 255),
+    LAB through a colour profile, palette / alpha / colour-key transparency composited over `background`."""
+    if img.mode == 'F':
+        raise ValueError('32-bit float images (mode F) have no standard value range; save the image as 8 or 16-bit')
+    if img.mode in SIXTEEN_BIT_MODES:
+        img = _sixteen_bit_to_8bit(img)
+    elif img.mode == 'LAB':
+        from PIL import ImageCms
+        lab_to_srgb = ImageCms.buildTransform(ImageCms.createProfile('LAB'), ImageCms.createProfile('sRGB'), 'LAB', 'RGB')
+        img = ImageCms.applyTransform(img, lab_to_srgb)
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
+        rgba = img.convert('RGBA')
+        return PIL.Image.alpha_composite(PIL.Image.new('RGBA', rgba.size, (*background, 255)), rgba).convert('RGB')
+    return img if img.mode == 'RGB' else img.convert('RGB')
+
+
+def _sixteen_bit_to_8bit(img: PIL.Image.Image) -> PIL.Image.Image:
+    """16-bit grey (modes I;16*, and I as PNG and TIFF readers use it) → L, or LA when a colour key marks transparency."""
+    v_hw = np.asarray(img).astype(np.int64)
+    if v_hw.min() < 0 or v_hw.max() > 65535:
+        raise ValueError(f'integer image (mode {img.mode}) with values from {v_hw.min()} to {v_hw.max()}, outside the 16-bit range [0, 65535]')
+    l_hw = ((v_hw * 255 + 32767) // 65535).astype(np.uint8)       # round(v / 257)
+    key = img.info.get('transparency')
+    if isinstance(key, int):
+        alpha_hw = np.where(v_hw == key, 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(np.stack([l_hw, alpha_hw], axis=-1))   # LA
+    return PIL.Image.fromarray(l_hw)   # L
 
 
 def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
