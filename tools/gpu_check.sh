@@ -36,8 +36,8 @@ cd "$REPO" || exit 2
 START=$(date +%s)
 if [ "$DEVICE" = cuda ]; then
   TOTAL=${GPU_CHECK_TOTAL_S:-465}       # the whole check: under the 8 minutes a GPU call allows
-  T_TESTS=230; T_TRAIN=50; T_SAMPLE=50
-  TRAIN="--depth=16 --bs=32 --reso=256 --steps=3"
+  T_TESTS=200; T_TRAIN=55; T_SAMPLE=45
+  TRAIN="--depth=16 --bs=32 --reso=256 --steps=5"
   SAMPLE="--depth=16 --bs=64 --steps=3"
 else                                   # dry run: small sizes, a slow shared CPU
   TOTAL=${GPU_CHECK_TOTAL_S:-1500}

@@ -96,7 +96,7 @@ def environment() -> Dict:
 
 def fmt_measurement(name: str, m: Dict) -> str:
     mem = m.get('peak_memory_gb')
-    return f"{name} {m['images_per_sec']:.1f} img/s" + (f" {mem:.1f} GB" if mem is not None else '')
+    return f"{name} {m['images_per_sec']:.3g} img/s" + (f" {mem:.3g} GB" if mem is not None else '')
 
 
 def write_json_atomic(obj, path: str) -> None:
