@@ -3,8 +3,8 @@
 - train.py through `torchrun --nproc_per_node=1`, killed with SIGKILL (torchrun and its worker, as on a lost machine)
   after a checkpoint, resumes to the weights of an uninterrupted run: the position and AdamW's step counts
   exactly, weights, EMA weights and AdamW moments within 1e-6. On the CPU (test_train.py) they are bit-equal;
-  CUDA kernels may add in another order from run to run (atomics in the memory-efficient attention backward),
-  which moves float32 weights of this tiny model by ~1e-8, while a resume off by one iteration moves them by
+  some CUDA kernels add in another order from run to run (atomics, e.g. in the memory-efficient attention
+  backward), which moves float32 weights in their last bits, while a resume off by one iteration moves them by
   about the learning rate (7.8e-4 here).
 - With one process torchrun starts no process group (dist.py joins one for WORLD_SIZE > 1 only), so NCCL is
   checked on its own: a one-process NCCL group started by torchrun, driving dist.py's collectives.
@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from conftest import REPO, run_script, script_env
 from cuda_util import CUDA_MARKS, DEVICE
@@ -147,8 +149,6 @@ def test_sample_same_pngs_for_bs_4_and_7_on_cuda(tiny_ckpts, tmp_path):  # noqa:
         assert f'single process on {DEVICE.type}' in res.stdout + res.stderr
     names = sorted(os.listdir(outs[4]))
     assert names == [f'{i:06d}.png' for i in range(15)] and sorted(os.listdir(outs[7])) == names
-    import numpy as np
-    from PIL import Image
     differ = []
     for n in names:
         if (outs[4] / n).read_bytes() != (outs[7] / n).read_bytes():

@@ -17,7 +17,9 @@ JUNIT = '''<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 
 
 def bench_line(what, dtype, bs, total, tokenise=None):
-    seconds = {'total': total} if tokenise is None else {'tokenise': tokenise, 'forward': 0.1, 'backward': 0.1, 'optimiser': 0.1, 'total': total}
+    seconds = {'total': total}
+    if tokenise is not None:
+        seconds.update(tokenise=tokenise, forward=0.1, backward=0.1, optimiser=0.1)
     return json.dumps({'what': what, 'depth': 16, 'bs': bs, 'reso': 256, 'dtype': dtype, 'tf32': dtype == 'fp32', 'steps': 3, 'device': 'cuda',
                        'seconds': seconds, 'images_per_sec': bs / total, 'peak_memory_gb': 12.5, 'final_loss': 8.3})
 
