@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench clean gpu-check gpu-wheels
 
 venv: $(STAMP)
 
@@ -24,3 +24,14 @@ clean:
 
 bench: $(STAMP)
 	$(PYTHON) bench.py compare
+
+# The prepared GPU check (tools/gpu_check.sh): cuda tests + bench.py on CUDA + OUT/summary.json, under 8 minutes.
+# Needs no .venv (the GPU machine's python3 has PyTorch); `make gpu-check OUT=dir DEVICE=cpu` is the dry run.
+OUT ?= local_output/gpu_check
+DEVICE ?= cuda
+gpu-check:
+	tools/gpu_check.sh $(OUT) --device=$(DEVICE)
+
+# Fills .whl/ (ignored; carry it to the GPU machine) with wheels for what its image may lack, and the golden file.
+gpu-wheels:
+	tools/fetch_gpu_wheels.sh

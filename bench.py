@@ -1,13 +1,16 @@
 """Speed and memory benchmarks (not tests): training step and sampling, split by stage, on the CPU or CUDA.
 
-    python bench.py train  --depth=8 --bs=4 --reso=256 --dtype=fp32 [--tokens] [--grad_ckpt] [--mode=baseline]
-    python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--mode=baseline]
+    python bench.py train  --depth=8 --bs=4 --reso=256 --dtype=fp32 [--tf32] [--tokens] [--grad_ckpt] [--mode=baseline]
+    python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--tf32] [--mode=baseline]
     python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # the README table: baseline and this code side by side, one machine, one run
 
 `--mode=baseline` switches every optimisation of this codebase off (dense masked attention, F.linear,
 whole-batch NCHW direct convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
 `compare` runs in a fresh process, so its peak resident memory is its own. Times are medians of the
 timed steps after one warm-up step. The tokenizer weights are random but sane (default init).
+Training steps run as train.py's do: the trainer's AmpOptimizer set-up (--dtype=fp16 with its loss scaler),
+fused AdamW where available, gradient clipping at 2. On CUDA, peak memory is torch's peak allocation, and
+float32 is IEEE float32 unless --tf32 (TensorFloat32 matmuls and convolutions, train.py's default there).
 """
 import argparse
 import json
@@ -38,6 +41,15 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
 
 
+MIXED_PRECISION = {'fp32': 0, 'fp16': 1, 'bf16': 2}   # train.py's --fp16 for each --dtype
+
+
+def _set_tf32(device: torch.device, enabled: bool) -> None:
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def _amp(device: torch.device, dtype: str):
     if dtype == 'fp32':
         return nullcontext()
@@ -60,10 +72,12 @@ def bench_train(args) -> Dict:
     vae, var = build(args, device)
     var.train()
     var.grad_ckpt = args.grad_ckpt
-    from utils.amp_opt import build_adamw
+    from utils.amp_opt import AmpOptimizer, build_adamw
     from utils.lr_control import filter_params
-    _, _, groups = filter_params(var)
+    names, paras, groups = filter_params(var)
     opt = build_adamw(groups, lr=1e-4, fused=True)
+    amp_opt = AmpOptimizer(device.type, MIXED_PRECISION[args.dtype], opt, names, paras, grad_clip=2.0)
+    scaler = amp_opt.scaler   # float16 only
     B, V = args.bs, var.V
     g = torch.Generator().manual_seed(0)
     img = (torch.rand(B, 3, args.reso, args.reso, generator=g) * 2 - 1).to(device)
@@ -80,16 +94,22 @@ def bench_train(args) -> Dict:
             x_BLCv = vae.quantize.idxBl_to_var_input(idx_Bl)
         _sync(device)
         t1 = time.perf_counter()
-        with _amp(device, args.dtype):
+        with amp_opt.amp_ctx:
             logits = var(labels, x_BLCv)
             loss = F.cross_entropy(logits.view(-1, V), gt_BL.view(-1))
         _sync(device)
         t2 = time.perf_counter()
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         _sync(device)
         t3 = time.perf_counter()
+        if scaler is not None:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
         t4 = time.perf_counter()
@@ -97,7 +117,8 @@ def bench_train(args) -> Dict:
             for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
                 stages[k].append(v)
     med = {k: statistics.median(v) for k, v in stages.items()}
-    return {'what': 'train', **vars(args), 'seconds': med, 'images_per_sec': B / med['total'], 'peak_memory_gb': _peak_memory_gb(device)}
+    return {'what': 'train', **vars(args), 'seconds': med, 'images_per_sec': B / med['total'], 'peak_memory_gb': _peak_memory_gb(device),
+            'final_loss': loss.item()}
 
 
 def bench_sample(args) -> Dict:
@@ -235,11 +256,16 @@ def main(argv=None) -> None:
     p.add_argument('--repeat', type=int, default=3, help='compare: runs of each measurement, interleaved; the table gives medians')
     p.add_argument('--quick', action='store_true', help='compare: a tiny configuration, to check the script')
     p.add_argument('--json', action='store_true', help='print one JSON line (used by compare)')
+    p.add_argument('--tf32', action='store_true', help='CUDA: TensorFloat32 for float32 matmuls and convolutions (off: IEEE float32)')
     args = p.parse_args(argv)
     if args.what == 'compare':
         return compare(args)
+    _set_tf32(torch.device(args.device), args.tf32)
     fn = bench_train if args.what == 'train' else bench_sample
     res = fn(args)
+    if args.device.startswith('cuda'):
+        res['device_name'] = torch.cuda.get_device_name(torch.device(args.device))
+        res['peak_memory_reserved_gb'] = torch.cuda.max_memory_reserved() / 2 ** 30
     print(json.dumps(res) if args.json else json.dumps(res, indent=1))
 
 
