@@ -104,7 +104,8 @@ def check_train_flags(args: 'Args') -> None:
     _check('ls', args.ls, 0 <= args.ls < 1, 'must be in [0, 1) (label smoothing; 0: off)')
     _check('pg', args.pg, 0 <= args.pg < 1, 'must be in [0, 1) (the fraction of training that is progressive; 0: off)')
     n = len(args.patch_nums)
-    _check('pg0', args.pg0, 0 <= args.pg0 < n, f'must be in [0, {n - 1}] (a stage of the {n} scales of --pn)')
+    if args.pg > 0:   # pg0 is read only in progressive training
+        _check('pg0', args.pg0, 0 <= args.pg0 < n, f'must be in [0, {n - 1}] with --pg > 0 (a stage of the {n} scales of --pn)')
     _check('pgwp', args.pgwp, args.pgwp >= 0, 'must be >= 0 epochs (0: the default ep/300)')
     _check('tblr', args.tblr, args.tblr > 0, 'must be > 0')
     _check('fixed_tlr', args.fixed_tlr, args.fixed_tlr >= 0, 'must be >= 0 (0: off, the peak lr is tblr x bs / 256)')
