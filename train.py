@@ -8,6 +8,7 @@ Rerunning the same command resumes from local_output/ar-ckpt-last.pth, mid-epoch
 import logging
 import math
 import os.path as osp
+import random
 import time
 from typing import Dict
 
@@ -24,6 +25,7 @@ from utils.cli import run_main
 from utils.data import build_dataset
 from utils.hub import resolve_checkpoint
 from utils.lr_control import filter_params, lr_wd_annealing
+from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 from utils.run import (CheckpointWriter, NonFiniteGuard, append_log, build_loaders, check_resume_config, iteration_seed, resume,
                        plan_iterations, setup_run)
 from utils.tb import TensorboardLogger
@@ -71,12 +73,36 @@ def load_vae(vae: VQVAE, ckpt_path: str) -> str:
 
 
 def validate_ckpt(ckpt: Dict) -> None:
+    """Check the layout (this project's or the reference's train.py); a reference checkpoint's args are completed, and the log says how."""
     for k in ('epoch', 'iter', 'trainer', 'args'):
         if k not in ckpt:
             raise KeyError(f'no {k!r} entry: not a train.py checkpoint')
     for k in ('var_wo_ddp', 'var_opt'):
         if k not in ckpt['trainer']:
             raise KeyError(f'no trainer[{k!r}] entry: not a train.py checkpoint')
+    if is_reference_ckpt(ckpt):
+        notes = complete_reference_args(ckpt)
+        logger.info('a checkpoint of the reference\'s train.py, whose args record neither the class count, nor the tokenizer\'s shape, '
+                    'nor the number of processes; inferred: %s', '; '.join(notes))
+
+
+def data_source(args: Args) -> str:
+    """'tokens' or 'images'; says which when both --tokens_path and a --data_path are given."""
+    if not args.tokens_path:
+        return 'images'
+    if args.data_path != Args.data_path:
+        logger.warning('both --tokens_path=%s and --data_path=%s are given: training from the token maps in --tokens_path; '
+                       '--data_path is not read', args.tokens_path, args.data_path)
+    return 'tokens'
+
+
+def build_trainer(args: Args, device: torch.device, vae_local: VQVAE, var_wo_ddp: torch.nn.Module, var: torch.nn.Module) -> VARTrainer:
+    """AdamW over the reference's parameter groups, the AMP wrapper and the trainer, as train.py uses them."""
+    names, paras, para_groups = filter_params(var_wo_ddp)
+    optimizer = build_adamw(para_groups, lr=args.tlr, fused=args.afuse)
+    var_opt = AmpOptimizer(device.type, args.fp16, optimizer, names, paras, grad_clip=args.tclip, n_gradient_accumulation=args.ac)
+    return VARTrainer(device=device, patch_nums=args.patch_nums, resos=args.resos, vae_local=vae_local, var_wo_ddp=var_wo_ddp,
+                      var=var, var_opt=var_opt, label_smooth=args.ls, ema_decay=args.ema)
 
 
 def main(args: Args) -> Dict[str, float]:
@@ -84,19 +110,21 @@ def main(args: Args) -> Dict[str, float]:
     out_dir = args.local_out_dir_path
     device = setup_run(args, out_dir)
     rank = dist.get_rank()
+    token_batches = data_source(args) == 'tokens'
     ckpt, start_ep, start_it = resume(args, out_dir, (LAST, PREV), validate_ckpt)
+    if args.seed is None:   # a reference checkpoint made without --seed
+        args.seed = dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
+        logger.info('seed %d drawn for the rest of this run', args.seed)
     if ckpt is not None and args.num_classes == 0:
         args.num_classes = ckpt['args']['num_classes']
 
     # ------------------------------------------------------------------ build data
-    if args.tokens_path:
+    if token_batches:
         from utils.token_data import build_token_datasets
         num_folder_classes, train_set, val_set, meta = build_token_datasets(args.tokens_path, args.patch_nums, hflip=args.hflip, seed=args.seed)
-        token_batches = True
     else:
         num_folder_classes, train_set, val_set, _ = build_dataset(args.data_path, final_reso=args.data_load_reso, hflip=args.hflip,
                                                                  mid_reso=args.mid_reso, seed=args.seed)
-        token_batches = False
     if args.num_classes == 0:
         args.num_classes = num_folder_classes
     elif args.num_classes < num_folder_classes:
@@ -132,11 +160,8 @@ def main(args: Args) -> Dict[str, float]:
         var = var_compiled
 
     # ------------------------------------------------------------------ build optimizer and trainer
-    names, paras, para_groups = filter_params(var_wo_ddp)
-    optimizer = build_adamw(para_groups, lr=args.tlr, fused=args.afuse)
-    var_opt = AmpOptimizer(device.type, args.fp16, optimizer, names, paras, grad_clip=args.tclip, n_gradient_accumulation=args.ac)
-    trainer = VARTrainer(device=device, patch_nums=args.patch_nums, resos=args.resos, vae_local=vae_local, var_wo_ddp=var_wo_ddp,
-                         var=var, var_opt=var_opt, label_smooth=args.ls, ema_decay=args.ema)
+    trainer = build_trainer(args, device, vae_local, var_wo_ddp, var)
+    optimizer = trainer.var_opt.optimizer
     best = {'vL_tail': math.inf, 'vL_mean': math.inf, 'vacc_tail': -1.0, 'vacc_mean': -1.0}
     if ckpt is not None:
         trainer.load_state_dict(ckpt['trainer'], strict=True, skip_vae=True)

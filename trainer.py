@@ -12,6 +12,7 @@ import torch.nn as nn
 import dist
 from models import VAR, VQVAE
 from utils.amp_opt import AmpOptimizer
+from utils.lr_control import match_saved_groups
 
 __all__ = ['VARTrainer', 'EMA']
 
@@ -151,7 +152,11 @@ class VARTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def eval_ep(self, ld_val, token_batches: bool = False) -> Tuple[float, float, float, float, int, float]:
-        """Mean loss and accuracy over the validation set, in total and on the last scale, summed over processes."""
+        """Mean loss and accuracy over the validation set, in total and on the last scale, summed over processes.
+
+        In float32 whatever --fp16 says, as the reference's eval_ep: vL, vacc and the choice of the best
+        checkpoint do not depend on the training precision.
+        """
         tot = 0
         L_mean = L_tail = acc_mean = acc_tail = 0.0
         stt = time.time()
@@ -170,8 +175,7 @@ class VARTrainer:
             label_B = label_B.to(self.device, non_blocking=True)
             B = label_B.shape[0]
             x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
-            with self.var_opt.amp_ctx:
-                logits_BLV = self.var_wo_ddp(label_B, x_BLCv_wo_first_l).float()
+            logits_BLV = self.var_wo_ddp(label_B, x_BLCv_wo_first_l)
             L_mean += self.val_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).item() * B
             L_tail += self.val_loss(logits_BLV[:, -self.last_l:].reshape(-1, V), gt_BL[:, -self.last_l:].reshape(-1)).item() * B
             acc_mean += (logits_BLV.argmax(dim=-1) == gt_BL).sum().item() * (100 / gt_BL.shape[1])
@@ -206,7 +210,9 @@ class VARTrainer:
         var_wo_ddp.load_state_dict(state['var_wo_ddp'], strict=strict)
         if not skip_vae:
             getattr(self.vae_local, '_orig_mod', self.vae_local).load_state_dict(state['vae_local'], strict=strict)
-        self.var_opt.load_state_dict(state['var_opt'], strict=strict)
+        var_opt = dict(state['var_opt'])
+        var_opt['optimizer'] = match_saved_groups(var_opt['optimizer'], self.var_opt.optimizer)
+        self.var_opt.load_state_dict(var_opt)
         if self.ema is not None:
             if 'var_ema' in state:
                 self.ema.load_state_dict(state['var_ema'])

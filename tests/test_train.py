@@ -28,10 +28,19 @@ def final_weights(out: Path):
     return ck, ck['trainer']['var_wo_ddp']
 
 
+def lin0_lr(g_it, peak, wp_it, max_it, wp0=0.005, wpe=0.01):
+    """The reference's lin0 schedule, written out: linear warm-up from wp0, flat for 5 % of the rest, then linear to wpe."""
+    wp_it = round(wp_it)
+    if g_it < wp_it:
+        return peak * (wp0 + (1 - wp0) * g_it / wp_it)
+    passed = (g_it - wp_it) / (max_it - 1 - wp_it)
+    return peak * (1 if passed < 0.05 else wpe + (1 - wpe) * (1 - passed) / 0.95)
+
+
 def test_two_process_torchrun_gloo(shapes_data, tiny_vae_ckpt, tmp_path):
     out = tmp_path / 'run'
-    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=6', '--tblr=3e-3', '--wp=0.5', '--ema=0.9',
-                                 '--val_every_ep=3'), torchrun_procs=2, timeout=600)
+    flags = ['--bs=8', '--ep=6', '--tblr=3e-3', '--wp=0.5', '--ema=0.9', '--val_every_ep=3', '--seed=7']
+    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *flags), torchrun_procs=2, timeout=600)
     # outputs
     for name in ('ar-ckpt-last.pth', 'ar-ckpt-best.pth', 'log.txt', 'stdout.txt'):
         assert (out / name).is_file(), name
@@ -41,8 +50,12 @@ def test_two_process_torchrun_gloo(shapes_data, tiny_vae_ckpt, tmp_path):
     assert [r['ep'] for r in epochs] == [1, 2, 3, 4, 5, 6] and [r['ep'] for r in evals] == [3, 6]
     assert all(r['val_images'] == 24 for r in evals)  # every val image once, shared by the two processes
     assert 'process group: rank 0 of 2, backend gloo' in (out / 'stdout.txt').read_text()
-    # the loss falls
+    # the loss falls (a fixed seed: the same run every time)
     assert epochs[-1]['L_mean'] < epochs[0]['L_mean'] - 0.05, [r['L_mean'] for r in epochs]
+    # ar-ckpt-best.pth is the checkpoint of the epoch with the lowest validation loss (last scale) in log.txt
+    best = torch.load(out / 'ar-ckpt-best.pth', map_location='cpu', weights_only=True)
+    assert best['epoch'] == min(evals, key=lambda r: r['vL_tail'])['ep']
+    assert best['best']['vL_tail'] == pytest.approx(min(r['vL_tail'] for r in evals), abs=1e-5)
     # tensorboard: loss, accuracy (total, last scale, per scale), lr, wd, grad norm, speed
     sc = read_scalars(out)
     for tag in ('AR_iter_loss/L_mean', 'AR_iter_loss/L_tail', 'AR_iter_loss/acc_mean', 'AR_iter_loss/acc_tail', 'AR_iter_loss/L_16',
@@ -50,12 +63,18 @@ def test_two_process_torchrun_gloo(shapes_data, tiny_vae_ckpt, tmp_path):
         assert tag in sc, f'{tag} missing from tensorboard ({sorted(sc)})'
     losses = [v for _, v in sc['AR_iter_loss/L_mean']]
     assert losses[-1] < losses[0]
+    # the logged lr is the schedule's: peak tblr x bs / 256, 0.5 warm-up epochs of 12 iterations, 72 iterations in all
+    lrs = sc['AR_opt/lr_max']
+    assert len(lrs) >= 6 * 10
+    for g_it, lr in lrs:
+        assert lr == pytest.approx(lin0_lr(g_it, 3e-3 * 8 / 256, wp_it=6, max_it=72), rel=1e-5), g_it
+    assert epochs[-1]['tlr'] == pytest.approx(lin0_lr(71, 3e-3 * 8 / 256, wp_it=6, max_it=72), rel=1e-6)
     # the checkpoint: the reference layout plus EMA weights, args and position
     ck, var_sd = final_weights(out)
     assert ck['epoch'] == 6 and ck['iter'] == 0
     assert set(ck['trainer']) >= {'config', 'var_wo_ddp', 'vae_local', 'var_opt', 'var_ema'}
-    assert ck['sampler'] == {'epoch': 6, 'iter': 0, 'glb_batch_size': 8, 'seed': 0} and ck['rng']['seed'] == ck['args']['seed']
-    assert ck['args']['world_size'] == 2 and ck['args']['batch_size'] == 4 and ck['args']['seed'] is not None
+    assert ck['sampler'] == {'epoch': 6, 'iter': 0, 'glb_batch_size': 8, 'seed': 0} and ck['rng']['seed'] == ck['args']['seed'] == 7
+    assert ck['args']['world_size'] == 2 and ck['args']['batch_size'] == 4
     # and it samples after a strict load into build_vae_var
     from models import build_vae_var
     vae, var = build_vae_var(device='cpu', V=64, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4), num_classes=6, depth=2)
@@ -65,8 +84,7 @@ def test_two_process_torchrun_gloo(shapes_data, tiny_vae_ckpt, tmp_path):
     img = var.autoregressive_infer_cfg(B=2, label_B=3, g_seed=0, cfg=1.5, top_k=10, top_p=0.9)
     assert img.shape == (2, 3, 64, 64) and torch.isfinite(img).all()
     # rerunning the finished command does nothing
-    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=6', '--tblr=3e-3', '--wp=0.5', '--ema=0.9',
-                                 '--val_every_ep=3'))
+    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *flags))
     assert 'training already finished' in res.stdout
 
 
@@ -121,28 +139,100 @@ def test_resume_with_another_world_size_and_another_model(shapes_data, tiny_vae_
     assert 'another model configuration: --depth: checkpoint 2, now 3' in res.stderr
 
 
+# one epoch of 12 optimizer steps at a constant lr (wp0 = wpe = 1), so that runs with other micro steps compare
+BASELINE_FLAGS = ['--bs=8', '--ep=1', '--seed=3', '--tblr=3e-3', '--wp0=1', '--wpe=1']
+
+def weight_distance(a, b):
+    keys = [k for k, v in a.items() if v.is_floating_point() and k != 'attn_bias_for_masking']
+    return sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys).sqrt().item()
+
+
+def initial_weights(seed):
+    """The weights train.py starts from (torch.manual_seed(seed), then build_vae_var)."""
+    from models import build_vae_var
+    torch.manual_seed(seed)
+    _, var = build_vae_var(device='cpu', V=64, Cvae=8, ch=32, patch_nums=(1, 2, 3, 4), num_classes=6, depth=2)
+    return var.state_dict()
+
+
+@pytest.fixture(scope='module')
+def fp32_run(shapes_data, tiny_vae_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp('fp32')
+    run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *BASELINE_FLAGS))
+    return out
+
+
 @pytest.mark.parametrize('fp16', [1, 2])
-def test_mixed_precision_on_cpu(shapes_data, tiny_vae_ckpt, tmp_path, fp16):
+def test_mixed_precision_on_cpu(shapes_data, tiny_vae_ckpt, tmp_path, fp16, fp32_run):
     out = tmp_path / f'fp16_{fp16}'
-    run_script(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=1', f'--fp16={fp16}', '--tblr=1e-3'))
+    run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *BASELINE_FLAGS, f'--fp16={fp16}'))
     ck, w = final_weights(out)
     assert all(torch.isfinite(v).all() for k, v in w.items() if v.is_floating_point() and k != 'attn_bias_for_masking')
     assert ck['args']['fp16'] == fp16
-    if fp16 == 1:
+    # the same seed in float32: close to it (a small fraction of how far training moved), and not equal (autocast was on)
+    _, w32 = final_weights(fp32_run)
+    moved = weight_distance(w32, initial_weights(3))
+    assert 0 < weight_distance(w, w32) < 0.1 * moved, (weight_distance(w, w32), moved)
+    assert any(not torch.equal(w[k], w32[k]) for k in w)
+    sc = read_scalars(out)
+    losses = [v for _, v in sc['AR_iter_loss/L_mean']]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.02, losses
+    if fp16 == 1:   # 12 finite steps: the scaler stays at its initial 2^11, and every step logs the scale it used
+        assert [v for _, v in sc['AR_opt/loss_scale_log2']] == [11.0] * 12
         scaler = ck['trainer']['var_opt']['scaler']
-        assert scaler['scale'] <= 2 ** 15
-    sc = read_scalars(out)
-    if fp16 == 1:
-        assert all(v <= 15 for _, v in sc['AR_opt/loss_scale_log2'])
+        assert scaler['scale'] == 2.0 ** 11 and scaler['_growth_tracker'] == 12
+    else:
+        assert 'scaler' not in ck['trainer']['var_opt']
 
 
-def test_gradient_accumulation_and_progressive_training(shapes_data, tiny_vae_ckpt, tmp_path):
-    out = tmp_path / 'run'
-    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ac=2', '--ep=2', '--pg=0.5', '--pg0=1', '--pgwp=0.2'))
+def test_gradient_accumulation_matches_one_big_batch(shapes_data, tiny_vae_ckpt, tmp_path, fp32_run):
+    out = tmp_path / 'ac2'
+    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *BASELINE_FLAGS, '--ac=2'))
     assert 'global batch 8 (4 per process, 2 accumulation steps)' in res.stdout
+    ck, w = final_weights(out)
+    assert ck['epoch'] == 1 and ck['trainer']['var_opt']['optimizer']['state'][0]['step'].item() == 12   # 12 optimizer steps
+    # the same images per optimizer step: the gradient norms agree step by step (the sum of the two halves, divided by 2)
+    norms32 = [v for _, v in read_scalars(fp32_run)['AR_opt/grad_norm']]
+    norms_ac = [v for _, v in read_scalars(out)['AR_opt/grad_norm']]
+    assert len(norms32) == len(norms_ac) == 12
+    for a, b in zip(norms32, norms_ac):
+        assert b == pytest.approx(a, rel=0.02), (norms32, norms_ac)
+    # and the weights: each micro step draws its own condition dropout and drop path, so close, not equal
+    _, w32 = final_weights(fp32_run)
+    moved = weight_distance(w32, initial_weights(3))
+    assert weight_distance(w, w32) < 0.25 * moved, (weight_distance(w, w32), moved)
+
+
+def reference_progressive_schedule(n_iters, iters_train, ep, pg, pg0, pgwp, n_scales):
+    """(prog_si, prog_wp) of every iteration by the reference's rule, written out (prog_si -1 once the last scale is reached)."""
+    wp_it, max_it, prog_wp_it = ep / 50 * iters_train, ep * iters_train, pgwp * iters_train
+    seq, last_si, prog_it, first = [], -1, 0, True
+    for g in range(n_iters):
+        if g <= wp_it:
+            si = pg0
+        elif g >= max_it * pg:
+            si = n_scales - 1
+        else:
+            si = pg0 + round(min(max((g - wp_it) / (max_it * pg - wp_it), 0), 1) * (n_scales - 1 - pg0))
+        if si != last_si:
+            first = first and last_si == -1
+            last_si, prog_it = si, 0
+        prog_it += 1
+        wp = 1 if first else max(min(prog_it / prog_wp_it, 1), 0.01)
+        seq.append((-1 if si == n_scales - 1 else si, wp))
+    return seq
+
+
+def test_progressive_training_follows_the_schedule(shapes_data, tiny_vae_ckpt, tmp_path):
+    out = tmp_path / 'run'
+    run_script(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=2', '--pg=0.5', '--pg0=1', '--pgwp=0.2', '--seed=1'))
     sc = read_scalars(out)
-    prog = [v for _, v in sc['AR_iter_schedule/prog_si']]
-    assert prog[0] == 1 and prog[-1] == -1 and len(set(prog)) >= 2
+    got = list(zip([v for _, v in sc['AR_iter_schedule/prog_si']], [v for _, v in sc['AR_iter_schedule/prog_wp']]))
+    assert [s for s, _ in sc['AR_iter_schedule/prog_si']] == list(range(24))   # every iteration logged
+    expected = reference_progressive_schedule(24, iters_train=12, ep=2, pg=0.5, pg0=1, pgwp=0.2, n_scales=4)
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected], rel=1e-6)
+    assert {s for s, _ in got} == {1, 2, -1} and 0.01 < min(w for _, w in got) < 1   # stages 1, 2 then all, with a warm-up
 
 
 def test_non_finite_training_stops_without_a_broken_checkpoint(shapes_data, tiny_vae_ckpt, tmp_path):

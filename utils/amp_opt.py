@@ -10,7 +10,9 @@ __all__ = ['AmpOptimizer', 'build_adamw', 'MAX_LOSS_SCALE']
 
 logger = logging.getLogger(__name__)
 
-MAX_LOSS_SCALE = 2.0 ** 15   # float16 overflows above 65504, so the scale is kept at or below 32768
+# float16 overflows above 65504. As in the reference, a step whose scale was above this sets the next
+# scale to it; a scale that grows from 2^15 is therefore used for one step at 2^16 before the cap applies.
+MAX_LOSS_SCALE = 2.0 ** 15
 
 
 def build_adamw(param_groups: List[Dict], lr: float, fused: bool, betas=(0.9, 0.95)) -> torch.optim.AdamW:
@@ -33,7 +35,12 @@ def _grad_scaler(device_type: str):
 
 
 class AmpOptimizer:
-    """mixed_precision 0: float32; 1: float16 autocast with a loss scaler capped at 2^15; 2: bfloat16 autocast."""
+    """mixed_precision 0: float32; 1: float16 autocast with a loss scaler; 2: bfloat16 autocast.
+
+    The loss scaler is the reference's: initial scale 2^11, doubled after 1000 finite steps, halved
+    (and the step skipped) on a non-finite gradient, and reset to 2^15 after any step that used a
+    larger scale (MAX_LOSS_SCALE).
+    """
 
     def __init__(self, device_type: str, mixed_precision: int, optimizer: torch.optim.Optimizer, names: List[str],
                  paras: List[torch.nn.Parameter], grad_clip: float, n_gradient_accumulation: int = 1):
@@ -59,7 +66,8 @@ class AmpOptimizer:
     def backward_clip_step(self, stepping: bool, loss: torch.Tensor) -> Tuple[Optional[float], Optional[float], bool]:
         """Backward (scaled, divided by the accumulation count); on a stepping iteration unscale, clip and step.
 
-        Returns (gradient norm before clipping, log2 of the loss scale, whether the step was skipped
+        Returns (gradient norm before clipping, log2 of the loss scale this step's gradients were
+        computed with (before the scaler's update), whether the step was skipped
         because the gradient was not finite). Norm and scale are None on accumulating iterations.
         """
         loss = loss.mul(self.r_accu)
@@ -78,10 +86,12 @@ class AmpOptimizer:
         scale_log2 = None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update by itself when a gradient is not finite
-            self.scaler.update()
-            if self.scaler.get_scale() > MAX_LOSS_SCALE:
+            used_scale = self.scaler.get_scale()
+            if used_scale > MAX_LOSS_SCALE:
                 self.scaler.update(new_scale=MAX_LOSS_SCALE)
-            scale_log2 = math.log2(self.scaler.get_scale())
+            else:
+                self.scaler.update()
+            scale_log2 = math.log2(used_scale)
         elif not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -93,10 +103,16 @@ class AmpOptimizer:
             sd['scaler'] = self.scaler.state_dict()
         return sd
 
-    def load_state_dict(self, state: Dict, strict: bool = True) -> None:
+    def load_state_dict(self, state: Dict) -> None:
+        """Optimizer and loss-scaler state; a checkpoint of another --fp16 mode is converted, and the log says how."""
         self.optimizer.load_state_dict(state['optimizer'])
-        if self.scaler is not None:
-            if 'scaler' in state:
-                self.scaler.load_state_dict(state['scaler'])
-            elif strict:
-                raise KeyError('the checkpoint has no loss-scaler state (it was trained without --fp16=1)')
+        has_scaler = 'scaler' in state
+        if self.scaler is not None and has_scaler:
+            self.scaler.load_state_dict(state['scaler'])
+        elif self.scaler is not None:
+            logger.warning('the checkpoint was trained without a loss scaler (--fp16=0 or 2): the optimizer state is kept and the '
+                           'float16 loss scaler starts afresh at 2^11')
+        elif has_scaler:
+            logger.warning('the checkpoint was trained with --fp16=1: the optimizer state is kept and its loss-scaler state '
+                           '(scale %g) is dropped, since this run uses --fp16=%d', state['scaler'].get('scale', float('nan')),
+                           2 if self.enable_amp else 0)

@@ -75,6 +75,53 @@ def derive_batch(args, world_size: int) -> None:
     args.bs = args.glb_batch_size * args.ac
 
 
+def _check(flag: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise FlagError(f'--{flag}={value}: {allowed}')
+
+
+def check_loop_flags(args) -> None:
+    """Ranges of the flags train.py and train_vae.py share: schedule, data loading, validation, checkpoints."""
+    from utils.lr_control import check_schedule
+    try:
+        check_schedule(args.sche)
+    except ValueError as e:
+        raise FlagError(f'--sche={args.sche}: {e}') from None
+    _check('workers', args.workers, args.workers >= 0, 'must be >= 0 (0: load in the main process)')
+    _check('val_every_ep', args.val_every_ep, args.val_every_ep >= 1, 'must be >= 1 (validation also runs after the last epoch)')
+    _check('nonfinite_patience', args.nonfinite_patience, args.nonfinite_patience >= 1, 'must be >= 1')
+    _check('ckpt_every_it', args.ckpt_every_it, args.ckpt_every_it >= 0, 'must be >= 0 (0: off)')
+    _check('mid_reso', args.mid_reso, args.mid_reso >= 1, 'must be >= 1 (resize to mid_reso x the final size, then crop)')
+    _check('wp', args.wp, args.wp >= 0, 'must be >= 0 warm-up epochs (0: the default)')
+    _check('wp0', args.wp0, 0 <= args.wp0 <= 1, 'must be in [0, 1] (the lr ratio at the start of the warm-up)')
+    _check('wpe', args.wpe, args.wpe > 0 if args.sche == 'exp' else args.wpe >= 0,
+           'must be > 0 with --sche=exp' if args.sche == 'exp' else 'must be >= 0 (the final lr ratio)')
+
+
+def check_train_flags(args: 'Args') -> None:
+    """Ranges of train.py's own flags; called before anything is read or built."""
+    _check('ema', args.ema, 0 <= args.ema < 1, 'must be in [0, 1) (0: no EMA; e.g. 0.9999)')
+    _check('ls', args.ls, 0 <= args.ls < 1, 'must be in [0, 1) (label smoothing; 0: off)')
+    _check('pg', args.pg, 0 <= args.pg < 1, 'must be in [0, 1) (the fraction of training that is progressive; 0: off)')
+    n = len(args.patch_nums)
+    if args.pg > 0:   # pg0 is read only in progressive training
+        _check('pg0', args.pg0, 0 <= args.pg0 < n, f'must be in [0, {n - 1}] with --pg > 0 (a stage of the {n} scales of --pn)')
+    _check('pgwp', args.pgwp, args.pgwp >= 0, 'must be >= 0 epochs (0: the default ep/300)')
+    _check('tblr', args.tblr, args.tblr > 0, 'must be > 0')
+    _check('fixed_tlr', args.fixed_tlr, args.fixed_tlr >= 0, 'must be >= 0 (0: off, the peak lr is tblr x bs / 256)')
+    _check('twd', args.twd, args.twd >= 0, 'must be >= 0')
+    _check('twde', args.twde, args.twde >= 0, 'must be >= 0 (0: = twd)')
+    _check('depth', args.depth, args.depth >= 1, 'must be >= 1')
+    _check('num_classes', args.num_classes, args.num_classes >= 0, 'must be >= 0 (0: the number of class folders)')
+    for flag in ('vfast', 'tfast'):
+        v = getattr(args, flag)
+        _check(flag, v, v in (0, 1, 2, 3), 'use 0 (off), 1 (reduce-overhead), 2 (max-autotune) or 3 (default)')
+    for flag in ('vocab_size', 'z_channels', 'vae_ch'):
+        v = getattr(args, flag)
+        _check(flag, v, v >= 1, 'must be >= 1')
+    _check('share_quant_resi', args.share_quant_resi, args.share_quant_resi >= 0, 'must be >= 0')
+
+
 # the flags that define the model: a checkpoint made with other values cannot be resumed
 MODEL_KEYS = ('depth', 'saln', 'anorm', 'patch_nums', 'patch_size', 'num_classes', 'vocab_size', 'z_channels', 'vae_ch', 'share_quant_resi')
 
@@ -108,7 +155,8 @@ class Args(TokenizerShape):
     # VAR optimization
     fp16: int = 0           # 1: float16 with a loss scaler, 2: bfloat16
     tblr: float = 1e-4      # base lr
-    tlr: Optional[float] = None  # lr = base lr * (bs / 256)
+    tlr: Optional[float] = None  # derived as in the reference: lr = base lr * (bs / 256); a value given here is ignored
+    fixed_tlr: float = 0    # > 0: use this peak lr as it is, not scaled by the batch size (not in the reference)
     twd: float = 0.05       # initial wd
     twde: float = 0         # final wd, = twde or twd
     tclip: float = 2.       # <= 0 for not using grad clip
@@ -163,8 +211,16 @@ class Args(TokenizerShape):
         """Compute the derived values (the reference's rules) for a run of world_size processes."""
         derive_scales(self)
         derive_batch(self, world_size)
-        if self.tlr is None:
-            self.tlr = self.tblr * self.bs / 256
+        check_train_flags(self)
+        if self.opt.lower().strip() not in ('adamw', 'adam'):
+            raise FlagError(f'--opt={self.opt!r}: only adamw (and its alias adam) are supported')
+        scaled_tlr = self.tblr * self.bs / 256
+        if self.tlr is not None and self.tlr != scaled_tlr:
+            logger.warning('--tlr=%g is ignored, as in the reference: the peak lr is --tblr x bs / 256 = %g x %d / 256 = %g. '
+                           'To set the peak lr directly, use --fixed_tlr=%g', self.tlr, self.tblr, self.bs, scaled_tlr, self.tlr)
+        self.tlr = self.fixed_tlr or scaled_tlr
+        if self.fixed_tlr:
+            logger.info('--fixed_tlr=%g: the peak lr is not scaled by the batch size (--tblr is not used)', self.fixed_tlr)
         self.twde = self.twde or self.twd
         if self.wp == 0:
             self.wp = self.ep * 1 / 50
@@ -172,8 +228,7 @@ class Args(TokenizerShape):
             self.pgwp = self.ep * 1 / 300
         if self.pg > 0:
             self.sche = f'lin{self.pg:g}'
-        if self.opt.lower().strip() not in ('adamw', 'adam'):
-            raise FlagError(f'--opt={self.opt!r}: only adamw (and its alias adam) are supported')
+        check_loop_flags(self)
         return self
 
     def model_config(self) -> Dict[str, Any]:
@@ -289,6 +344,7 @@ class VAEArgs(TokenizerShape):
     def finalize(self, world_size: int) -> 'VAEArgs':
         derive_scales(self)
         derive_batch(self, world_size)
+        check_loop_flags(self)
         if self.rec_loss not in ('l1', 'l2'):
             raise FlagError(f'--rec_loss={self.rec_loss!r}: use l1 or l2')
         if self.vae_ch % 32 != 0:

@@ -5,7 +5,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ['lr_factor', 'wd_at', 'lr_wd_annealing', 'filter_params', 'SCHEDULES', 'NOWD_KEYS']
+__all__ = ['check_schedule', 'lr_factor', 'wd_at', 'lr_wd_annealing', 'filter_params', 'match_saved_groups', 'SCHEDULES', 'NOWD_KEYS']
 
 logger = logging.getLogger(__name__)
 
@@ -14,6 +14,20 @@ SCHEDULES = ('lin0', 'lin', 'lin00', 'linX', 'cos', 'exp')
 # parameter names that never get weight decay (besides every bias and every 1-D parameter)
 NOWD_KEYS = ('cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start', 'start_pos',
              'lvl_embed', 'gamma', 'beta', 'ada_gss', 'moe_bias', 'scale_mul')
+
+
+def check_schedule(sche_type: str) -> None:
+    """ValueError unless sche_type is lin0, lin, lin00, cos, exp or linX with X a fraction in (0, 1)."""
+    if sche_type in SCHEDULES and sche_type != 'linX':
+        return
+    if sche_type.startswith('lin'):
+        try:
+            T = float(sche_type[3:])
+        except ValueError:
+            T = None
+        if T is not None and 0 < T < 1:
+            return
+    raise ValueError(f'unknown lr schedule {sche_type!r}: use one of lin0, lin, lin00, linX (X a fraction in (0, 1), e.g. lin0.3), cos, exp')
 
 
 def lr_factor(sche_type: str, cur_it: int, wp_it: float, max_it: int, wp0: float = 0.005, wpe: float = 0.001) -> float:
@@ -71,9 +85,13 @@ def lr_wd_annealing(sche_type: str, optimizer: torch.optim.Optimizer, peak_lr: f
 
 def filter_params(model: torch.nn.Module, nowd_keys: Sequence[str] = NOWD_KEYS
                   ) -> Tuple[List[str], List[torch.nn.Parameter], List[Dict]]:
-    """Names, parameters and the two AdamW groups ('D' decayed, 'ND' not) of the trainable parameters."""
-    groups = {'D': {'params': [], 'names': [], 'wd_sc': 1.0, 'lr_sc': 1.0},
-              'ND': {'params': [], 'names': [], 'wd_sc': 0.0, 'lr_sc': 1.0}}
+    """Names, parameters and the AdamW groups ('D' decayed, 'ND' not) of the trainable parameters.
+
+    Groups are created in order of first appearance over named_parameters(), as the reference does
+    (for VAR: 'ND' first, since pos_start comes first). The optimizer's state indices follow this
+    order, so it is what makes checkpoints cross over with the reference's trainer.
+    """
+    groups: Dict[str, Dict] = {}
     names, paras = [], []
     for name, para in model.named_parameters():
         if not para.requires_grad:
@@ -81,15 +99,34 @@ def filter_params(model: torch.nn.Module, nowd_keys: Sequence[str] = NOWD_KEYS
         names.append(name)
         paras.append(para)
         nd = para.ndim == 1 or name.endswith('bias') or any(k in name for k in nowd_keys)
-        g = groups['ND' if nd else 'D']
+        key = 'ND' if nd else 'D'
+        g = groups.setdefault(key, {'params': [], 'names': [], 'wd_sc': 0.0 if nd else 1.0, 'lr_sc': 1.0})
         g['params'].append(para)
         g['names'].append(name)
     for k, g in groups.items():
         logger.info('optimizer group %s (wd x%g): %d tensors, %d parameters', k, g['wd_sc'], len(g['params']), sum(p.numel() for p in g['params']))
-    out = []
-    for g in groups.values():
-        if g['params']:
-            g = dict(g)
-            g.pop('names')
-            out.append(g)
-    return names, paras, out
+    return names, paras, [{k: v for k, v in g.items() if k != 'names'} for g in groups.values()]
+
+
+def match_saved_groups(saved: Dict, optimizer: torch.optim.Optimizer) -> Dict:
+    """A saved optimizer state dict with its groups in the order of `optimizer`'s groups.
+
+    Checkpoints written before the groups followed the reference's order hold [decay, no-decay];
+    their groups (told apart by wd_sc and size) and state indices are renumbered, and the log says so.
+    Anything else is returned as it is (the optimizer's own load then checks it).
+    """
+    cur = [(g.get('wd_sc'), len(g['params'])) for g in optimizer.param_groups]
+    old = [(g.get('wd_sc'), len(g['params'])) for g in saved['param_groups']]
+    if old == cur or sorted(old, key=repr) != sorted(cur, key=repr) or len(set(cur)) != len(cur):
+        return saved
+    groups, index_of = [], {}
+    for wd_sc_and_len in cur:
+        g = saved['param_groups'][old.index(wd_sc_and_len)]
+        ids = []
+        for i in g['params']:
+            index_of[i] = len(index_of)
+            ids.append(index_of[i])
+        groups.append({**g, 'params': ids})
+    logger.warning('the checkpoint\'s optimizer groups are in another order (wd_sc %s, now %s): its moments are renumbered '
+                   'to stay on their parameters', [w for w, _ in old], [w for w, _ in cur])
+    return {'state': {index_of[i]: v for i, v in saved['state'].items()}, 'param_groups': groups}
