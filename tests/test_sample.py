@@ -78,7 +78,7 @@ def in_process(var, indices, per_class, seed, cfg=1.5, top_k=20, top_p=0.9):
 
 
 def test_same_files_for_one_or_two_processes_and_any_batch_size(tiny_ckpts, ref_set, tmp_path):
-    """Batch sizes 1, 2, 3 (two processes) and 4 give byte-identical PNGs; image 7 is what its index says."""
+    """Batch sizes 1, 2, 3 (two processes) and 4 give byte-identical PNGs; images 4 and 10 are what their index says."""
     runs = {4: ref_set}
     for bs in (1, 2):
         runs[bs] = tmp_path / f'bs{bs}'
@@ -94,11 +94,12 @@ def test_same_files_for_one_or_two_processes_and_any_batch_size(tiny_ckpts, ref_
     assert a.shape == (15, 64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, np.load(str(runs[3]) + '.npz')['arr_0'])
     assert np.array_equal(a[7], np.asarray(Image.open(ref_set / '000007.png')))
 
-    # image 7 made in-process from its index alone: label 7 // per_class, the documented seed of (--seed, 7)
+    # images 4 and 10 made in-process from their index alone: label i // per_class (not i % num_classes), seeds of (--seed, i)
     _, var = build_tiny(seed=21)
     from utils.imgs import save_png_atomic
-    save_png_atomic(in_process(var, [7], per_class=3, seed=1)[0], str(tmp_path / 'in_process.png'))
-    assert (tmp_path / 'in_process.png').read_bytes() == (ref_set / '000007.png').read_bytes()
+    for i, arr in zip((4, 10), in_process(var, [4, 10], per_class=3, seed=1)):
+        save_png_atomic(arr, str(tmp_path / 'in_process.png'))
+        assert (tmp_path / 'in_process.png').read_bytes() == (ref_set / f'{i:06d}.png').read_bytes(), i
 
     # the same settings again reuse the npz; two processes refuse other settings together
     assert 'holds all 15 images already' in run_script(sample_flags(tiny_ckpts, ref_set, '--per_class=3', '--bs=2', '--seed=1')).stdout
