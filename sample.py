@@ -114,8 +114,9 @@ def make_manifest(args: SampleArgs, device: torch.device, weights: SamplingWeigh
     pixels = sampling_settings(args, device)
     pixels.update(model={k: list(v) if isinstance(v, tuple) else v for k, v in weights.kw.items()}, image_size=vae.img_size,
                   var_sha256=state_fingerprint(var), vae_sha256=state_fingerprint(vae))
-    info = dict(images=args.per_class * args.num_classes, var_weights=weights.source, vae_weights=weights.vae_source, bs=args.bs, processes=dist.get_world_size(), torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), cmd=args.cmd)
-    return dict(pixels=pixels, info=info)
+    info = dict(images=args.per_class * args.num_classes, var_weights=weights.source, vae_weights=weights.vae_source, bs=args.bs,
+                processes=dist.get_world_size(), torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), cmd=args.cmd)
+    return dict(pixels=pixels, info=info)   # pixels: compared on a rerun; info: only recorded
 
 
 def _show(v) -> str:
@@ -214,7 +215,8 @@ def finished_images(out: str, blocks: Sequence[Sequence[int]], size: int) -> set
                 if png_ok(osp.join(out, present[i]), size):
                     done.add(i)
                 else:
-                    logger.warning('%s is damaged (empty, truncated, or not a %dx%d RGB PNG): making it again', osp.join(out, present[i]), size, size)
+                    logger.warning('%s is damaged (empty, truncated, or not a %dx%d RGB PNG): making it again',
+                                   osp.join(out, present[i]), size, size)
     return done
 
 
