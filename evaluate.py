@@ -23,7 +23,7 @@ import torch
 
 from utils.cli import UserError, run_main
 from utils.log import setup_logging
-from utils.misc import open_npz_arr0
+from utils.misc import open_npz_arr0, read_npz_manifest
 
 __all__ = ['frechet_distance', 'iter_npz_images', 'inception_features', 'evaluate']
 
@@ -140,6 +140,19 @@ def evaluate(ref_npz: str, sample_npz: str, inception_weights: Optional[str] = N
             'precision': precision, 'recall': recall, 'n_samples': int(len(pool)), 'n_ref': int(len(ref_pool))}
 
 
+def print_sample_manifest(sample_npz: str) -> None:
+    """Print how the scored samples were made: the manifest sample.py stores in its npz (settings and weight sha256s)."""
+    try:
+        manifest = read_npz_manifest(sample_npz)
+    except Exception:   # not a readable zip: evaluate() names the problem
+        return
+    if manifest is None:
+        print(f'{sample_npz}: no manifest (not written by sample.py), so nothing says how these samples were made')
+        return
+    print(f'{sample_npz} was made with: {json.dumps(manifest.get("pixels", manifest), sort_keys=True)}')
+    print(f'  ({json.dumps(manifest.get("info", {}), sort_keys=True)})')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument('ref_npz', help='reference batch, e.g. VIRTUAL_imagenet256_labeled.npz')
@@ -152,6 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     p.add_argument('--out_json', default='', help='append the metrics as one JSON line to this file')
     a = p.parse_args(argv)
     setup_logging(0)
+    print_sample_manifest(a.sample_npz)
     m = evaluate(a.ref_npz, a.sample_npz, a.inception_weights or None, a.bs, a.splits, a.k, a.device)
     print(f'Inception Score: {m["inception_score"]:.4f} (± {m["inception_score_std"]:.4f})')
     print(f'FID: {m["fid"]:.4f}')

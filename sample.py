@@ -5,29 +5,41 @@
 
 Image i has label i // per_class and its own random stream, seeded by (--seed, i); the images are
 computed in blocks of --bs consecutive indices, block b on process b mod (number of processes). So the
-set does not depend on the number of processes, and with batch-invariant kernels (the CPU's) not on
---bs either. A killed run started again skips finished images; PNGs and the npz are written atomically.
+set does not depend on the number of processes, and on the CPU in float32 not on --bs either.
+
+<out>/manifest.json records every setting that determines the pixels and a sha256 of the weights loaded
+(VAR and tokenizer); it is written before the first image and stored in the npz too. A run started again
+in the same --out resumes (skipping the finished images, each decoded and checked first) only when all of
+it matches, and otherwise stops, naming the differences. PNGs, the manifest and the npz are written atomically.
 """
+import json
 import logging
+import math
 import os
 import os.path as osp
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import PIL.Image
 import torch
 from tqdm import tqdm
 
 import dist
-from utils.arg_util import FlagError, ModelFlags, parse_dataclass
+from utils.arg_util import FlagError, ModelFlags, parse_dataclass, parse_patch_nums
+from utils.ckpt import write_bytes_atomic
 from utils.cli import run_main
 from utils.imgs import save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
-from utils.misc import SampleFolderError, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0, sample_png_name
-from utils.model_loading import load_for_sampling
+from utils.misc import (SampleFolderError, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0, read_npz_manifest,
+                        sample_png_name)
+from utils.model_loading import SamplingWeights, build_from_weights, read_weights, state_fingerprint
 
 logger = logging.getLogger('sample')
+
+MANIFEST = 'manifest.json'
+MANIFEST_FORMAT = 'var-sample-set/1'   # image i: label i // per_class, generator seeded by image_seed(seed, i)
 
 
 @dataclass
@@ -35,8 +47,8 @@ class SampleArgs(ModelFlags):
     out: str = 'samples'                 # PNG folder; the npz is <out>.npz
     per_class: int = 50
     cfg: float = 1.5
-    top_k: int = 900
-    top_p: float = 0.96
+    top_k: int = 900                     # 0: no top-k filtering
+    top_p: float = 0.96                  # 0: no nucleus filtering
     more_smooth: bool = False
     seed: int = 0
     bs: int = 32                         # images per process and batch
@@ -44,6 +56,7 @@ class SampleArgs(ModelFlags):
     tf32: bool = True
     no_npz: bool = False                 # only the PNGs
     cmd: str = field(default='', metadata={'derived': True})
+    given: Tuple[str, ...] = field(default=(), metadata={'derived': True})   # the flags named on the command line
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -51,8 +64,126 @@ def image_seed(seed: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x632BE59BD9B4E019) % (2 ** 63 - 1)
 
 
-def npz_complete(path: str, n: int) -> bool:
-    """Whether path is an npz whose arr_0 holds n images (read from its header only)."""
+# ------------------------------------------------------------------ flags
+def check_flags(args: SampleArgs) -> None:
+    """Every flag's range, before any file is read or model built (the model's own limits come after reading its weights)."""
+    for name in ('per_class', 'num_classes', 'bs'):
+        if getattr(args, name) < 1:
+            raise FlagError(f'--{name}={getattr(args, name)} must be an integer >= 1')
+    if args.top_k < 0:
+        raise FlagError(f'--top_k={args.top_k} must be 0 (no top-k filtering) or 1 .. the vocabulary size')
+    if not (0.0 <= args.top_p <= 1.0):   # also false for nan
+        raise FlagError(f'--top_p={args.top_p} must be 0 (no nucleus filtering) or in (0, 1], e.g. 0.96')
+    if not math.isfinite(args.cfg):
+        raise FlagError(f'--cfg={args.cfg} must be a finite number (1.5 is the reference\'s FID setting)')
+    if args.fp16 not in (0, 1, 2):
+        raise FlagError(f'--fp16={args.fp16}: use 0 (float32), 1 (float16 autocast) or 2 (bfloat16 autocast)')
+    if args.pn:
+        parse_patch_nums(args.pn)
+    if not args.out.rstrip('/'):
+        raise FlagError(f'--out={args.out!r} must name a folder')
+
+
+def check_model_limits(args: SampleArgs, kw: Dict) -> None:
+    """Flags against the model the weights define, before it is built."""
+    if args.num_classes > kw['num_classes']:
+        raise FlagError(f'--num_classes={args.num_classes} but the model knows {kw["num_classes"]} classes: '
+                        f'use 1 .. {kw["num_classes"]} (classes 0 .. {kw["num_classes"] - 1} are sampled)')
+    if args.top_k > kw['V']:
+        raise FlagError(f'--top_k={args.top_k} exceeds the vocabulary size {kw["V"]}: use 0 (no top-k filtering) or 1 .. {kw["V"]}')
+
+
+# ------------------------------------------------------------------ manifest
+# key of manifest['pixels'] → how to name it to the user
+_NAMES = {'per_class': '--per_class', 'num_classes': '--num_classes', 'cfg': '--cfg', 'top_k': '--top_k', 'top_p': '--top_p',
+          'more_smooth': '--more_smooth', 'seed': '--seed', 'fp16': '--fp16', 'tf32': '--tf32', 'fuse': '--fuse', 'ema': '--ema',
+          'device': 'device type', 'format': 'sample-set format', 'model': 'model build arguments', 'image_size': 'image size',
+          'var_sha256': 'VAR weights (sha256 of the state dict)', 'vae_sha256': 'tokenizer weights (sha256 of the state dict)'}
+
+
+def sampling_settings(args: SampleArgs, device: torch.device) -> Dict:
+    """The settings that determine the pixels and are known before the weights are read."""
+    s = dict(format=MANIFEST_FORMAT, per_class=args.per_class, num_classes=args.num_classes, cfg=args.cfg, top_k=args.top_k,
+             top_p=args.top_p, more_smooth=args.more_smooth, seed=args.seed, fp16=args.fp16, ema=bool(args.ema), device=device.type)
+    if device.type == 'cuda':   # TF32 and the fused kernels change CUDA's rounding; on the CPU they do nothing
+        s.update(tf32=args.tf32, fuse=args.fuse)
+    return s
+
+
+def make_manifest(args: SampleArgs, device: torch.device, weights: SamplingWeights, vae, var) -> Dict:
+    pixels = sampling_settings(args, device)
+    pixels.update(model={k: list(v) if isinstance(v, tuple) else v for k, v in weights.kw.items()}, image_size=vae.img_size,
+                  var_sha256=state_fingerprint(var), vae_sha256=state_fingerprint(vae))
+    info = dict(images=args.per_class * args.num_classes, var_weights=weights.source, vae_weights=weights.vae_source, bs=args.bs,
+                processes=dist.get_world_size(), torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), cmd=args.cmd)
+    return dict(pixels=pixels, info=info)   # pixels: compared on a rerun; info: only recorded
+
+
+def _show(v) -> str:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def manifest_differences(old: Dict, new_pixels: Dict) -> List[str]:
+    """What differs between a recorded manifest's pixel settings and these (only the keys of new_pixels)."""
+    old_pixels = old.get('pixels', {}) if isinstance(old, dict) else {}
+    out = []
+    for k, v in new_pixels.items():
+        if old_pixels.get(k, '<not recorded>') != v:
+            out.append(f'{_NAMES.get(k, k)}: {_show(old_pixels.get(k, "<not recorded>"))} then, {_show(v)} now')
+    return out
+
+
+def read_manifest(path: str) -> Optional[Dict]:
+    if not osp.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SampleFolderError(f'{path} cannot be read ({type(e).__name__}: {e}); it says how the images beside it were made, '
+                                f'so they cannot be trusted: use another --out, or delete the folder to start afresh') from None
+
+
+def _afresh(out: str) -> str:
+    return (f'rerun with the recorded settings and weights ({osp.join(out, MANIFEST)}) to finish that set, or start afresh with '
+            f'another --out (or after deleting {out} and {out}.npz)')
+
+
+def check_against(what: str, recorded: Optional[Dict], pixels: Dict, out: str) -> None:
+    if recorded is None:
+        return
+    diffs = manifest_differences(recorded, pixels)
+    if diffs:
+        raise SampleFolderError(f'{what} was made with other settings than this run\'s: ' + '; '.join(diffs) + '. ' + _afresh(out))
+
+
+def check_existing(out: str, pixels: Dict) -> Tuple[Optional[Dict], Optional[Dict]]:
+    """(folder manifest, npz manifest) of an earlier run in --out, after checking them against `pixels`."""
+    folder_manifest = read_manifest(osp.join(out, MANIFEST)) if osp.isdir(out) else None
+    if folder_manifest is None and osp.isdir(out) and list_sample_indices(out):
+        raise SampleFolderError(f'{out} holds images but no {MANIFEST}, so nothing says how they were made (an older sample.py or '
+                                f'another tool): use another --out, or delete them to start afresh')
+    check_against(out, folder_manifest, pixels, out)
+    npz_manifest = None
+    if osp.exists(out + '.npz'):
+        try:
+            npz_manifest = read_npz_manifest(out + '.npz')
+        except Exception as e:   # not a zip, or a damaged one
+            raise SampleFolderError(f'{out}.npz cannot be read ({type(e).__name__}: {e}): move it away, or use another --out') from None
+        if npz_manifest is None:
+            raise SampleFolderError(f'{out}.npz exists but carries no manifest, so nothing says how it was made: move it away, '
+                                    f'or use another --out')
+        check_against(f'{out}.npz', npz_manifest, pixels, out)
+    return folder_manifest, npz_manifest
+
+
+def write_manifest(path: str, manifest: Dict) -> None:
+    write_bytes_atomic(json.dumps(manifest, indent=1, sort_keys=True).encode(), path)
+
+
+# ------------------------------------------------------------------ files
+def npz_complete(path: str, n: int, size: int) -> bool:
+    """Whether path is an npz whose arr_0 holds n images of size×size (read from its header only)."""
     if not osp.isfile(path):
         return False
     try:
@@ -61,43 +192,78 @@ def npz_complete(path: str, n: int) -> bool:
         return False
     f.close()
     zf.close()
-    return shape[0] == n and len(shape) == 4 and shape[-1] == 3 and dtype == np.uint8
+    return tuple(shape) == (n, size, size, 3) and dtype == np.uint8
 
 
+def png_ok(path: str, size: int) -> bool:
+    """Whether path decodes completely to a size×size RGB image (a zero-length, truncated or foreign file does not)."""
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+            return im.mode == 'RGB' and im.size == (size, size)
+    except Exception:   # PIL raises OSError, ValueError, SyntaxError, ... for damaged files
+        return False
+
+
+def finished_images(out: str, blocks: Sequence[Sequence[int]], size: int) -> set:
+    """Indices of `blocks` whose PNG is there and decodes to a size×size RGB image; damaged ones are named and redone."""
+    present = list_sample_indices(out)
+    done = set()
+    for blk in blocks:
+        for i in blk:
+            if i in present:
+                if png_ok(osp.join(out, present[i]), size):
+                    done.add(i)
+                else:
+                    logger.warning('%s is damaged (empty, truncated, or not a %dx%d RGB PNG): making it again',
+                                   osp.join(out, present[i]), size, size)
+    return done
+
+
+# ------------------------------------------------------------------ main
 def main(args: SampleArgs) -> str:
+    check_flags(args)
     device = dist.initialize()
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = args.out.rstrip('/')
-    if dist.is_local_master():
-        os.makedirs(out, exist_ok=True)
-    dist.barrier()
     setup_logging(rank)
     logger.info('%s', dist.describe())
-    if args.per_class < 1 or args.num_classes < 1 or args.bs < 1:
-        raise FlagError(f'--per_class, --num_classes and --bs must be >= 1 (got {args.per_class}, {args.num_classes}, {args.bs})')
+    out = args.out.rstrip('/')
+    N = args.per_class * args.num_classes
+    check_existing(out, sampling_settings(args, device))   # the settings known so far, before the expensive work
+    extra = sorted(i for i in (list_sample_indices(out) if osp.isdir(out) else {}) if i >= N)
+    if extra:
+        raise SampleFolderError(f'{out} holds images beyond the {N} asked for (from index {extra[0]}): use another --out, or remove them')
     if device.type == 'cuda' and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    N = args.per_class * args.num_classes
-    if npz_complete(out + '.npz', N):
-        logger.info('%s.npz holds all %d images already', out, N)
+
+    weights = read_weights(args, args.given)
+    check_model_limits(args, weights.kw)
+    vae, var = build_from_weights(device, args, weights)
+    manifest = make_manifest(args, device, weights, vae, var)
+    _, npz_manifest = check_existing(out, manifest['pixels'])
+    if npz_manifest is not None and npz_complete(out + '.npz', N, vae.img_size):
+        logger.info('%s.npz holds all %d images already, made with these settings and weights', out, N)
         return out + '.npz'
 
-    vae, var, _ = load_for_sampling(device, args)
-    if args.num_classes > var.num_classes:
-        raise FlagError(f'--num_classes={args.num_classes} but the model knows {var.num_classes} classes')
-    done = set(list_sample_indices(out))
-    extra = sorted(i for i in done if i >= N)
-    if extra:
-        raise SampleFolderError(f'{out} holds images beyond the {N} asked for (from index {extra[0]}): use another --out, or remove them')
+    if dist.is_master():
+        os.makedirs(out, exist_ok=True)
+        if not osp.isfile(osp.join(out, MANIFEST)):
+            write_manifest(osp.join(out, MANIFEST), manifest)   # before the first image
+    dist.barrier()
+    check_against(out, read_manifest(osp.join(out, MANIFEST)), manifest['pixels'], out)   # every process checks
+
     blocks = [list(range(b, min(b + args.bs, N))) for b in range(0, N, args.bs)]
-    mine = [blk for bi, blk in enumerate(blocks) if bi % world == rank and not all(i in done for i in blk)]
-    logger.info('%d images (%d classes x %d), %d already there; cfg %g, top_k %d, top_p %g, more_smooth %s, seed %d, '
-                '%d per batch on %d processes', N, args.num_classes, args.per_class, len(done), args.cfg, args.top_k, args.top_p,
-                args.more_smooth, args.seed, args.bs, world)
+    mine = [blk for bi, blk in enumerate(blocks) if bi % world == rank]
+    done = finished_images(out, mine, vae.img_size)
+    mine = [blk for blk in mine if not all(i in done for i in blk)]
+    logger.info('%d images (%d classes x %d), %d of this process\'s already there; cfg %g, top_k %d, top_p %g, more_smooth %s, '
+                'seed %d, %d per batch on %d processes', N, args.num_classes, args.per_class, len(done), args.cfg, args.top_k,
+                args.top_p, args.more_smooth, args.seed, args.bs, world)
 
     amp = torch.autocast(device.type, dtype=torch.float16 if args.fp16 == 1 else torch.bfloat16, enabled=args.fp16 > 0)
-    bar = tqdm(total=N, initial=len(done), disable=not dist.is_master(), desc='sample', unit='img', dynamic_ncols=True)
+    bar = tqdm(total=N, initial=N - sum(len(b) for b in mine) * world, disable=not dist.is_master(), desc='sample', unit='img',
+               dynamic_ncols=True)
     t0, made = time.time(), 0
     for blk in mine:
         labels = torch.tensor([i // args.per_class for i in blk], device=device)
@@ -117,14 +283,22 @@ def main(args: SampleArgs) -> str:
         return out
     if dist.is_master():
         t = time.time()
-        path = create_npz_from_sample_folder(out, n=N)
-        logger.info('%s: arr_0 (%d, %d, %d, 3) uint8 in %.0fs', path, N, vae.img_size, vae.img_size, time.time() - t)
+        path = create_npz_from_sample_folder(out, n=N, manifest=manifest)
+        logger.info('%s: arr_0 (%d, %d, %d, 3) uint8 and the manifest in %.0fs', path, N, vae.img_size, vae.img_size, time.time() - t)
     dist.barrier()
     return out + '.npz'
 
 
+def given_flags(argv: Sequence[str]) -> Tuple[str, ...]:
+    """Names of the flags on a command line (`--name=value`, `--name value` or a bare `--name`)."""
+    return tuple(sorted({a[2:].split('=', 1)[0] for a in argv if a.startswith('--') and len(a) > 2}))
+
+
 def parse_sample_args(argv: Optional[List[str]] = None) -> SampleArgs:
-    return parse_dataclass(SampleArgs, argv, description=__doc__.splitlines()[0])
+    import sys
+    args = parse_dataclass(SampleArgs, argv, description=__doc__.splitlines()[0])
+    args.given = given_flags(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 if __name__ == '__main__':

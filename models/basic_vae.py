@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_conv import Conv2d, conv2d
 from .winograd import WINOGRAD_MIN_CHANNELS, Conv3x3, winograd_applies
 
 __all__ = ['Encoder', 'Decoder', 'ResnetBlock', 'AttnBlock', 'Upsample2x', 'Downsample2x', 'Normalize']
@@ -55,11 +56,11 @@ class Upsample2x(nn.Module):
         if x_BChw.is_contiguous(memory_format=torch.channels_last) and not x_BChw.is_contiguous():
             out_BhawbO = x_BChw.new_empty(B, h, 2, w, 2, O)
             for (a, b), k in kernels.items():
-                out_BhawbO[:, :, a, :, b] = F.conv2d(x_pad[:, :, a:a + h + 1, b:b + w + 1], k, self.conv.bias).permute(0, 2, 3, 1)
+                out_BhawbO[:, :, a, :, b] = conv2d(x_pad[:, :, a:a + h + 1, b:b + w + 1], k, self.conv.bias).permute(0, 2, 3, 1)
             return out_BhawbO.view(B, 2 * h, 2 * w, O).permute(0, 3, 1, 2)  # channels-last B, O, 2h, 2w
         out_BOhawb = x_BChw.new_empty(B, O, h, 2, w, 2)
         for (a, b), k in kernels.items():
-            out_BOhawb[:, :, :, a, :, b] = F.conv2d(x_pad[:, :, a:a + h + 1, b:b + w + 1], k, self.conv.bias)
+            out_BOhawb[:, :, :, a, :, b] = conv2d(x_pad[:, :, a:a + h + 1, b:b + w + 1], k, self.conv.bias)
         return out_BOhawb.view(B, O, 2 * h, 2 * w)
 
 
@@ -68,7 +69,7 @@ class Downsample2x(nn.Module):
 
     def __init__(self, in_channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+        self.conv = Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x_BChw, pad=(0, 1, 0, 1), mode='constant', value=0))  # B, C, h/2, w/2
@@ -109,7 +110,7 @@ class ResnetBlock(nn.Module):
         self.inplace = True   # in-place residual add when autograd is off (VQVAE.set_fast_paths)
         self.conv2 = Conv3x3(out_channels, out_channels)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
         else:
             self.nin_shortcut = nn.Identity()
 
@@ -131,9 +132,9 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.C = in_channels
         self.norm = Normalize(in_channels)
-        self.qkv = nn.Conv2d(in_channels, 3 * in_channels, kernel_size=1, stride=1, padding=0)
+        self.qkv = Conv2d(in_channels, 3 * in_channels, kernel_size=1, stride=1, padding=0)
         self.w_ratio = int(in_channels) ** (-0.5)
-        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.proj_out = Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         qkv_B3Chw = self.qkv(self.norm(x_BChw))
@@ -164,7 +165,7 @@ class Encoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.in_channels = in_channels
 
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         in_ch_mult = (1,) + tuple(ch_mult)
         self.down = nn.ModuleList()
         block_in = ch
@@ -189,7 +190,7 @@ class Encoder(nn.Module):
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, (2 * z_channels if double_z else z_channels), kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, (2 * z_channels if double_z else z_channels), kernel_size=3, stride=1, padding=1)
         self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations
         self.winograd = True   # its wide 3×3 convs by Winograd in CPU inference (Conv3x3), on NCHW activations
 
@@ -220,7 +221,7 @@ class Decoder(nn.Module):
         self.in_channels = in_channels
 
         block_in = ch * ch_mult[self.num_resolutions - 1]
-        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
@@ -243,7 +244,7 @@ class Decoder(nn.Module):
             self.up.insert(0, up)  # keep the checkpoint's order: up[0] is the finest level
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
         self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations
         self.winograd = True   # its wide 3×3 convs by Winograd in CPU inference (Conv3x3), on NCHW activations
 

@@ -12,10 +12,12 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_conv import Conv2d
+
 __all__ = ['VectorQuantizer2', 'Phi', 'PhiShared', 'PhiPartiallyShared', 'PhiNonShared']
 
 
-class Phi(nn.Conv2d):
+class Phi(Conv2d):
     """phi(h) = (1 − r)·h + r·conv3×3(h)."""
 
     def __init__(self, embed_dim: int, quant_resi: float):

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .basic_vae import Decoder, Encoder, channels_last_pays
+from .cpu_conv import Conv2d
 from .quant import VectorQuantizer2
 from .state_dict import check_state_dict
 
@@ -54,8 +55,8 @@ class VQVAE(nn.Module):
             default_qresi_counts=default_qresi_counts, v_patch_nums=v_patch_nums,
             quant_resi=quant_resi, share_quant_resi=share_quant_resi,
         )
-        self.quant_conv = nn.Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
-        self.post_quant_conv = nn.Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
+        self.quant_conv = Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
+        self.post_quant_conv = Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
 
         if self.test_mode:
             self.eval()

@@ -18,10 +18,10 @@ import functools
 import logging
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .cpu_context import compiling, cpu_autocast_enabled
+from .cpu_conv import Conv2d
 
 __all__ = ['Conv3x3', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays', 'nnpack_available',
            'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
@@ -77,7 +77,7 @@ def winograd_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: to
         return F.conv2d(x_BChw, weight_OC33, bias_O, padding=1)
 
 
-class Conv3x3(nn.Conv2d):
+class Conv3x3(Conv2d):
     """nn.Conv2d(in, out, 3, stride=1, padding=1), same parameters and checkpoint keys.
 
     Without autograd on the CPU in float32, wide convs on large maps go through `winograd_conv3x3`;

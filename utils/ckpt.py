@@ -9,7 +9,7 @@ import torch
 
 from utils.cli import UserError
 
-__all__ = ['save_atomic', 'copy_atomic', 'load_first_good', 'CheckpointDamagedError', 'ConfigMismatchError']
+__all__ = ['save_atomic', 'copy_atomic', 'write_bytes_atomic', 'load_first_good', 'CheckpointDamagedError', 'ConfigMismatchError']
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,20 @@ def save_atomic(obj, path: str, prev_path: Optional[str] = None) -> None:
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path, prev_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes_atomic(data: bytes, path: str) -> None:
+    """Write `data` to a temporary file beside `path`, fsync, then rename, as save_atomic does for checkpoints."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path, None)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

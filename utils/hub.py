@@ -19,19 +19,21 @@ class CheckpointUnavailableError(UserError, FileNotFoundError):
 def resolve_checkpoint(path_or_name: str, repo_id: str = HF_REPO, downloadable: Optional[bool] = None) -> str:
     """Local path of a weights file.
 
-    An existing file is returned as is. Otherwise, if its base name is a published file (or
-    `downloadable` is True), it is downloaded once into the Hugging Face cache (HF_HOME) and that
-    path returned; offline or unreachable, the error says where to put the file.
+    An existing file is returned as is. Otherwise, if it is the bare name of a published file (no folder:
+    a path that names a folder means a local file, and a missing one is an error, not a download) or
+    `downloadable` is True, it is downloaded once into the Hugging Face cache (HF_HOME) and that path
+    returned; offline or unreachable, the error says where to put the file.
     """
     if os.path.isfile(path_or_name):
         return path_or_name
     from models.state_dict import PUBLISHED
     name = os.path.basename(path_or_name)
     if downloadable is None:
-        downloadable = name in PUBLISHED
+        downloadable = name in PUBLISHED and name == path_or_name
     if not downloadable:
-        raise CheckpointUnavailableError(
-            f'{path_or_name} does not exist (the published files that can be downloaded are {", ".join(PUBLISHED)})')
+        hint = (f'; to download the published {name}, give its bare name ({name}) instead of a path' if name in PUBLISHED
+                else f' (the published files that can be downloaded by their bare name are {", ".join(PUBLISHED)})')
+        raise CheckpointUnavailableError(f'{path_or_name} does not exist{hint}')
     url = f'https://huggingface.co/{repo_id}/resolve/main/{name}'
     try:
         from huggingface_hub import hf_hub_download

@@ -1,4 +1,5 @@
 """Image files in and out: any image file as RGB, [0, 1] images to uint8 arrays, PNG files (written atomically), grids."""
+import io
 import os
 import struct
 from typing import Optional, Tuple
@@ -7,6 +8,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+
+from utils.ckpt import write_bytes_atomic
 
 __all__ = ['IMAGE_READ_ERRORS', 'load_rgb', 'to_rgb', 'to_uint8_BHW3', 'save_png_atomic', 'make_grid', 'save_grid']
 
@@ -67,14 +70,10 @@ def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
 
 
 def save_png_atomic(arr_HW3: np.ndarray, path: str) -> None:
-    """Write a PNG under a temporary name and rename it, so a kill never leaves a partial file."""
-    tmp = f'{path}.tmp-{os.getpid()}.png'
-    try:
-        PIL.Image.fromarray(arr_HW3).save(tmp, format='PNG')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write a PNG under a temporary name, fsync and rename it, so neither a kill nor a power loss leaves a partial file."""
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr_HW3).save(buf, format='PNG')
+    write_bytes_atomic(buf.getvalue(), path)
 
 
 def make_grid(img_B3HW: torch.Tensor, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:

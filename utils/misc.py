@@ -1,4 +1,5 @@
 """Sample folders: PNGs named by their index, packed into the `.npz` the OpenAI FID evaluator reads."""
+import json
 import os
 import os.path as osp
 import re
@@ -10,9 +11,10 @@ import PIL.Image
 
 from utils.cli import UserError
 
-__all__ = ['create_npz_from_sample_folder', 'open_npz_arr0', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
+__all__ = ['create_npz_from_sample_folder', 'open_npz_arr0', 'read_npz_manifest', 'NPZ_MANIFEST', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
 
 _INDEX_PNG = re.compile(r'^(\d+)\.png$')
+NPZ_MANIFEST = 'manifest.json'   # the npz member that says how its images were made (evaluators read only arr_0)
 
 
 class SampleFolderError(UserError, ValueError):
@@ -50,15 +52,27 @@ def open_npz_arr0(path: str):
     return zf, f, shape, fortran, dtype
 
 
+def read_npz_manifest(path: str) -> Optional[dict]:
+    """The manifest (a dict) stored in an npz by create_npz_from_sample_folder, or None when it has none.
+
+    Raises OSError, zipfile.BadZipFile or ValueError for a file that is not a zip or whose manifest is not JSON.
+    """
+    with zipfile.ZipFile(path) as zf:
+        if NPZ_MANIFEST not in zf.namelist():
+            return None
+        return json.loads(zf.read(NPZ_MANIFEST).decode())
+
+
 def _ranges(idx: List[int], limit: int = 8) -> str:
     shown = ', '.join(str(i) for i in idx[:limit])
     return shown + (f' ... ({len(idx)} in all)' if len(idx) > limit else '')
 
 
-def create_npz_from_sample_folder(folder: str, n: Optional[int] = None) -> str:
+def create_npz_from_sample_folder(folder: str, n: Optional[int] = None, manifest: Optional[dict] = None) -> str:
     """Pack folder/000000.png … into `folder + '.npz'` with arr_0 (n, H, W, 3) uint8, in index order.
 
     n: the expected number of images (checked); None takes every indexed PNG, which must be 0 … count − 1.
+    manifest: stored as the member `manifest.json` beside arr_0 (read it back with read_npz_manifest).
     The npz is streamed to a temporary file and renamed, so memory stays at one image and a kill never
     leaves a partial npz. Raises SampleFolderError for missing, extra or differently sized images.
     """
@@ -93,6 +107,8 @@ def create_npz_from_sample_folder(folder: str, n: Optional[int] = None) -> str:
                         raise SampleFolderError(f'{folder}/{files[i]} is {img.shape[1]}x{img.shape[0]}, the others {W}x{H}: '
                                                 f'all samples must have one size')
                     f.write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
+            if manifest is not None:
+                zf.writestr(NPZ_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         with open(tmp, 'rb+') as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, out_path)
