@@ -30,7 +30,7 @@ import dist
 from utils.arg_util import FlagError, ModelFlags, parse_dataclass, parse_patch_nums
 from utils.ckpt import write_bytes_atomic
 from utils.cli import run_main
-from utils.imgs import save_png_atomic, to_uint8_BHW3
+from utils.imgs import IMAGE_READ_ERRORS, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
 from utils.misc import (SampleFolderError, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0, read_npz_manifest,
                         sample_png_name)
@@ -48,7 +48,7 @@ class SampleArgs(ModelFlags):
     per_class: int = 50
     cfg: float = 1.5
     top_k: int = 900                     # 0: no top-k filtering
-    top_p: float = 0.96                  # 0: no nucleus filtering
+    top_p: float = 0.96                  # 1: no nucleus filtering
     more_smooth: bool = False
     seed: int = 0
     bs: int = 32                         # images per process and batch
@@ -72,8 +72,8 @@ def check_flags(args: SampleArgs) -> None:
             raise FlagError(f'--{name}={getattr(args, name)} must be an integer >= 1')
     if args.top_k < 0:
         raise FlagError(f'--top_k={args.top_k} must be 0 (no top-k filtering) or 1 .. the vocabulary size')
-    if not (0.0 <= args.top_p <= 1.0):   # also false for nan
-        raise FlagError(f'--top_p={args.top_p} must be 0 (no nucleus filtering) or in (0, 1], e.g. 0.96')
+    if not (0.0 < args.top_p <= 1.0):   # also false for nan
+        raise FlagError(f'--top_p={args.top_p} must be in (0, 1], e.g. 0.96 (1: no nucleus filtering)')
     if not math.isfinite(args.cfg):
         raise FlagError(f'--cfg={args.cfg} must be a finite number (1.5 is the reference\'s FID setting)')
     if args.fp16 not in (0, 1, 2):
@@ -201,7 +201,7 @@ def png_ok(path: str, size: int) -> bool:
         with PIL.Image.open(path) as im:
             im.load()
             return im.mode == 'RGB' and im.size == (size, size)
-    except Exception:   # PIL raises OSError, ValueError, SyntaxError, ... for damaged files
+    except IMAGE_READ_ERRORS:
         return False
 
 

@@ -147,8 +147,8 @@ def test_sample_same_pngs_for_bs_4_and_7_on_cuda(tiny_ckpts, tmp_path):  # noqa:
         outs[bs] = tmp_path / f'bs{bs}'
         res = run_script(sample_flags(tiny_ckpts, outs[bs], '--per_class=3', f'--bs={bs}', '--seed=1', '--cfg=2', '--no_npz'))
         assert f'single process on {DEVICE.type}' in res.stdout + res.stderr
-    names = sorted(os.listdir(outs[4]))
-    assert names == [f'{i:06d}.png' for i in range(15)] and sorted(os.listdir(outs[7])) == names
+    names = sorted(n for n in os.listdir(outs[4]) if n.endswith('.png'))   # manifest.json beside them
+    assert names == [f'{i:06d}.png' for i in range(15)] and sorted(n for n in os.listdir(outs[7]) if n.endswith('.png')) == names
     differ = []
     for n in names:
         if (outs[4] / n).read_bytes() != (outs[7] / n).read_bytes():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import build_tiny, run_and_kill_after_checkpoint, run_script, script_env
+from conftest import build_tiny, reference_file, run_and_kill_after_checkpoint, run_script, script_env
 from utils.misc import SampleFolderError, create_npz_from_sample_folder, read_npz_manifest
 
 MODEL_FLAGS = ['--depth=2', '--pn=1_2_3_4', '--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--num_classes=5']
@@ -239,7 +239,7 @@ def test_a_mismatched_checkpoint_is_a_clear_error(tiny_ckpts, tmp_path):
 
 
 @pytest.mark.parametrize('flag, phrase', [
-    ('--top_k=-1', '--top_k=-1 must be 0'), ('--top_p=1.5', '--top_p=1.5 must be 0'), ('--top_p=-0.1', '--top_p=-0.1 must be 0'),
+    ('--top_k=-1', '--top_k=-1 must be 0'), ('--top_p=1.5', '--top_p=1.5 must be in (0, 1]'), ('--top_p=0', '--top_p=0.0 must be in (0, 1]'),
     ('--top_p=nan', '--top_p=nan'), ('--bs=0', '--bs=0 must be an integer >= 1'), ('--per_class=0', '--per_class=0 must be'),
     ('--num_classes=0', '--num_classes=0 must be'), ('--fp16=3', '--fp16=3: use 0'), ('--cfg=inf', '--cfg=inf must be a finite'),
     ('--pn=3_2', '--pn='),
@@ -321,3 +321,14 @@ def test_create_npz_from_sample_folder(tmp_path):
     with pytest.raises(SampleFolderError, match='does not exist'):
         create_npz_from_sample_folder(str(tmp_path / 'nothing'))
     assert not any(p.name.startswith('samples.npz.tmp') for p in tmp_path.iterdir())
+
+
+def test_a_checkpoint_of_the_reference_trainer_samples_with_its_shape_inferred(tmp_path):
+    """The reference's train.py records neither the class count nor the tokenizer shape: both come from the weights."""
+    ckpt = reference_file('ckpt_reference_tiny.pth')
+    build = json.loads(reference_file('ckpt_reference_tiny.json').read_text())['build']
+    out = tmp_path / 'ref'
+    res = run_script(['sample.py', f'--var_ckpt={ckpt}', '--per_class=1', '--num_classes=2', '--bs=2', '--top_k=100', f'--out={out}'])
+    assert 'a checkpoint of the reference trainer; inferred' in res.stdout + res.stderr
+    assert json.loads((out / 'manifest.json').read_text())['pixels']['model'] == build
+    assert sorted(p.name for p in out.glob('*.png')) == ['000000.png', '000001.png']

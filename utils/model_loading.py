@@ -13,6 +13,7 @@ from models.state_dict import PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED, publish
 from utils.arg_util import FlagError, ModelFlags, parse_patch_nums
 from utils.cli import UserError
 from utils.hub import resolve_checkpoint
+from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 
 __all__ = ['SamplingWeights', 'read_weights', 'build_from_weights', 'load_for_sampling', 'state_fingerprint']
 
@@ -108,6 +109,9 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
         var_state = _load(resolve_checkpoint(name))
 
     if trainer_ckpt is not None:
+        if is_reference_ckpt(trainer_ckpt):   # written by the reference's train.py: its args lack the model's shape
+            for note in complete_reference_args(trainer_ckpt):
+                logger.info('%s: a checkpoint of the reference trainer; inferred %s', var_ckpt, note)
         a = trainer_ckpt.get('args') or {}
         _check_flags_against_trainer_args(var_ckpt, a, flags, given)
         kw = _trainer_build_kwargs(var_ckpt, a)
