@@ -29,9 +29,11 @@ images from the same seed. Another schedule or sampler is a few lines:
     def greedy(logits_BlV, *, si, ratio, rng):   # argmax: no randomness at all
         return TokenDraw(logits_BlV.argmax(dim=-1))
 
-    rng = generators(0, B=4, var=var)            # what g_seed=0 seeds
-    img_B3HW = sample_next_scale(var, torch.tensor([1, 2, 3, 4]), rng,
-                                 guidance=ConstantGuidance(2.0), sampler=TopKTopP(top_k=900, top_p=0.96))
+    label_B = torch.tensor([1, 2, 3, 4])
+    rng = generators(0, B=4, var=var)            # the generator g_seed=0 gives autoregressive_infer_cfg
+    img_B3HW = sample_next_scale(var, label_B, rng, guidance=ConstantGuidance(2.0),
+                                 sampler=TopKTopP(top_k=900, top_p=0.96))
+    greedy_B3HW = sample_next_scale(var, label_B, guidance=ConstantGuidance(2.0), sampler=greedy)
 
 Letters (capital = all scales, lower = one scale): B batch, L tokens of all scales, l tokens of one scale,
 C width, D condition width, V vocabulary, Cv tokenizer latent channels, h/w side of one scale's token map,
@@ -232,6 +234,20 @@ def next_scale_input(var: nn.Module, si: int, f_hat_BCvhw: torch.Tensor, h_BlCv:
     return f_hat_BCvhw, x_BlC.repeat(2, 1, 1)   # the doubled batch of guidance
 
 
+def _checked_draw(token_draw: TokenDraw, logits_shape: torch.Size, sampler: TokenSampler) -> TokenDraw:
+    """The sampler's result, if it has the shapes the loop needs; a clear error naming the sampler otherwise."""
+    B, l, V = logits_shape
+    if not isinstance(token_draw, TokenDraw):
+        raise TypeError(f'the token sampler {sampler!r} returned {type(token_draw).__name__}, not a TokenDraw(idx_Bl, soft_BlV=None)')
+    idx_Bl, soft_BlV = token_draw
+    if idx_Bl.shape != (B, l) or idx_Bl.dtype.is_floating_point:
+        raise ValueError(f'the token sampler {sampler!r} drew ids of shape {tuple(idx_Bl.shape)} and dtype {idx_Bl.dtype}; '
+                         f'expected integer ids of shape ({B}, {l})')
+    if soft_BlV is not None and soft_BlV.shape != (B, l, V):
+        raise ValueError(f'the token sampler {sampler!r} gave soft weights of shape {tuple(soft_BlV.shape)}; expected ({B}, {l}, {V})')
+    return token_draw
+
+
 @torch.no_grad()
 def sample_next_scale(var: nn.Module, label_B: torch.Tensor, rng: RNG = None,
                       guidance: GuidanceSchedule = LinearGuidance(), sampler: TokenSampler = TopKTopP(),
@@ -251,7 +267,7 @@ def sample_next_scale(var: nn.Module, label_B: torch.Tensor, rng: RNG = None,
             logits_2BlV = var.get_logits(x_2BlC, cond_2BD)
             t = guidance(si=si, ratio=ratio)
             logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-            token_draw = sampler(logits_BlV, si=si, ratio=ratio, rng=rng)
+            token_draw = _checked_draw(sampler(logits_BlV, si=si, ratio=ratio, rng=rng), logits_BlV.shape, sampler)
             if token_draw.soft_BlV is None:
                 h_BlCv = embedding(token_draw.idx_Bl)
             else:
@@ -259,5 +275,8 @@ def sample_next_scale(var: nn.Module, label_B: torch.Tensor, rng: RNG = None,
             draw = ScaleDraw(si, ratio, logits_2BlV, logits_BlV, token_draw.idx_Bl, h_BlCv)
             for hook in hooks:
                 draw = hook(draw)
+                if not isinstance(draw, ScaleDraw):
+                    raise TypeError(f'the scale hook {hook!r} returned {type(draw).__name__}, not a ScaleDraw: '
+                                    f'return the draw it was given (or dataclasses.replace(draw, ...))')
             f_hat_BCvhw, x_2BlC = next_scale_input(var, si, f_hat_BCvhw, draw.h_BlCv, lvl_pos_1LC)
     return var.vae_proxy[0].fhat_to_img(f_hat_BCvhw).add_(1).mul_(0.5)   # from [-1, 1] to [0, 1]
