@@ -254,6 +254,10 @@ def sample_next_scale(var: nn.Module, label_B: torch.Tensor, rng: RNG = None,
                       hooks: Sequence[ScaleHook] = ()) -> torch.Tensor:
     """Sample images for the class labels label_B (B,) (var.num_classes = no class) coarse to fine, every random draw
     from rng (see `generators`). Returns images (B, 3, H, W) in [0, 1]."""
+    if (not isinstance(label_B, torch.Tensor) or label_B.ndim != 1 or label_B.dtype.is_floating_point or label_B.dtype == torch.bool
+            or len(label_B) == 0 or int(label_B.min()) < 0 or int(label_B.max()) > var.num_classes):
+        raise ValueError(f'label_B must be a 1-D integer tensor of labels in [0, {var.num_classes}] ({var.num_classes} = no class), '
+                         f'got {label_B!r}')
     B, SN = label_B.shape[0], len(var.patch_nums)
     embedding = var.vae_quant_proxy[0].embedding
     cond_2BD, x_2BlC, lvl_pos_1LC = first_scale_input(var, label_B)

@@ -153,6 +153,9 @@ def test_pieces_that_break_the_contract_are_named(models):
     with pytest.raises(TypeError, match=r'scale hook .* returned NoneType, not a ScaleDraw'):
         sample_next_scale(var, label_B, hooks=[lambda draw: None])
     assert all(b.attn.cached_k is None and not b.attn.caching for b in var.blocks), 'the KV cache is cleared after an error'
+    for bad in ([0, 1], torch.tensor([0, 6]), torch.tensor([-1, 0]), torch.tensor([0.0, 1.0]), torch.tensor([[0, 1]])):
+        with pytest.raises(ValueError, match=r'label_B must be a 1-D integer tensor of labels in \[0, 5\]'):
+            sample_next_scale(var, bad)
 
 
 def test_the_module_docstring_example_runs():
