@@ -1,15 +1,17 @@
-"""VAR models: the multi-scale VQVAE tokenizer, the VAR transformer and their builder."""
+"""VAR models: the multi-scale VQVAE tokenizer, the VAR transformer, their builder and the pieces of sampling."""
 from typing import Sequence, Tuple, Union
 
 import torch
 
 from .helpers import make_edit_mask
 from .quant import VectorQuantizer2
+from .sampling import GumbelSmoothing, KeepInputTokens, LinearGuidance, ScaleDraw, TokenDraw, TopKTopP, sample_next_scale
 from .state_dict import CheckpointMismatchError
 from .var import VAR
 from .vqvae import VQVAE
 
-__all__ = ['build_vae_var', 'VQVAE', 'VAR', 'VectorQuantizer2', 'make_edit_mask', 'CheckpointMismatchError']
+__all__ = ['build_vae_var', 'VQVAE', 'VAR', 'VectorQuantizer2', 'make_edit_mask', 'CheckpointMismatchError',
+           'sample_next_scale', 'LinearGuidance', 'TopKTopP', 'GumbelSmoothing', 'KeepInputTokens', 'ScaleDraw', 'TokenDraw']
 
 
 def build_vae_var(

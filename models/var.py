@@ -11,13 +11,12 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, BlockCausal, block_causal_groups, choose_backend, describe_backends
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from .cpu_linear import Linear
-from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
+from . import sampling
 from .state_dict import check_state_dict
 from .vqvae import VQVAE
 
@@ -168,30 +167,6 @@ class VAR(nn.Module):
                              f'got values from {lo} to {hi}')
         return label_B.long()
 
-    def _keep_masks(self, edit_mask: torch.Tensor, input_img_tokens: List[torch.Tensor], B: int, device) -> List[torch.Tensor]:
-        """Per scale, where the input image's tokens are kept: (B or 1, l, 1) booleans."""
-        if len(input_img_tokens) != len(self.patch_nums):
-            raise ValueError(f'input_img_tokens has {len(input_img_tokens)} token maps, the model has {len(self.patch_nums)} scales')
-        for si, (idx_Bl, pn) in enumerate(zip(input_img_tokens, self.patch_nums)):
-            if idx_Bl.ndim != 2 or idx_Bl.shape[1] != pn * pn or idx_Bl.shape[0] not in (1, B):
-                raise ValueError(f'input_img_tokens[{si}] has shape {tuple(idx_Bl.shape)}, expected ({B} or 1, {pn * pn}); '
-                                 f'make it with vae.img_to_idxBl(img)')
-        edit_mask = torch.as_tensor(edit_mask, device=device, dtype=torch.float32)
-        if edit_mask.ndim == 2:
-            mask_N1hw = edit_mask[None, None]
-        elif edit_mask.ndim == 3 and edit_mask.shape[0] in (1, B):
-            mask_N1hw = edit_mask[:, None]
-        else:
-            raise ValueError(f'edit_mask must be (h, w) or ({B}, h, w) with 1 = keep the input image, got shape {tuple(edit_mask.shape)}')
-        keeps = []
-        for pn in self.patch_nums:
-            if pn * pn <= 3:
-                keeps.append(torch.ones(1, pn * pn, 1, dtype=torch.bool, device=device))
-            else:
-                m_N1hw = F.interpolate(mask_N1hw, size=(pn, pn), mode='bilinear')
-                keeps.append((m_N1hw > 0.5).view(m_N1hw.shape[0], pn * pn, 1))
-        return keeps
-
     @torch.no_grad()
     def autoregressive_infer_cfg(
         self, B: int, label_B: LabelArg, g_seed: Union[None, int, Sequence[int]] = None, cfg=1.5, top_k=0, top_p=0.0,
@@ -209,73 +184,28 @@ class VAR(nn.Module):
         1 = keep the input image's tokens (see helpers.make_edit_mask).
         on_scale: optional callback(si, raw logits of the doubled batch (2B, l, V), drawn idx (B, l)).
         Returns images (B, 3, H, W) in [0, 1].
+
+        The loop is `models.sampling.sample_next_scale`; call it for another guidance schedule, token sampler
+        or per-scale hook.
         """
         device = self.lvl_1L.device
         label_B = self._check_sampling_args(B, label_B, top_k, top_p, device)
         if (input_img_tokens is None) != (edit_mask is None):
             raise ValueError('zero-shot editing needs both input_img_tokens (vae.img_to_idxBl(img)) and edit_mask')
-        keeps = self._keep_masks(edit_mask, input_img_tokens, B, device) if edit_mask is not None else None
-
-        if g_seed is None:
-            rng = None
-        elif isinstance(g_seed, int):
-            rng = self.rng
-            rng.manual_seed(g_seed)
-        else:   # one seed per sample: each sample's draws are its own, whatever else is in the batch
-            seeds = [int(s) for s in g_seed]
-            if len(seeds) != B:
-                raise ValueError(f'g_seed has {len(seeds)} per-sample seeds for B={B} samples')
-            rng = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        hooks: List[sampling.ScaleHook] = []
+        if on_scale is not None:
+            def call_on_scale(draw: sampling.ScaleDraw) -> sampling.ScaleDraw:
+                on_scale(draw.si, draw.logits_2BlV, draw.idx_Bl)
+                return draw
+            hooks.append(call_on_scale)
+        if edit_mask is not None:
+            hooks.append(sampling.KeepInputTokens.from_mask(input_img_tokens, edit_mask, self.patch_nums, B,
+                                                            self.vae_quant_proxy[0].embedding))
+        rng = sampling.generators(g_seed, B, self)
         if label_B is None:
-            uniform_prob = torch.full((1, self.num_classes), fill_value=1.0 / self.num_classes, dtype=torch.float32, device=device)
-            if isinstance(rng, list):
-                label_B = torch.cat([torch.multinomial(uniform_prob, num_samples=1, generator=g).reshape(1) for g in rng])
-            else:
-                label_B = torch.multinomial(uniform_prob, num_samples=B, replacement=True, generator=rng).reshape(B)
-
-        quant = self.vae_quant_proxy[0]
-        sos = cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, fill_value=self.num_classes)), dim=0))
-        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-        next_token_map = sos.unsqueeze(1).expand(2 * B, self.first_l, -1) + self.pos_start.expand(2 * B, self.first_l, -1) + lvl_pos[:, :self.first_l]
-
-        cur_L = 0
-        f_hat = sos.new_zeros(B, self.Cvae, self.patch_nums[-1], self.patch_nums[-1])
-        cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-        for b in self.blocks:
-            b.attn.kv_caching(True)
-        try:
-            for si, pn in enumerate(self.patch_nums):   # si: i-th segment
-                ratio = si / self.num_stages_minus_1
-                cur_L += pn * pn
-                x_2BlC = next_token_map
-                for b in self.blocks:
-                    x_2BlC = b(x=x_2BlC, cond_BD=cond_BD_or_gss, attn_bias=None)
-                logits_2BlV = self.get_logits(x_2BlC, cond_BD)
-
-                t = cfg * ratio
-                logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-                idx_Bl = sample_with_top_k_top_p_(logits_BlV, rng=rng, top_k=top_k, top_p=top_p, num_samples=1)[:, :, 0]
-                if on_scale is not None:
-                    on_scale(si, logits_2BlV, idx_Bl)
-                if not more_smooth:  # this is the default case
-                    h_BlCv = quant.embedding(idx_Bl)
-                else:  # not used when evaluating FID/IS/Precision/Recall
-                    gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)   # refer to mask-git
-                    h_BlCv = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=gum_t, hard=False, dim=-1, rng=rng) @ quant.embedding.weight.unsqueeze(0)
-                if keeps is not None:
-                    h_BlCv = torch.where(keeps[si], quant.embedding(input_img_tokens[si]).to(h_BlCv.dtype), h_BlCv)
-
-                h_BCvhw = h_BlCv.transpose_(1, 2).reshape(B, self.Cvae, pn, pn)
-                f_hat, next_token_map = quant.get_next_autoregressive_input(si, len(self.patch_nums), f_hat, h_BCvhw)
-                if si != self.num_stages_minus_1:   # prepare for next stage
-                    next_token_map = next_token_map.view(B, self.Cvae, -1).transpose(1, 2)
-                    next_token_map = self.word_embed(next_token_map) + lvl_pos[:, cur_L:cur_L + self.patch_nums[si + 1] ** 2]
-                    next_token_map = next_token_map.repeat(2, 1, 1)   # double the batch sizes due to CFG
-        finally:
-            for b in self.blocks:
-                b.attn.kv_caching(False)
-
-        return self.vae_proxy[0].fhat_to_img(f_hat).add_(1).mul_(0.5)   # de-normalize, from [-1, 1] to [0, 1]
+            label_B = sampling.uniform_labels(self.num_classes, B, rng, device)
+        return sampling.sample_next_scale(self, label_B, rng, guidance=sampling.LinearGuidance(cfg),
+                                          sampler=sampling.default_sampler(top_k, top_p, more_smooth), hooks=hooks)
 
     # ------------------------------------------------------------------ teacher forcing
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
