@@ -101,21 +101,21 @@ def test_the_guard_does_not_call_a_missing_checkpoint_the_last_good_one(tmp_path
 # ---------------------------------------------------------------------- train.py and train_vae.py end to end
 def test_a_bit_flip_in_the_newest_checkpoint_never_replaces_the_previous(shapes_data, tiny_vae_ckpt, tmp_path):
     out = tmp_path / 'run'
-    flags = ['--bs=8', '--ep=2', '--seed=1']
+    flags = ['--bs=8', '--ep=1', '--seed=1', '--ckpt_every_it=5']   # 12 iterations: checkpoints at 5, 10 (prev) and the end (last)
     run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *flags))
     prev_bytes = (out / 'ar-ckpt-prev.pth').read_bytes()
     flip_a_bit_in_the_largest_tensor(out / 'ar-ckpt-last.pth')
     stale, kept = leave_temporary_files(out, tmp_path)
     res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *flags))
     assert 'ar-ckpt-last.pth is damaged' in res.stdout and 'do not match the checksum' in res.stdout
-    assert 'ar-ckpt-prev.pth at epoch 1, iteration 0' in res.stdout
+    assert 'ar-ckpt-prev.pth at epoch 0, iteration 10' in res.stdout
     assert (out / 'ar-ckpt-last.pth.damaged').is_file(), 'the damaged file is set aside'
-    # epoch 2 retrained: the new last is good and the previous one is still the good epoch-1 file, not the damaged one
+    # the second half retrained: the new last is good and the previous one is still the good file, not the damaged one
     assert (out / 'ar-ckpt-prev.pth').read_bytes() == prev_bytes
     from utils.ckpt import load_first_good
-    for name, ep in (('ar-ckpt-last.pth', 2), ('ar-ckpt-prev.pth', 1)):
+    for name, pos in (('ar-ckpt-last.pth', (1, 0)), ('ar-ckpt-prev.pth', (0, 10))):
         ck, _, damaged = load_first_good([str(out / name)])
-        assert ck['epoch'] == ep and not damaged
+        assert (ck['epoch'], ck['iter']) == pos and not damaged
     # temporary files of a killed run are gone, only this project's names in its own output folder
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert 'removed 2 temporary checkpoint files left by an interrupted run' in res.stdout
@@ -141,16 +141,16 @@ def leave_temporary_files(out: Path, tmp_path: Path):
 def test_train_vae_falls_back_to_the_previous_checkpoint_and_refuses_other_models(tiny_shapes, tmp_path):
     from test_train_vae import vae_flags
     out = tmp_path / 'vae'
-    flags = ['--bs=4', '--ep=2', '--lpips_weight=0', '--disc_start=-1', '--seed=0']
+    flags = ['--bs=4', '--ep=1', '--lpips_weight=0', '--disc_start=-1', '--seed=0', '--ckpt_every_it=4']   # 6 iterations: prev at 4
     run_script(vae_flags(tiny_shapes, out, *flags))
     prev_bytes = (out / 'vae-ckpt-prev.pth').read_bytes()
     flip_a_bit_in_the_largest_tensor(out / 'vae-ckpt-last.pth')
     res = run_script(vae_flags(tiny_shapes, out, *flags))
-    assert 'vae-ckpt-last.pth is damaged' in res.stdout and 'vae-ckpt-prev.pth at epoch 1, iteration 0' in res.stdout
-    assert (out / 'vae-ckpt-prev.pth').read_bytes() == prev_bytes and load(out / 'vae-ckpt-last.pth')['epoch'] == 2
+    assert 'vae-ckpt-last.pth is damaged' in res.stdout and 'vae-ckpt-prev.pth at epoch 0, iteration 4' in res.stdout
+    assert (out / 'vae-ckpt-prev.pth').read_bytes() == prev_bytes and load(out / 'vae-ckpt-last.pth')['epoch'] == 1
 
     # resuming with flags of another tokenizer
-    res = run_script(vae_flags(tiny_shapes, out, '--bs=4', '--ep=3', '--lpips_weight=0', '--disc_start=-1').__add__(['--vocab_size=128']),
+    res = run_script(vae_flags(tiny_shapes, out, '--bs=4', '--ep=2', '--lpips_weight=0', '--disc_start=-1').__add__(['--vocab_size=128']),
                      check=False)
     assert res.returncode == 1 and 'Traceback' not in res.stderr
     assert 'another model configuration: --vocab_size: checkpoint 64, now 128' in res.stderr
@@ -170,24 +170,24 @@ def test_train_vae_falls_back_to_the_previous_checkpoint_and_refuses_other_model
     assert 'no readable checkpoint to resume from: 2 damaged' in res.stderr and 'Move these files away' in res.stderr
 
 
-def test_non_finite_losses_end_the_run_with_an_error_and_a_strict_log(shapes_data, tiny_vae_ckpt, tmp_path):
+def test_non_finite_losses_end_the_run_with_an_error_and_a_strict_log(tiny_shapes, tiny_vae_ckpt, tmp_path):
     """The loss becomes NaN after the first (huge) step; with a large patience the run goes on to the end."""
     out = tmp_path / 'run'
-    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=1', '--tblr=1e35', '--tclip=0', '--seed=0',
+    res = run_script(train_flags(tiny_shapes, tiny_vae_ckpt, out, '--bs=8', '--ep=1', '--tblr=1e35', '--tclip=0', '--seed=0',
                                  '--nonfinite_patience=1000', '--twde=0.1'), check=False)
     assert res.returncode == 1 and 'Traceback' not in res.stderr
-    assert 'training finished, but its results are not trustworthy: 11 training losses were not finite (the first by iteration 1; ' \
-           '11 optimizer steps were skipped)' in res.stderr
+    assert 'training finished, but its results are not trustworthy: 2 training losses were not finite (the first by iteration 1; ' \
+           '2 optimizer steps were skipped)' in res.stderr
     assert 'epoch 1 validation: vL_mean=nan' in res.stderr
     lines = strict_lines(out / 'log.txt')
-    assert lines[0]['eval'] and lines[0]['vL_mean'] == 'NaN' and lines[1]['L_mean'] == 'NaN' and lines[1]['skipped_steps'] == 11
+    assert lines[0]['eval'] and lines[0]['vL_mean'] == 'NaN' and lines[1]['L_mean'] == 'NaN' and lines[1]['skipped_steps'] == 2
 
     # tensorboard holds the schedule's lr and wd and the running count of skipped steps
     from utils.lr_control import lr_wd_annealing
     args = load(out / 'ar-ckpt-last.pth')['args']
-    iters = 12
+    iters = 3
     sc = read_scalars(out)
-    assert [s for s, _ in sc['AR_opt/lr_max']] == list(range(iters)), 'logged at every iteration (12 per epoch)'
+    assert [s for s, _ in sc['AR_opt/lr_max']] == list(range(iters)), 'logged at every iteration'
     opt = torch.optim.AdamW([{'params': [torch.zeros(2, 2, requires_grad=True)], 'wd_sc': 1.0, 'lr_sc': 1.0},
                              {'params': [torch.zeros(2, requires_grad=True)], 'wd_sc': 0.0, 'lr_sc': 1.0}])
     for (s, lr), (s2, wd), (s3, skipped) in zip(sc['AR_opt/lr_max'], sc['AR_opt/wd_max'], sc['AR_opt/skipped_steps']):
@@ -210,12 +210,12 @@ def test_train_vae_non_finite_losses_end_the_run_with_an_error_and_a_strict_log(
     assert lines[-1]['rec_loss'] == 'NaN' and lines[-1]['skipped_steps'] > 0
 
 
-def test_validation_failure_keeps_the_epochs_checkpoint(shapes_data, tiny_vae_ckpt, tiny_shapes, tmp_path):
+def test_validation_failure_keeps_the_epochs_checkpoint(tiny_vae_ckpt, tiny_shapes, tmp_path):
     """An error in the end-of-epoch bookkeeping (here: validation, made to fail) still leaves the epoch's checkpoint."""
     from test_train_vae import vae_flags
     for script, patch, argv, name in (
             ('train.py', 'import trainer as m; m.VARTrainer.eval_ep = boom',
-             train_flags(shapes_data, tiny_vae_ckpt, tmp_path / 'var', '--bs=8', '--ep=1', '--seed=0'), 'var/ar-ckpt-last.pth'),
+             train_flags(tiny_shapes, tiny_vae_ckpt, tmp_path / 'var', '--bs=8', '--ep=1', '--seed=0'), 'var/ar-ckpt-last.pth'),
             ('train_vae.py', 'import vae_trainer as m; m.VQVAETrainer.evaluate = boom',
              vae_flags(tiny_shapes, tmp_path / 'vae', '--bs=4', '--ep=1', '--lpips_weight=0', '--disc_start=-1'), 'vae/vae-ckpt-last.pth')):
         code = ('import runpy, sys\n'
@@ -228,10 +228,10 @@ def test_validation_failure_keeps_the_epochs_checkpoint(shapes_data, tiny_vae_ck
         assert (ck['epoch'], ck['iter']) == (1, 0), script
 
 
-def test_checkpoint_every_few_minutes(shapes_data, tiny_vae_ckpt, tmp_path):
+def test_checkpoint_every_few_minutes(tiny_shapes, tiny_vae_ckpt, tmp_path):
     """--ckpt_every_min alone (a tiny interval) writes mid-epoch checkpoints: the first one is mid-epoch."""
     out = tmp_path / 'run'
-    run_and_kill_after_checkpoint(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=2', '--ckpt_every_min=1e-6', '--ckpt_every_it=0'),
+    run_and_kill_after_checkpoint(train_flags(tiny_shapes, tiny_vae_ckpt, out, '--bs=8', '--ep=2', '--ckpt_every_min=1e-6', '--ckpt_every_it=0'),
                                   out / 'ar-ckpt-last.pth', kill_at_iter=1)
     ck = load(out / 'ar-ckpt-last.pth')
     assert (ck['epoch'], ck['iter']) == (0, 1)
@@ -253,12 +253,12 @@ print('BLOCK_TRAIN_FORWARDS', calls[0])
 '''
 
 
-def test_gradient_checkpointing_end_to_end(shapes_data, tiny_vae_ckpt, tmp_path):
+def test_gradient_checkpointing_end_to_end(tiny_shapes, tiny_vae_ckpt, tmp_path):
     """--grad_ckpt=1 recomputes every block in the backward pass and trains to the same weights."""
     counts, weights = {}, {}
     for gc in (0, 1):
         out = tmp_path / f'gc{gc}'
-        argv = train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=1', '--seed=0', '--tblr=3e-3', f'--grad_ckpt={gc}')
+        argv = train_flags(tiny_shapes, tiny_vae_ckpt, out, '--bs=8', '--ep=1', '--seed=0', '--tblr=3e-3', f'--grad_ckpt={gc}')
         res = subprocess.run([sys.executable, '-c', GRAD_CKPT_RUN, *map(str, argv)], cwd=REPO, env=script_env(), capture_output=True,
                              text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -266,6 +266,6 @@ def test_gradient_checkpointing_end_to_end(shapes_data, tiny_vae_ckpt, tmp_path)
         ck = load(out / 'ar-ckpt-last.pth')
         assert ck['args']['grad_ckpt'] == bool(gc)
         weights[gc] = ck['trainer']['var_wo_ddp']
-    assert counts[0] == 12 * 2 and counts[1] == 2 * counts[0], counts   # 12 steps x 2 blocks, each recomputed once
+    assert counts[0] == 3 * 2 and counts[1] == 2 * counts[0], counts   # 3 steps x 2 blocks, each recomputed once
     diff = [k for k in weights[0] if not torch.allclose(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)]
     assert not diff, diff[:5]
