@@ -204,11 +204,14 @@ class NonFiniteGuard:
             self.bad_values.append(f'{where}: ' + ', '.join(f'{k}={v}' for k, v in bad.items()))
 
     def finish(self) -> None:
-        """End a finished run with an error when it produced non-finite losses."""
+        """End a finished run with an error, on every process, when it produced non-finite losses."""
         problems = []
-        if self.n_bad_loss:
-            problems.append(f'{self.n_bad_loss} training losses were not finite (the first by iteration {self.first_bad_loss_it}; '
-                            f'{self.total} optimizer steps were skipped)')
+        n_bad_t = torch.tensor([float(self.n_bad_loss)])
+        dist.allreduce(n_bad_t)   # a loss that was not finite on one process only
+        n_bad = int(n_bad_t.item())
+        if n_bad:
+            first = f'the first by iteration {self.first_bad_loss_it}; ' if self.first_bad_loss_it is not None else ''
+            problems.append(f'{n_bad} training losses were not finite ({first}{self.total} optimizer steps were skipped)')
         problems += self.bad_values[:5]
         if problems:
             raise TrainingStopped('training finished, but its results are not trustworthy: ' + '; '.join(problems)
