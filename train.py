@@ -191,7 +191,7 @@ def main(args: Args) -> Dict[str, float]:
                                                    'augmentation seeded by (seed, epoch, index)'}}
 
     writer = CheckpointWriter(out_dir, LAST, PREV, BEST, checkpoint_state, {'var': var_wo_ddp}, iters_train,
-                              args.ckpt_every_min, args.ckpt_every_it)
+                              args.ckpt_every_min, args.ckpt_every_it, guard=guard)
 
     t_log = time.time()
     it_log = start_g_it
@@ -214,8 +214,7 @@ def main(args: Args) -> Dict[str, float]:
             else:
                 out = trainer.train_step(g_it, stepping, label_B, prog_si, args.pgwp * iters_train, inp_B3HW=batch.to(device, non_blocking=True))
 
-            if stepping:
-                guard.step(out['skipped'], g_it, out['grad_norm'])
+            guard.step(g_it, stepping, out)
 
             pbar.update(1)
             if (g_it + 1) % log_every == 0 or it == iters_train - 1 or g_it == start_g_it:
@@ -240,44 +239,43 @@ def main(args: Args) -> Dict[str, float]:
                 writer.save(ep, it + 1)
 
         # ---------------------------------------------------------- end of epoch
-        stats = {k: v / max(n_logged, 1) for k, v in ep_stats.items()}
-        n_skipped_imgs = int(train_set.n_skipped.item()) if hasattr(train_set, 'n_skipped') else 0
-        sec = time.time() - t_ep
-        remain = sec * (args.ep - ep - 1)
-        record = {'ep': ep + 1, 'it': (ep + 1) * iters_train, **{k: round(v, 5) for k, v in stats.items()},
-                  'tlr': max_tlr, 'twd': max_twd, 'skipped_steps': guard.total, 'skipped_images': n_skipped_imgs,
-                  'sec_per_ep': round(sec, 2), 'remain_hours': round(remain / 3600, 3)}
-        if n_skipped_imgs:
-            logger.warning('%d unreadable images were skipped so far', n_skipped_imgs)
-        is_val = (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep
         best_improved = False
-        if is_val:
-            vL_mean, vL_tail, vacc_mean, vacc_tail, tot, cost = trainer.eval_ep(ld_val, token_batches=token_batches)
-            best_improved = vL_tail < best['vL_tail']
-            best.update(vL_tail=min(best['vL_tail'], vL_tail), vL_mean=min(best['vL_mean'], vL_mean),
-                        vacc_tail=max(best['vacc_tail'], vacc_tail), vacc_mean=max(best['vacc_mean'], vacc_mean))
-            last_val = dict(vL_mean=vL_mean, vL_tail=vL_tail, vacc_mean=vacc_mean, vacc_tail=vacc_tail)
-            logger.info('[ep %d] val (%d images, %.1fs): loss %.4f, last scale %.4f, acc %.2f%%, last scale %.2f%%',
-                        ep + 1, tot, cost, vL_mean, vL_tail, vacc_mean, vacc_tail)
-            append_log(log_txt, {'ep': ep + 1, 'eval': True, **{k: round(v, 5) for k, v in last_val.items()}, 'val_images': tot,
-                                 'best_vL_tail': round(best['vL_tail'], 5)})
-            tb.update('AR_ep_loss', ep + 1, **last_val)
-        logger.info('[ep %d/%d] loss %.4f acc %.2f%% | %.1fs/epoch, %.2f h left', ep + 1, args.ep, stats.get('L_mean', float('nan')),
-                    stats.get('acc_mean', float('nan')), sec, remain / 3600)
-        append_log(log_txt, record)
-        tb.update('AR_ep_loss', ep + 1, **stats)
-        tb.update('AR_z_burnout', ep + 1, rest_hours=remain / 3600)
-        tb.flush()
-        if ((ep + 1) * iters_train) % args.ac == 0:
-            writer.save(ep + 1, 0, best=best_improved)
-        else:  # the epoch ended inside a gradient accumulation: the last checkpoint waits for the next optimizer step
-            writer.pending = True
-            if best_improved:
-                writer.save_best_only(ep + 1, 0)
+        try:   # whatever fails in the bookkeeping below, the epoch's checkpoint is written
+            stats = {k: v / max(n_logged, 1) for k, v in ep_stats.items()}
+            n_skipped_imgs = int(train_set.n_skipped.item()) if hasattr(train_set, 'n_skipped') else 0
+            sec = time.time() - t_ep
+            remain = sec * (args.ep - ep - 1)
+            record = {'ep': ep + 1, 'it': (ep + 1) * iters_train, **{k: round(v, 5) for k, v in stats.items()},
+                      'tlr': max_tlr, 'twd': max_twd, 'skipped_steps': guard.total, 'skipped_images': n_skipped_imgs,
+                      'sec_per_ep': round(sec, 2), 'remain_hours': round(remain / 3600, 3)}
+            if n_skipped_imgs:
+                logger.warning('%d unreadable images were skipped so far', n_skipped_imgs)
+            is_val = (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep
+            if is_val:
+                vL_mean, vL_tail, vacc_mean, vacc_tail, tot, cost = trainer.eval_ep(ld_val, token_batches=token_batches)
+                best_improved = vL_tail < best['vL_tail']
+                best.update(vL_tail=min(best['vL_tail'], vL_tail), vL_mean=min(best['vL_mean'], vL_mean),
+                            vacc_tail=max(best['vacc_tail'], vacc_tail), vacc_mean=max(best['vacc_mean'], vacc_mean))
+                last_val = dict(vL_mean=vL_mean, vL_tail=vL_tail, vacc_mean=vacc_mean, vacc_tail=vacc_tail)
+                guard.check_values(f'epoch {ep + 1} validation', last_val)
+                logger.info('[ep %d] val (%d images, %.1fs): loss %.4f, last scale %.4f, acc %.2f%%, last scale %.2f%%',
+                            ep + 1, tot, cost, vL_mean, vL_tail, vacc_mean, vacc_tail)
+                append_log(log_txt, {'ep': ep + 1, 'eval': True, **{k: round(v, 5) for k, v in last_val.items()}, 'val_images': tot,
+                                     'best_vL_tail': round(best['vL_tail'], 5)})
+                tb.update('AR_ep_loss', ep + 1, **last_val)
+            logger.info('[ep %d/%d] loss %.4f acc %.2f%% | %.1fs/epoch, %.2f h left', ep + 1, args.ep, stats.get('L_mean', float('nan')),
+                        stats.get('acc_mean', float('nan')), sec, remain / 3600)
+            append_log(log_txt, record)
+            tb.update('AR_ep_loss', ep + 1, **stats)
+            tb.update('AR_z_burnout', ep + 1, rest_hours=remain / 3600)
+            tb.flush()
+        finally:
+            writer.end_epoch(ep + 1, ((ep + 1) * iters_train) % args.ac == 0, best_improved)
 
     pbar.close()
     tb.close()
     logger.info('finished %d epochs; checkpoints in %s', args.ep, out_dir)
+    guard.finish()
     return {**stats, **last_val}
 
 

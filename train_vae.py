@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 import dist
 from models import VQVAE
+from models.state_dict import CheckpointMismatchError
 from models.discriminator import PatchDiscriminator
 from utils.amp_opt import AmpOptimizer, build_adamw
 from utils.arg_util import VAE_MODEL_KEYS, VAEArgs, parse_vae_args
-from utils.ckpt import save_atomic
+from utils.ckpt import save_atomic, verify_checksum
 from utils.cli import UserError, run_main
 from utils.data import build_dataset
 from utils.hub import resolve_checkpoint
@@ -61,8 +62,13 @@ def load_weights(vae: VQVAE, path_or_name: str) -> str:
         path = resolve_checkpoint(path_or_name)
     state = torch.load(path, map_location='cpu', weights_only=True)
     if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
+        verify_checksum(state, path)
         state = state['trainer']['vae_wo_ddp']
-    vae.load_state_dict(state, strict=True)
+    try:
+        vae.load_state_dict(state, strict=True)
+    except CheckpointMismatchError as e:
+        raise UserError(f'{path} does not fit the tokenizer that the flags build (--vocab_size={vae.vocab_size} '
+                        f'--z_channels={vae.Cvae} --vae_ch={vae.ch} ...): pass the flags it was trained with. {e}') from None
     return path
 
 
@@ -156,7 +162,7 @@ def main(args: VAEArgs) -> Dict[str, float]:
                 'rng': {'seed': args.seed, 'rule': 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration'}}
 
     writer = CheckpointWriter(out_dir, LAST, PREV, BEST, checkpoint_state, {'vae': vae_wo_ddp, **({'disc': disc_wo_ddp} if use_disc else {})},
-                              iters_train, args.ckpt_every_min, args.ckpt_every_it)
+                              iters_train, args.ckpt_every_min, args.ckpt_every_it, guard=guard)
     pbar = tqdm(total=max_it, initial=start_g_it, disable=not dist.is_master(), dynamic_ncols=True, desc='train_vae', unit='it')
     ld_iter = iter(ld_train)
     t_log, it_log = time.time(), start_g_it
@@ -175,8 +181,8 @@ def main(args: VAEArgs) -> Dict[str, float]:
                 lr_wd_annealing(args.sche, disc_opt.optimizer, args.disc_lr, args.wd, args.wd, g_it, wp_it, max_it, wp0=args.wp0, wpe=args.wpe)
             stepping = (g_it + 1) % args.ac == 0
             out = trainer.train_step(g_it, stepping, inp_B3HW)
+            guard.step(g_it, stepping, out)
             if stepping:
-                guard.step(out['skipped'], g_it, out['grad_norm'])
                 if args.reinit_dead > 0 and (g_it + 1) % args.reinit_dead == 0:
                     n = trainer.reinit_dead_codes(inp_B3HW)
                     if n:
@@ -204,38 +210,38 @@ def main(args: VAEArgs) -> Dict[str, float]:
                 writer.save(ep, it + 1)
 
         # ---------------------------------------------------------- end of epoch
-        stats = {k: v / max(n_logged, 1) for k, v in ep_sum.items()}
-        sec = time.time() - t_ep
-        record = {'ep': ep + 1, 'it': (ep + 1) * iters_train, **{k: round(v, 5) for k, v in stats.items()},
-                  'skipped_steps': guard.total, 'skipped_images': int(train_set.n_skipped.item()), 'reinitialised': trainer.n_reinit,
-                  'sec_per_ep': round(sec, 2), 'remain_hours': round(sec * (args.ep - ep - 1) / 3600, 3)}
         best_improved = False
-        if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
-            last_val = trainer.evaluate(ld_val)
-            best_improved = last_val['psnr'] > best['psnr']
-            best['psnr'] = max(best['psnr'], last_val['psnr'])
-            logger.info('[ep %d] val: PSNR %.2f dB, SSIM %.4f, L1 %.4f; codebook usage %s', ep + 1, last_val['psnr'], last_val['ssim'],
-                        last_val['l1'], ', '.join(f'{pn}: {last_val[f"usage_{pn}"]:.1f}%' for pn in args.patch_nums))
-            append_log(log_txt, {'ep': ep + 1, 'eval': True, **{k: round(v, 5) for k, v in last_val.items()}})
-            tb.update('VAE_val', ep + 1, **{k: v for k, v in last_val.items() if k not in ('images', 'sec')})
-        logger.info('[ep %d/%d] rec %.4f vq %.4f | %.1fs/epoch', ep + 1, args.ep, stats.get('rec_loss', math.nan),
-                    stats.get('vq_loss', math.nan), sec)
-        append_log(log_txt, record)
-        tb.flush()
-        if ((ep + 1) * iters_train) % args.ac == 0:
-            writer.save(ep + 1, 0, best=best_improved)
-            if dist.is_local_master():
+        try:   # whatever fails in the bookkeeping below, the epoch's checkpoint is written first
+            stats = {k: v / max(n_logged, 1) for k, v in ep_sum.items()}
+            sec = time.time() - t_ep
+            record = {'ep': ep + 1, 'it': (ep + 1) * iters_train, **{k: round(v, 5) for k, v in stats.items()},
+                      'skipped_steps': guard.total, 'skipped_images': int(train_set.n_skipped.item()), 'reinitialised': trainer.n_reinit,
+                      'sec_per_ep': round(sec, 2), 'remain_hours': round(sec * (args.ep - ep - 1) / 3600, 3)}
+            if (ep + 1) % args.val_every_ep == 0 or ep + 1 == args.ep:
+                last_val = trainer.evaluate(ld_val)
+                guard.check_values(f'epoch {ep + 1} validation', last_val)
+                best_improved = last_val['psnr'] > best['psnr']
+                best['psnr'] = max(best['psnr'], last_val['psnr'])
+                logger.info('[ep %d] val: PSNR %.2f dB, SSIM %.4f, L1 %.4f; codebook usage %s', ep + 1, last_val['psnr'], last_val['ssim'],
+                            last_val['l1'], ', '.join(f'{pn}: {last_val[f"usage_{pn}"]:.1f}%' for pn in args.patch_nums))
+                append_log(log_txt, {'ep': ep + 1, 'eval': True, **{k: round(v, 5) for k, v in last_val.items()}})
+                tb.update('VAE_val', ep + 1, **{k: v for k, v in last_val.items() if k not in ('images', 'sec')})
+            logger.info('[ep %d/%d] rec %.4f vq %.4f | %.1fs/epoch', ep + 1, args.ep, stats.get('rec_loss', math.nan),
+                        stats.get('vq_loss', math.nan), sec)
+            append_log(log_txt, record)
+            tb.flush()
+        finally:
+            stepped = ((ep + 1) * iters_train) % args.ac == 0
+            writer.end_epoch(ep + 1, stepped, best_improved)
+            if stepped and dist.is_local_master():
                 save_atomic(vae_wo_ddp.state_dict(), osp.join(out_dir, EXPORT))
-        else:
-            writer.pending = True
-            if best_improved:
-                writer.save_best_only(ep + 1, 0)
 
     pbar.close()
     tb.close()
     if dist.is_local_master():
         save_atomic(vae_wo_ddp.state_dict(), osp.join(out_dir, EXPORT))
     logger.info('finished %d epochs; tokenizer weights for train.py --vae_ckpt: %s', args.ep, osp.join(out_dir, EXPORT))
+    guard.finish()
     return {**stats, **last_val}
 
 

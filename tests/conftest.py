@@ -91,19 +91,51 @@ def tiny_vae_ckpt(tmp_path_factory):
     return path
 
 
-def run_and_kill_after_checkpoint(argv, ckpt_path, delay=0.3, timeout=240):
-    """Start `python argv`, SIGKILL it `delay` seconds after `ckpt_path` first appears; returns the exit code."""
+def run_and_kill_after_checkpoint(argv, ckpt_path, delay=0.3, timeout=240, kill_at_iter=None):
+    """Run `python argv` until it is killed by SIGKILL; returns the exit code (-9).
+
+    kill_at_iter=N (deterministic, for train.py and train_vae.py): the process kills itself right after it has
+    written the checkpoint of global iteration >= N (the test-only variable VAR_TEST_SIGKILL_AT_ITER, see
+    utils/run.py). Otherwise it is killed `delay` seconds after `ckpt_path` first appears.
+    The child's output goes to <output folder>.child-output.txt beside the output folder; it is shown in the
+    error when the child ends other than by the kill, or when `ckpt_path` never appears.
+    """
     import signal
     import subprocess
     import sys
     import time
-    proc = subprocess.Popen([sys.executable] + list(argv), cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while not Path(ckpt_path).exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
+    ckpt_path = Path(ckpt_path)
+    log_path = ckpt_path.parent.parent / f'{ckpt_path.parent.name}.child-output.txt'
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = script_env() if kill_at_iter is None else script_env(VAR_TEST_SIGKILL_AT_ITER=kill_at_iter)
+
+    def fail(why):
+        raise AssertionError(f'{" ".join(map(str, argv))}: {why}\n--- child output ({log_path})\n{log_path.read_text()[-6000:]}')
+
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen([sys.executable] + list(map(str, argv)), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            if kill_at_iter is None:
+                deadline = time.time() + timeout
+                while not ckpt_path.exists() and time.time() < deadline and proc.poll() is None:
+                    time.sleep(0.02)
+                if not ckpt_path.exists():
+                    proc.kill()
+                    proc.wait()
+                    fail(f'{ckpt_path} did not appear (exit code {proc.returncode})')
+                time.sleep(delay)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            fail(f'still running after {timeout} s')
+    if rc != -signal.SIGKILL:
+        fail(f'ended with exit code {rc} instead of being killed' + ('' if kill_at_iter is not None else f' (it finished within {delay} s of {ckpt_path.name})'))
+    if not ckpt_path.exists():
+        fail(f'killed, but {ckpt_path} does not exist')
+    return rc
 
 
 @pytest.fixture(scope='session')

@@ -1,5 +1,6 @@
 """train.py end to end on the CPU: torchrun with gloo, checkpoints, resume after SIGKILL, mixed precision, bad input."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,11 +95,12 @@ def test_sigkill_and_resume_gives_the_same_weights(shapes_data, tiny_vae_ckpt, t
     run_script(train_flags(shapes_data, tiny_vae_ckpt, ref, *flags))
 
     out = tmp_path / 'killed'
-    run_and_kill_after_checkpoint(train_flags(shapes_data, tiny_vae_ckpt, out, *flags), out / 'ar-ckpt-last.pth')
+    # 24 iterations per epoch, a checkpoint every 7: the process kills itself right after the one at iteration 35
+    run_and_kill_after_checkpoint(train_flags(shapes_data, tiny_vae_ckpt, out, *flags), out / 'ar-ckpt-last.pth', kill_at_iter=30)
     ck_at_kill = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
-    assert (ck_at_kill['epoch'], ck_at_kill['iter']) < (3, 0), 'the kill came too late to test a resume'
+    assert (ck_at_kill['epoch'], ck_at_kill['iter']) == (1, 11), 'the kill must land mid-epoch, after the checkpoint at iteration 35'
     res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, *flags))
-    assert f"at epoch {ck_at_kill['epoch']}, iteration {ck_at_kill['iter']}" in res.stdout
+    assert 'resuming from' in res.stdout and 'ar-ckpt-last.pth at epoch 1, iteration 11' in res.stdout, 'a mid-epoch resume'
 
     ck_ref, w_ref = final_weights(ref)
     ck_res, w_res = final_weights(out)
@@ -236,14 +238,19 @@ def test_progressive_training_follows_the_schedule(shapes_data, tiny_vae_ckpt, t
 
 
 def test_non_finite_training_stops_without_a_broken_checkpoint(shapes_data, tiny_vae_ckpt, tmp_path):
+    """A checkpoint every iteration; the first (huge) step is good, then every step is skipped until the patience runs out."""
     out = tmp_path / 'run'
-    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=3', '--tblr=1e35', '--wp0=1', '--tclip=0',
-                                 '--nonfinite_patience=3'), check=False)
-    assert res.returncode != 0
-    assert 'training stopped' in res.stderr
-    if (out / 'ar-ckpt-last.pth').exists():
-        _, w = final_weights(out)
-        assert all(torch.isfinite(v).all() for k, v in w.items() if v.is_floating_point() and k != 'attn_bias_for_masking')
+    res = run_script(train_flags(shapes_data, tiny_vae_ckpt, out, '--bs=8', '--ep=3', '--tblr=1e35', '--tclip=0', '--seed=0',
+                                 '--ckpt_every_it=1', '--nonfinite_patience=3'), check=False)
+    assert res.returncode == 1 and 'Traceback' not in res.stderr
+    skipped = [int(i) for i in re.findall(r'iteration (\d+): non-finite gradient .* optimizer step skipped', res.stdout)]
+    assert skipped == [1, 2, 3], 'exactly the patience of skipped steps, in a row'
+    assert 'training stopped: 3 optimizer steps in a row had a non-finite loss or gradient (the last at iteration 3)' in res.stderr
+    assert f'The last checkpoint, {out / "ar-ckpt-last.pth"}, holds finite weights from before these steps' in res.stderr
+    ck = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
+    assert (ck['epoch'], ck['iter']) == (0, skipped[0]), 'the checkpoint holds the state before the first skipped step'
+    w = ck['trainer']['var_wo_ddp']
+    assert all(torch.isfinite(v).all() for k, v in w.items() if v.is_floating_point() and k != 'attn_bias_for_masking')
 
 
 @pytest.mark.parametrize('setup, message', [

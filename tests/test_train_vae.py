@@ -95,11 +95,12 @@ def test_sigkill_and_resume_gives_the_same_tokenizer(tiny_shapes, tmp_path):
              '--reinit_dead=3', '--dead_threshold=0.5', '--hflip=1']
     run_script(vae_flags(tiny_shapes, tmp_path / 'ref', *flags))
     out = tmp_path / 'killed'
-    run_and_kill_after_checkpoint(vae_flags(tiny_shapes, out, *flags), out / 'vae-ckpt-last.pth', delay=0.2)
+    # 6 iterations per epoch, a checkpoint every 2: the process kills itself right after the one at iteration 8
+    run_and_kill_after_checkpoint(vae_flags(tiny_shapes, out, *flags), out / 'vae-ckpt-last.pth', kill_at_iter=7)
     at_kill = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)
-    assert (at_kill['epoch'], at_kill['iter']) < (3, 0), 'the kill came too late to test a resume'
+    assert (at_kill['epoch'], at_kill['iter']) == (1, 2), 'the kill must land mid-epoch, after the checkpoint at iteration 8'
     res = run_script(vae_flags(tiny_shapes, out, *flags))
-    assert f"at epoch {at_kill['epoch']}, iteration {at_kill['iter']}" in res.stdout
+    assert 'resuming from' in res.stdout and 'vae-ckpt-last.pth at epoch 1, iteration 2' in res.stdout, 'a mid-epoch resume'
     a = torch.load(tmp_path / 'ref' / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)['trainer']
     b = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)['trainer']
     for part in ('vae_wo_ddp', 'disc'):

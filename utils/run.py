@@ -1,9 +1,11 @@
 """What every training script shares: set-up, resume, data loaders, checkpoint writing, seeds, logs."""
 import json
 import logging
+import math
 import os
 import os.path as osp
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -13,13 +15,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import dist
-from utils.ckpt import ConfigMismatchError, copy_atomic, load_first_good, save_atomic
+from utils.ckpt import ConfigMismatchError, copy_atomic, load_first_good, remove_stale_temps, save_atomic, set_aside, with_checksum
 from utils.cli import TrainingStopped
 from utils.data_sampler import EvalShardSampler, GlobalBatchSampler
 from utils.log import setup_logging
 
 __all__ = ['iteration_seed', 'IterationPlan', 'plan_iterations', 'setup_run', 'resume', 'check_resume_config', 'build_loaders', 'CheckpointWriter', 'append_log',
-           'NonFiniteGuard']
+           'strict_json', 'NonFiniteGuard', 'TEST_KILL_ENV']
+
+# Test-only: a process that finds this variable set to N sends itself SIGKILL right after it has written a
+# checkpoint of the state at global iteration >= N (epoch * iterations per epoch + iteration), so that the
+# resume tests kill a run at a known point instead of racing a timer. Never set it outside the tests.
+TEST_KILL_ENV = 'VAR_TEST_SIGKILL_AT_ITER'
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +61,13 @@ def setup_run(args, out_dir: str) -> torch.device:
         os.makedirs(out_dir, exist_ok=True)
     dist.barrier()
     setup_logging(dist.get_rank(), osp.join(out_dir, 'stdout.txt'))
+    if dist.is_local_master():
+        removed, kept = remove_stale_temps(out_dir)
+        if removed:
+            logger.info('removed %d temporary checkpoint files left by an interrupted run: %s', len(removed), ', '.join(removed))
+        if kept:
+            logger.warning('kept temporary files of processes still running on this machine (is another run writing to %s?): %s',
+                           out_dir, ', '.join(kept))
     args.finalize(dist.get_world_size())
     if getattr(args, 'tf32', False) and device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -64,8 +78,20 @@ def setup_run(args, out_dir: str) -> torch.device:
 
 
 def resume(args, out_dir: str, names: Sequence[str], validate: Callable[[Dict], None]) -> Tuple[Optional[Dict], int, int]:
-    """(checkpoint or None, start epoch, start iteration); sets args.seed from the checkpoint or draws one."""
-    ckpt, ckpt_path = load_first_good([osp.join(out_dir, n) for n in names], validate=validate)
+    """(checkpoint or None, start epoch, start iteration); sets args.seed from the checkpoint or draws one.
+
+    Damaged checkpoints in front of the one resumed from are renamed to <name>.damaged, so that the next
+    checkpoint written does not turn a damaged file into the previous one.
+    """
+    ckpt, ckpt_path, damaged = load_first_good([osp.join(out_dir, n) for n in names], validate=validate)
+    if damaged:
+        dist.barrier()   # every process has read the files before one is renamed
+        if dist.is_local_master():
+            for path in damaged:
+                dst = set_aside(path)
+                if dst is not None:
+                    logger.warning('moved the damaged %s to %s (it will not be read again; delete it when you no longer need it)', path, dst)
+        dist.barrier()
     if ckpt is None:
         if args.seed is None:
             args.seed = dist.broadcast_object(random.SystemRandom().randrange(2 ** 31))
@@ -107,61 +133,127 @@ def build_loaders(args, train_set: Dataset, val_set: Dataset, start_ep: int, sta
     return sampler, ld_train, ld_val
 
 
+def strict_json(value):
+    """The value with every non-finite float written as the string "NaN", "Infinity" or "-Infinity" (float() reads them back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return 'NaN' if math.isnan(value) else ('Infinity' if value > 0 else '-Infinity')
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def append_log(path: str, record: Dict) -> None:
-    """One JSON line in log.txt (rank 0 only)."""
+    """One strict JSON line in log.txt (rank 0 only): a non-finite value is a string, never a bare NaN."""
     if dist.is_master():
         with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+            f.write(json.dumps(strict_json(record), allow_nan=False) + '\n')
+
+
+def _last_checkpoint_note(path: str) -> str:
+    if osp.exists(path):
+        return f'The last checkpoint, {path}, holds finite weights from before these steps (a skipped step changes no weight). '
+    return f'No checkpoint has been written yet ({path} does not exist). '
 
 
 class NonFiniteGuard:
-    """Counts optimizer steps skipped for a non-finite gradient; too many in a row stop the run."""
+    """Watches the loss of every iteration and every optimizer step.
+
+    A step skipped for a non-finite gradient is counted; `patience` of them in a row stop the run at once.
+    A non-finite loss (training or validation) lets the run go on, but `finish()` then ends it with an error.
+    """
 
     def __init__(self, patience: int, last_ckpt: str):
         self.patience, self.last_ckpt = patience, last_ckpt
         self.run, self.total = 0, 0
+        self.n_bad_loss, self.first_bad_loss_it = 0, None
+        self.bad_values = []
+        self._bad_loss_t = None   # on the device, read on optimizer steps only (no extra synchronisation)
 
-    def step(self, skipped: bool, g_it: int, grad_norm) -> None:
-        if not skipped:
+    def step(self, g_it: int, stepping: bool, out: Dict) -> None:
+        """After the micro step g_it; out: the trainer's 'loss' (and 'd_loss'), and on stepping ones 'skipped', 'grad_norm'."""
+        for k in ('loss', 'd_loss'):
+            if k in out:
+                bad = (~torch.isfinite(torch.as_tensor(out[k]).detach())).sum()
+                self._bad_loss_t = bad if self._bad_loss_t is None else self._bad_loss_t + bad
+        if not stepping:
+            return
+        n_bad = int(self._bad_loss_t) if self._bad_loss_t is not None else 0
+        if n_bad > self.n_bad_loss:
+            if self.first_bad_loss_it is None:
+                self.first_bad_loss_it = g_it
+            self.n_bad_loss = n_bad
+            logger.warning('iteration %d: non-finite loss', g_it)
+        if not out['skipped']:
             self.run = 0
             return
         self.run += 1
         self.total += 1
-        logger.warning('iteration %d: non-finite gradient (norm %s), optimizer step skipped (%d in a row)', g_it, grad_norm, self.run)
+        logger.warning('iteration %d: non-finite gradient (norm %s), optimizer step skipped (%d in a row)', g_it, out['grad_norm'], self.run)
         if self.run >= self.patience:
             raise TrainingStopped(
-                f'training stopped: {self.run} optimizer steps in a row had a non-finite loss or gradient (iteration {g_it}). '
-                f'No checkpoint was written for them; the last good one is {self.last_ckpt}. '
-                f'Try a lower learning rate, a stronger gradient clip, or --fp16=2 (bfloat16)')
+                f'training stopped: {self.run} optimizer steps in a row had a non-finite loss or gradient (the last at iteration {g_it}). '
+                + _last_checkpoint_note(self.last_ckpt) + 'Try a lower learning rate, a stronger gradient clip, or --fp16=2 (bfloat16)')
+
+    def check_values(self, where: str, values: Dict) -> None:
+        """Note non-finite reported values (e.g. the validation losses of an epoch)."""
+        bad = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            logger.warning('%s: non-finite %s', where, ', '.join(f'{k}={v}' for k, v in bad.items()))
+            self.bad_values.append(f'{where}: ' + ', '.join(f'{k}={v}' for k, v in bad.items()))
+
+    def finish(self) -> None:
+        """End a finished run with an error, on every process, when it produced non-finite losses."""
+        problems = []
+        n_bad_t = torch.tensor([float(self.n_bad_loss)])
+        dist.allreduce(n_bad_t)   # a loss that was not finite on one process only
+        n_bad = int(n_bad_t.item())
+        if n_bad:
+            first = f'the first by iteration {self.first_bad_loss_it}; ' if self.first_bad_loss_it is not None else ''
+            problems.append(f'{n_bad} training losses were not finite ({first}{self.total} optimizer steps were skipped)')
+        problems += self.bad_values[:5]
+        if problems:
+            raise TrainingStopped('training finished, but its results are not trustworthy: ' + '; '.join(problems)
+                                  + '. log.txt writes these values as "NaN"/"Infinity". Try a lower learning rate, '
+                                    'a stronger gradient clip, or --fp16=2 (bfloat16)')
 
 
 class CheckpointWriter:
-    """Writes <last> (keeping the one before as <prev>) and <best>, atomically, never from non-finite weights.
+    """Writes <last> (keeping the one before as <prev>) and <best>, atomically, with a payload checksum, never from
+    non-finite weights, and no periodic one in the middle of a run of skipped steps.
 
     `state_fn(epoch, iter)` builds the checkpoint dict; only the local master writes.
     """
 
     def __init__(self, out_dir: str, last: str, prev: str, best: str, state_fn: Callable[[int, int], Dict],
-                 modules: Dict[str, torch.nn.Module], iters_per_ep: int, every_min: float, every_it: int):
+                 modules: Dict[str, torch.nn.Module], iters_per_ep: int, every_min: float, every_it: int,
+                 guard: Optional[NonFiniteGuard] = None):
         self.last, self.prev, self.best = (osp.join(out_dir, n) for n in (last, prev, best))
         self.state_fn, self.modules = state_fn, modules
         self.iters_per_ep = iters_per_ep
         self.every_min, self.every_it = every_min, every_it
+        self.guard = guard
         self.last_time = time.time()
         self.pending = False
+        kill_at = os.environ.get(TEST_KILL_ENV, '')
+        self.test_kill_at = int(kill_at) if kill_at.strip() else None
 
     def due(self, g_it: int) -> bool:
-        """After optimizer step g_it: is a periodic (or postponed) checkpoint due?"""
+        """After optimizer step g_it: is a periodic (or postponed) checkpoint due? Not while steps are being skipped."""
         by_time = self.every_min > 0 and time.time() - self.last_time >= self.every_min * 60
         by_it = self.every_it > 0 and (g_it + 1) % self.every_it == 0
+        if (by_time or by_it) and self.guard is not None and self.guard.run > 0:
+            self.pending = True   # written at the next good step
+            return False
         return by_time or by_it or self.pending
 
     def _check_finite(self) -> None:
         bad = [f'{name}.{n}' for name, m in self.modules.items() for n, p in m.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise TrainingStopped(f'training stopped: {len(bad)} weight tensors are no longer finite ({", ".join(bad[:5])}); '
-                                  f'no checkpoint was written, the last good one is {self.last}. '
-                                  f'Try a lower learning rate, a stronger gradient clip, or --fp16=2 (bfloat16)')
+                                  f'no checkpoint was written for them. ' + _last_checkpoint_note(self.last)
+                                  + 'Try a lower learning rate, a stronger gradient clip, or --fp16=2 (bfloat16)')
 
     def save(self, ep_next: int, it_next: int, best: bool = False) -> None:
         """Checkpoint the state before iteration it_next of epoch ep_next."""
@@ -169,13 +261,31 @@ class CheckpointWriter:
             ep_next, it_next = ep_next + 1, 0
         self._check_finite()
         if dist.is_local_master():
-            save_atomic(self.state_fn(ep_next, it_next), self.last, prev_path=self.prev)
+            save_atomic(with_checksum(self.state_fn(ep_next, it_next)), self.last, prev_path=self.prev)
             if best:
                 copy_atomic(self.last, self.best)
         self.last_time = time.time()
         self.pending = False
+        self._test_kill(ep_next * self.iters_per_ep + it_next)
 
     def save_best_only(self, ep_next: int, it_next: int) -> None:
         self._check_finite()
         if dist.is_local_master():
-            save_atomic(self.state_fn(ep_next, it_next), self.best)
+            save_atomic(with_checksum(self.state_fn(ep_next, it_next)), self.best)
+
+    def end_epoch(self, ep_next: int, stepped: bool, best: bool) -> None:
+        """The checkpoint at the end of an epoch; when the epoch ended inside a gradient accumulation (stepped False),
+        <last> waits for the next optimizer step and only <best> is written now."""
+        if stepped:
+            self.save(ep_next, 0, best=best)
+        else:
+            self.pending = True
+            if best:
+                self.save_best_only(ep_next, 0)
+
+    def _test_kill(self, g_it_next: int) -> None:
+        if self.test_kill_at is not None and g_it_next >= self.test_kill_at:
+            logger.warning('%s=%d: killing this process after the checkpoint at global iteration %d', TEST_KILL_ENV, self.test_kill_at, g_it_next)
+            for h in logging.getLogger().handlers:
+                h.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
