@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import dist
 from utils.arg_util import FlagError, ModelFlags, parse_dataclass, parse_patch_nums
-from utils.ckpt import write_bytes_atomic
+from utils.ckpt import remove_stale_temps, write_bytes_atomic
 from utils.cli import run_main
 from utils.imgs import IMAGE_READ_ERRORS, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
@@ -248,6 +248,9 @@ def main(args: SampleArgs) -> str:
 
     if dist.is_master():
         os.makedirs(out, exist_ok=True)
+        removed = remove_stale_temps(out)[0] + remove_stale_temps(osp.dirname(osp.abspath(out)), bases=[osp.basename(out) + '.npz'])[0]
+        if removed:
+            logger.info('removed %d temporary file(s) of a killed run: %s', len(removed), ', '.join(map(osp.basename, removed[:5])))
         if not osp.isfile(osp.join(out, MANIFEST)):
             write_manifest(osp.join(out, MANIFEST), manifest)   # before the first image
     dist.barrier()

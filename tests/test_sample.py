@@ -332,3 +332,20 @@ def test_a_checkpoint_of_the_reference_trainer_samples_with_its_shape_inferred(t
     assert 'a checkpoint of the reference trainer; inferred' in res.stdout + res.stderr
     assert json.loads((out / 'manifest.json').read_text())['pixels']['model'] == build
     assert sorted(p.name for p in out.glob('*.png')) == ['000000.png', '000001.png']
+
+
+def test_temporary_files_of_a_killed_run_are_removed_and_nothing_else(ref_set, tiny_ckpts, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True).stdout.strip()
+    host = socket.gethostname()
+    out = copy_set(ref_set, tmp_path / 'set')
+    stale = [out / f'000003.png.tmp-{host}-{dead}', out / f'manifest.json.tmp-{host}-{dead}', tmp_path / f'set.npz.tmp-{host}-{dead}']
+    kept = [tmp_path / f'other.npz.tmp-{host}-{dead}', out / 'notes.txt.tmp-x-1']   # not this run's files
+    for p in stale + kept:
+        p.write_bytes(b'partial')
+    res = run_script(sample_flags(tiny_ckpts, out, '--per_class=3', '--bs=4', '--seed=1'))
+    assert 'removed 3 temporary file(s) of a killed run' in res.stdout + res.stderr
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert (tmp_path / 'set.npz').is_file()

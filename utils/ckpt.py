@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 # An extra top-level entry: the reference's trainer reads only the entries it knows and ignores this one.
 CHECKSUM_KEY = 'payload_sha256'
-_TMP_RE = re.compile(r'^(?P<base>.+\.pth)\.tmp-(?P<host>.+)-(?P<pid>\d+)$')
+# the temporary names of save_atomic / write_bytes_atomic / copy_atomic, for the files this project writes
+_TMP_RE = re.compile(r'^(?P<base>.+\.(?:pth|png|npz|json|safetensors))\.tmp-(?P<host>.+)-(?P<pid>\d+)$')
 _noted_unchecked = set()   # paths already noted as having no checksum (one note per file and process)
 
 
@@ -222,9 +223,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str) -> Tuple[List[str], List[str]]:
-    """Delete the temporary checkpoint files (<name>.pth.tmp-<host>-<pid>, as save_atomic names them) that a killed
-    run left in `folder`; files of a process still running on this machine are kept. Returns (removed, kept)."""
+def remove_stale_temps(folder: str, bases: Optional[Sequence[str]] = None) -> Tuple[List[str], List[str]]:
+    """Delete the temporary files (<name>.{pth,png,npz,json,safetensors}.tmp-<host>-<pid>, as the atomic writers
+    name them) that a killed run left in `folder`; with `bases`, only those of these file names. Files of a process
+    still running on this machine are kept. Returns (removed, kept)."""
     removed, kept = [], []
     try:
         names = sorted(os.listdir(folder))
@@ -234,7 +236,7 @@ def remove_stale_temps(folder: str) -> Tuple[List[str], List[str]]:
     for name in names:
         m = _TMP_RE.match(name)
         path = os.path.join(folder, name)
-        if m is None or not os.path.isfile(path) or os.path.islink(path):
+        if m is None or not os.path.isfile(path) or os.path.islink(path) or (bases is not None and m.group('base') not in bases):
             continue
         pid = int(m.group('pid'))
         if m.group('host') == host and (pid == os.getpid() or _process_alive(pid)):
