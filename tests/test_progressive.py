@@ -71,9 +71,10 @@ def test_bad_schedule_is_refused():
         small_schedule(max_it=0)
 
 
-def tokens_and_inputs(vae, B=3, seed=0):
+def tokens_and_inputs(B=3, seed=0):
+    """Token maps (B, pn²) of every scale and labels (B,), drawn at random."""
     g = torch.Generator().manual_seed(seed)
-    idx_Bl = vae.img_to_idxBl(torch.rand(B, 3, 64, 64, generator=g) * 2 - 1)
+    idx_Bl = [torch.randint(0, TINY['V'], (B, pn * pn), generator=g) for pn in PN]
     return idx_Bl, torch.randint(0, TINY['num_classes'], (B,), generator=g)
 
 
@@ -82,7 +83,7 @@ def test_forward_at_a_stage_is_the_full_forwards_prefix(grouped):
     vae, var = build_tiny()
     var.cond_drop_rate = 0.0
     var.set_fast_paths(grouped)
-    idx_Bl, label_B = tokens_and_inputs(vae)
+    idx_Bl, label_B = tokens_and_inputs()
     x_full = vae.quantize.idxBl_to_var_input(idx_Bl)
     with torch.no_grad():
         full_BLV = var(label_B, x_full)
@@ -101,7 +102,7 @@ def test_forward_at_a_stage_is_the_full_forwards_prefix(grouped):
 
 def test_forward_names_the_stage_when_the_input_does_not_fit():
     vae, var = build_tiny()
-    idx_Bl, label_B = tokens_and_inputs(vae)
+    idx_Bl, label_B = tokens_and_inputs()
     x = vae.quantize.idxBl_to_var_input(idx_Bl[:3])
     with pytest.raises(ValueError, match=r'expected \(3, 29, 8\) for prog_si=-1'):
         var(label_B, x)
@@ -119,12 +120,15 @@ def test_train_step_trains_the_stages_prefix_with_the_warm_up_weights():
     assert trainer.progressive == small_schedule()   # the iteration counts: epochs × iters_train
     var.cond_drop_rate = 0.0
     g = torch.Generator().manual_seed(0)
-    img, label = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1, torch.randint(0, 5, (4,), generator=g)
-    for g_it in range(6):   # g_it 5: the first iteration of stage 2, its scale at half weight
-        out = trainer.train_step(g_it, True, label, inp_B3HW=img)
+    img, label = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.randint(0, 5, (2,), generator=g)
+    idx_Bl = vae.img_to_idxBl(img)
+    for g_it in range(5):   # token maps of all scales, cut to the stage's
+        out = trainer.train_step(g_it, True, label, gt_idx_Bl=idx_Bl)
+        assert (out['prog_si'], out['gt_BL'].shape[1]) == (1, 5)
+    out = trainer.train_step(5, True, label, inp_B3HW=img)   # the first iteration of stage 2: its scale at half weight
     assert (out['prog_si'], out['prog_wp']) == (2, 0.5)
     assert out['logits_BLV'].shape[1] == out['gt_BL'].shape[1] == 14
-    assert torch.equal(out['gt_BL'], torch.cat(vae.img_to_idxBl(img)[:3], dim=1))
+    assert torch.equal(out['gt_BL'], torch.cat(idx_Bl[:3], dim=1))
     ce_BL = F.cross_entropy(out['logits_BLV'].transpose(1, 2), out['gt_BL'], reduction='none')
     want = (ce_BL[:, :5].sum(-1) + 0.5 * ce_BL[:, 5:].sum(-1)).mean() / 30
     assert out['loss'].item() == pytest.approx(want.item(), rel=1e-5)
