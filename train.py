@@ -25,6 +25,7 @@ from utils.cli import run_main
 from utils.data import build_dataset
 from utils.hub import resolve_checkpoint
 from utils.lr_control import filter_params, lr_wd_annealing
+from utils.progressive import ProgressiveSchedule
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 from utils.run import (CheckpointWriter, NonFiniteGuard, append_log, build_loaders, check_resume_config, iteration_seed, resume,
                        plan_iterations, setup_run)
@@ -33,19 +34,6 @@ from utils.tb import TensorboardLogger
 logger = logging.getLogger('train')
 
 LAST, PREV, BEST = 'ar-ckpt-last.pth', 'ar-ckpt-prev.pth', 'ar-ckpt-best.pth'
-
-
-def progressive_si(args: Args, g_it: int, wp_it: float, max_it: int) -> int:
-    """The last scale trained at iteration g_it (−1: all scales)."""
-    if not args.pg:
-        return -1
-    if g_it <= wp_it:
-        return args.pg0
-    if g_it >= max_it * args.pg:
-        return len(args.patch_nums) - 1
-    delta = len(args.patch_nums) - 1 - args.pg0
-    progress = min(max((g_it - wp_it) / (max_it * args.pg - wp_it), 0), 1)
-    return args.pg0 + round(progress * delta)
 
 
 def compile_model(m: torch.nn.Module, fast: int) -> torch.nn.Module:
@@ -96,13 +84,16 @@ def data_source(args: Args) -> str:
     return 'tokens'
 
 
-def build_trainer(args: Args, device: torch.device, vae_local: VQVAE, var_wo_ddp: torch.nn.Module, var: torch.nn.Module) -> VARTrainer:
-    """AdamW over the reference's parameter groups, the AMP wrapper and the trainer, as train.py uses them."""
+def build_trainer(args: Args, device: torch.device, vae_local: VQVAE, var_wo_ddp: torch.nn.Module, var: torch.nn.Module,
+                  iters_train: int = 0) -> VARTrainer:
+    """AdamW over the reference's parameter groups, the AMP wrapper and the trainer, as train.py uses them
+    (with the progressive schedule of --pg, whose iteration counts need iters_train, the iterations of an epoch)."""
     names, paras, para_groups = filter_params(var_wo_ddp)
     optimizer = build_adamw(para_groups, lr=args.tlr, fused=args.afuse)
     var_opt = AmpOptimizer(device.type, args.fp16, optimizer, names, paras, grad_clip=args.tclip, n_gradient_accumulation=args.ac)
     return VARTrainer(device=device, patch_nums=args.patch_nums, resos=args.resos, vae_local=vae_local, var_wo_ddp=var_wo_ddp,
-                      var=var, var_opt=var_opt, label_smooth=args.ls, ema_decay=args.ema)
+                      var=var, var_opt=var_opt, label_smooth=args.ls, ema_decay=args.ema,
+                      progressive=ProgressiveSchedule.from_args(args, iters_train))
 
 
 def main(args: Args) -> Dict[str, float]:
@@ -160,7 +151,7 @@ def main(args: Args) -> Dict[str, float]:
         var = var_compiled
 
     # ------------------------------------------------------------------ build optimizer and trainer
-    trainer = build_trainer(args, device, vae_local, var_wo_ddp, var)
+    trainer = build_trainer(args, device, vae_local, var_wo_ddp, var, iters_train)
     optimizer = trainer.var_opt.optimizer
     best = {'vL_tail': math.inf, 'vL_mean': math.inf, 'vacc_tail': -1.0, 'vacc_mean': -1.0}
     if ckpt is not None:
@@ -205,14 +196,13 @@ def main(args: Args) -> Dict[str, float]:
             torch.manual_seed(iteration_seed(args.seed, rank, g_it))
             min_tlr, max_tlr, min_twd, max_twd = lr_wd_annealing(args.sche, optimizer, args.tlr, args.twd, args.twde, g_it, wp_it, max_it,
                                                                  wp0=args.wp0, wpe=args.wpe)
-            prog_si = progressive_si(args, g_it, wp_it, max_it)
             stepping = (g_it + 1) % args.ac == 0
             if token_batches:
                 gt_BL = batch.to(device, non_blocking=True)
                 gt_idx_Bl = [gt_BL[:, bg:ed] for bg, ed in trainer.begin_ends]
-                out = trainer.train_step(g_it, stepping, label_B, prog_si, args.pgwp * iters_train, gt_idx_Bl=gt_idx_Bl)
+                out = trainer.train_step(g_it, stepping, label_B, gt_idx_Bl=gt_idx_Bl)
             else:
-                out = trainer.train_step(g_it, stepping, label_B, prog_si, args.pgwp * iters_train, inp_B3HW=batch.to(device, non_blocking=True))
+                out = trainer.train_step(g_it, stepping, label_B, inp_B3HW=batch.to(device, non_blocking=True))
 
             guard.step(g_it, stepping, out)
 

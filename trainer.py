@@ -13,6 +13,7 @@ import dist
 from models import VAR, VQVAE
 from utils.amp_opt import AmpOptimizer
 from utils.lr_control import match_saved_groups
+from utils.progressive import ProgressiveSchedule
 
 __all__ = ['VARTrainer', 'EMA']
 
@@ -43,7 +44,8 @@ class EMA:
 
 class VARTrainer:
     def __init__(self, device: torch.device, patch_nums: Sequence[int], resos: Sequence[int], vae_local: VQVAE,
-                 var_wo_ddp: VAR, var: nn.Module, var_opt: AmpOptimizer, label_smooth: float, ema_decay: float = 0.0):
+                 var_wo_ddp: VAR, var: nn.Module, var_opt: AmpOptimizer, label_smooth: float, ema_decay: float = 0.0,
+                 progressive: Optional[ProgressiveSchedule] = None):
         self.device = device
         self.var, self.vae_local, self.quantize_local = var, vae_local, vae_local.quantize
         self.var_wo_ddp = var_wo_ddp
@@ -55,7 +57,6 @@ class VARTrainer:
         self.val_loss = nn.CrossEntropyLoss(label_smoothing=0.0, reduction='mean')
         self.L = sum(pn * pn for pn in patch_nums)
         self.last_l = patch_nums[-1] * patch_nums[-1]
-        self.loss_weight = torch.ones(1, self.L, device=device) / self.L   # every token weighs 1/L
 
         self.patch_nums, self.resos = tuple(patch_nums), tuple(resos)
         self.begin_ends = []
@@ -63,71 +64,52 @@ class VARTrainer:
         for pn in patch_nums:
             self.begin_ends.append((cur, cur + pn * pn))
             cur += pn * pn
+        self.progressive = ProgressiveSchedule(self.patch_nums) if progressive is None else progressive   # default: off
+        if self.progressive.patch_nums != self.patch_nums:
+            raise ValueError(f'the progressive schedule is for the scales {self.progressive.patch_nums}, the trainer for {self.patch_nums}')
 
-        # progressive training state
-        self.prog_it = 0
-        self.last_prog_si = -1
-        self.first_prog = True
+    @property
+    def prog_it(self) -> int:
+        """Iterations at the current progressive stage (the schedule's; the reference trainer's name)."""
+        return self.progressive.prog_it
 
     # ------------------------------------------------------------------ tokens
     @torch.no_grad()
     def tokenise(self, inp_B3HW: torch.Tensor) -> List[torch.Tensor]:
-        """Images (B, 3, H, W) in [-1, 1] → token maps (B, pn²) of every scale (up to prog_si), in float32."""
+        """Images (B, 3, H, W) in [-1, 1] → token maps (B, pn²) of every scale, in float32."""
         with torch.autocast(device_type=inp_B3HW.device.type, enabled=False):
             return self.vae_local.img_to_idxBl(inp_B3HW)
 
     # ------------------------------------------------------------------ training
-    def train_step(self, g_it: int, stepping: bool, label_B: torch.Tensor, prog_si: int, prog_wp_it: float,
+    def train_step(self, g_it: int, stepping: bool, label_B: torch.Tensor,
                    inp_B3HW: Optional[torch.Tensor] = None, gt_idx_Bl: Optional[List[torch.Tensor]] = None
                    ) -> Dict[str, object]:
-        """One micro step. Give images (tokenised here) or their token maps.
+        """One micro step at global iteration g_it. Give images (tokenised here) or their token maps.
 
-        Returns the loss and logits (detached, for metrics), the gradient norm, the loss scale
-        (log2) and whether the optimizer step was skipped for a non-finite gradient.
+        Trains the scales of g_it's progressive stage. Returns the loss and logits (detached, for metrics),
+        the gradient norm, the loss scale (log2), whether the optimizer step was skipped for a non-finite
+        gradient, and the stage (prog_si, -1: all scales) with its warm-up weight prog_wp.
         """
-        # progressive training
-        self.var_wo_ddp.prog_si = self.quantize_local.prog_si = prog_si
-        if self.last_prog_si != prog_si:
-            if self.last_prog_si != -1:
-                self.first_prog = False
-            self.last_prog_si = prog_si
-            self.prog_it = 0
-        self.prog_it += 1
-        prog_wp = max(min(self.prog_it / prog_wp_it, 1), 0.01) if prog_wp_it > 0 else 1
-        if self.first_prog:
-            prog_wp = 1    # no prog warm-up at the first stage: the lr warm-up covers it
-        if prog_si == len(self.patch_nums) - 1:
-            prog_si = -1    # max prog, as if no prog
+        prog_si, prog_wp = self.progressive.advance(g_it)
+        B, V = label_B.shape[0], self.vae_local.vocab_size
+        if gt_idx_Bl is None:
+            gt_idx_Bl = self.tokenise(inp_B3HW)
+        gt_idx_Bl = self.progressive.truncate(gt_idx_Bl, prog_si)
+        gt_BL = torch.cat(gt_idx_Bl, dim=1)
+        with torch.no_grad():
+            x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
+            if x_BLCv_wo_first_l is None:  # progressive stage 0: only the first scale
+                x_BLCv_wo_first_l = gt_BL.new_zeros(B, 0, self.vae_local.Cvae, dtype=torch.float32)
 
-        try:
-            B, V = label_B.shape[0], self.vae_local.vocab_size
-            if gt_idx_Bl is None:
-                gt_idx_Bl = self.tokenise(inp_B3HW)
-            elif prog_si >= 0:
-                gt_idx_Bl = gt_idx_Bl[:prog_si + 1]
-            gt_BL = torch.cat(gt_idx_Bl, dim=1)
-            with torch.no_grad():
-                x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
-                if x_BLCv_wo_first_l is None:  # progressive stage 0: only the first scale
-                    x_BLCv_wo_first_l = gt_BL.new_zeros(B, 0, self.vae_local.Cvae, dtype=torch.float32)
-
-            sync_ctx = self.var.no_sync() if (not stepping and hasattr(self.var, 'no_sync')) else contextlib.nullcontext()
-            with sync_ctx:
-                with self.var_opt.amp_ctx:
-                    logits_BLV = self.var(label_B, x_BLCv_wo_first_l)
-                    loss_BL = self.train_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).view(B, -1)
-                    if prog_si >= 0:    # in progressive training
-                        bg, ed = self.begin_ends[prog_si]
-                        lw = self.loss_weight[:, :ed].clone()
-                        lw[:, bg:ed] *= min(max(prog_wp, 0), 1)
-                    else:
-                        lw = self.loss_weight
-                    loss = loss_BL.mul(lw).sum(dim=-1).mean()
-                grad_norm, scale_log2, skipped = self.var_opt.backward_clip_step(loss=loss, stepping=stepping)
-            if stepping and not skipped and self.ema is not None:
-                self.ema.update(self.var_wo_ddp)
-        finally:
-            self.var_wo_ddp.prog_si = self.quantize_local.prog_si = -1
+        sync_ctx = self.var.no_sync() if (not stepping and hasattr(self.var, 'no_sync')) else contextlib.nullcontext()
+        with sync_ctx:
+            with self.var_opt.amp_ctx:
+                logits_BLV = self.var(label_B, x_BLCv_wo_first_l, prog_si=prog_si)
+                loss_BL = self.train_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).view(B, -1)
+                loss = loss_BL.mul(self.progressive.loss_weight_1L(prog_si, prog_wp, loss_BL.device)).sum(dim=-1).mean()
+            grad_norm, scale_log2, skipped = self.var_opt.backward_clip_step(loss=loss, stepping=stepping)
+        if stepping and not skipped and self.ema is not None:
+            self.ema.update(self.var_wo_ddp)
         return dict(loss=loss.detach(), logits_BLV=logits_BLV.detach(), gt_BL=gt_BL, grad_norm=grad_norm,
                     scale_log2=scale_log2, skipped=skipped, prog_si=prog_si, prog_wp=prog_wp)
 
@@ -192,7 +174,7 @@ class VARTrainer:
     # ------------------------------------------------------------------ state
     def get_config(self) -> Dict:
         return {'patch_nums': self.patch_nums, 'resos': self.resos, 'label_smooth': self.label_smooth,
-                'prog_it': self.prog_it, 'last_prog_si': self.last_prog_si, 'first_prog': self.first_prog}
+                **self.progressive.state_dict()}
 
     def state_dict(self) -> Dict:
         state = {'config': self.get_config()}
@@ -218,8 +200,5 @@ class VARTrainer:
                 self.ema.load_state_dict(state['var_ema'])
             else:  # EMA switched on when resuming: start it from the current weights
                 self.ema = EMA(var_wo_ddp, self.ema.decay)
-        config = state.get('config', {})
-        self.prog_it = config.get('prog_it', 0)
-        self.last_prog_si = config.get('last_prog_si', -1)
-        self.first_prog = config.get('first_prog', True)
+        self.progressive.load_state_dict(state.get('config', {}))
 

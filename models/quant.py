@@ -89,7 +89,6 @@ class VectorQuantizer2(nn.Module):
         self.Cvae = Cvae
         self.using_znorm = using_znorm
         self.v_patch_nums = tuple(v_patch_nums)
-        self.prog_si = -1  # >= 0: progressive training stops encoding after this scale
 
         self.quant_resi_ratio = quant_resi
 
@@ -235,8 +234,6 @@ class VectorQuantizer2(nn.Module):
         SN = len(patch_hws)
         with torch.autocast(device_type=f_BChw.device.type, enabled=False):
             for si, (ph, pw) in enumerate(patch_hws):
-                if 0 <= self.prog_si < si:
-                    break
                 z_BChw = F.interpolate(f_rest, size=(ph, pw), mode='area') if si != SN - 1 else f_rest
                 idx_N = self._nearest_idx(z_BChw.permute(0, 2, 3, 1).reshape(-1, C))
                 h_BChw = self.embedding(idx_N.view(B, ph, pw)).permute(0, 3, 1, 2)
@@ -250,18 +247,19 @@ class VectorQuantizer2(nn.Module):
 
     # ------------------------------------------------------------------ transformer input
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Token maps of all scales → teacher-forcing input (B, L − first_l, C): each scale's f_hat at the next side."""
+        """Token maps (B, pn²) of the first n scales → teacher-forcing input (B, L − first_l, C) of scales 1..n−1:
+        each scale's f_hat at the next side. n is all scales, or a progressive stage + 1; None for n = 1."""
+        SN, n = len(self.v_patch_nums), len(gt_ms_idx_Bl)
+        if not 1 <= n <= SN:
+            raise ValueError(f'{n} token maps given: expected 1 to {SN}, the first scales of {self.v_patch_nums}')
         next_scales = []
         B = gt_ms_idx_Bl[0].shape[0]
         C = self.Cvae
         H = W = self.v_patch_nums[-1]
-        SN = len(self.v_patch_nums)
 
         f_hat = gt_ms_idx_Bl[0].new_zeros(B, C, H, W, dtype=torch.float32)
         pn_next = self.v_patch_nums[0]
-        for si in range(SN - 1):
-            if self.prog_si == 0 or (0 <= self.prog_si - 1 < si):
-                break   # progressive training: inputs for scales 1..prog_si only
+        for si in range(n - 1):
             h_BChw = F.interpolate(self.embedding(gt_ms_idx_Bl[si]).transpose_(1, 2).view(B, C, pn_next, pn_next),
                                    size=(H, W), mode='bicubic')
             f_hat.add_(self.quant_resi[si / (SN - 1)](h_BChw))

@@ -45,7 +45,6 @@ class VAR(nn.Module):
         self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
 
         self.cond_drop_rate = cond_drop_rate
-        self.prog_si = -1   # progressive training: >= 0 trains scales 0..prog_si only
         self.grad_ckpt = False  # activation checkpointing of every block while training
         self.grouped_attention = True   # teacher forcing: attention by groups of scales, not one dense L×L mask
 
@@ -208,23 +207,27 @@ class VAR(nn.Module):
                                           sampler=sampling.default_sampler(top_k, top_p, more_smooth), hooks=hooks)
 
     # ------------------------------------------------------------------ teacher forcing
-    def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor, prog_si: int = -1) -> torch.Tensor:
         """Block-causal teacher forcing.
 
-        label_B (B,); x_BLCv_wo_first_l (B, L − first_l, Cvae) from `quantize.idxBl_to_var_input`
-        (shorter when progressive training stops at prog_si). Returns logits (B, L, V) in float32.
+        label_B (B,); x_BLCv_wo_first_l (B, L − first_l, Cvae) from `quantize.idxBl_to_var_input`.
+        prog_si: progressive training's stage; -1 (default): all scales; >= 0: scales 0..prog_si only,
+        and L counts their tokens (the inputs of scales 1..prog_si). Returns logits (B, L, V) in float32.
         """
-        bg, ed = self.begin_ends[self.prog_si] if self.prog_si >= 0 else (0, self.L)
+        if not -1 <= prog_si < len(self.patch_nums):
+            raise ValueError(f'prog_si={prog_si}: must be -1 (all scales) or a scale index in [0, {len(self.patch_nums) - 1}]')
+        bg, ed = self.begin_ends[prog_si] if prog_si >= 0 else (0, self.L)
         B = x_BLCv_wo_first_l.shape[0]
         if x_BLCv_wo_first_l.ndim != 3 or x_BLCv_wo_first_l.shape[1] != ed - self.first_l or x_BLCv_wo_first_l.shape[2] != self.Cvae:
-            raise ValueError(f'x_BLCv_wo_first_l has shape {tuple(x_BLCv_wo_first_l.shape)}, expected ({B}, {ed - self.first_l}, {self.Cvae})')
+            raise ValueError(f'x_BLCv_wo_first_l has shape {tuple(x_BLCv_wo_first_l.shape)}, expected ({B}, {ed - self.first_l}, {self.Cvae})'
+                             f' for prog_si={prog_si} (progressive training passes its stage as prog_si)')
         with torch.autocast(device_type=x_BLCv_wo_first_l.device.type, enabled=False):
             if self.cond_drop_rate > 0:
                 label_B = torch.where(torch.rand(B, device=label_B.device) < self.cond_drop_rate, self.num_classes, label_B)
             sos = cond_BD = self.class_emb(label_B)
             sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
 
-            if self.prog_si == 0:
+            if prog_si == 0:
                 x_BLC = sos
             else:
                 x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
@@ -240,7 +243,7 @@ class VAR(nn.Module):
         cond_BD_or_gss = cond_BD_or_gss.to(dtype=main_type)
         attn_bias = attn_bias.to(dtype=main_type)
         if self.grouped_attention and self.attn_backend != 'math':
-            n_scales = len(self.patch_nums) if self.prog_si < 0 else self.prog_si + 1
+            n_scales = len(self.patch_nums) if prog_si < 0 else prog_si + 1
             attn_bias = BlockCausal(block_causal_groups([pn * pn for pn in self.patch_nums[:n_scales]]), attn_bias)
 
         for b in self.blocks:
@@ -250,7 +253,7 @@ class VAR(nn.Module):
                 x_BLC = b(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=attn_bias)
         x_BLC = self.get_logits(x_BLC.float(), cond_BD)
 
-        if self.prog_si == 0:  # keep word_embed in the graph so DDP sees every parameter used
+        if prog_si == 0:  # keep word_embed in the graph so DDP sees every parameter used
             x_BLC[0, 0, 0] += self.word_embed.weight[0, 0] * 0 + self.word_embed.bias[0] * 0
         return x_BLC    # logits BLV, V is vocab_size
 

@@ -49,7 +49,7 @@ def batch(seed: int = 0):
 
 def step(trainer: VARTrainer, stepping: bool, seed: int = 0):
     label_B, gt_idx_Bl = batch(seed)
-    return trainer.train_step(g_it=0, stepping=stepping, label_B=label_B, prog_si=-1, prog_wp_it=0, gt_idx_Bl=gt_idx_Bl)
+    return trainer.train_step(g_it=0, stepping=stepping, label_B=label_B, gt_idx_Bl=gt_idx_Bl)
 
 
 def unscaled_grads(trainer: VARTrainer) -> torch.Tensor:

@@ -203,7 +203,7 @@ def test_label_smoothing_gives_the_label_smoothed_cross_entropy():
     var.train()
     img, label = tiny_batch()
     torch.manual_seed(0)
-    out = trainer.train_step(0, True, label, prog_si=-1, prog_wp_it=1, inp_B3HW=img)
+    out = trainer.train_step(0, True, label, inp_B3HW=img)
     logp = out['logits_BLV'].float().log_softmax(-1)                       # (B, L, V)
     nll = -logp.gather(-1, out['gt_BL'].unsqueeze(-1)).squeeze(-1)          # (B, L)
     smoothed = 0.9 * nll + 0.1 * (-logp.mean(-1))                           # every token weighs 1/L
@@ -217,7 +217,7 @@ def test_ema_decay_is_applied_as_stated():
     ema_before = [p.clone() for p in trainer.ema.params]
     img, label = tiny_batch()
     torch.manual_seed(0)
-    trainer.train_step(0, True, label, prog_si=-1, prog_wp_it=1, inp_B3HW=img)
+    trainer.train_step(0, True, label, inp_B3HW=img)
     ema = trainer.ema.state_dict(var)
     for (name, p), e0 in zip(var.named_parameters(), ema_before):
         torch.testing.assert_close(ema[name], 0.9 * e0 + 0.1 * p.detach(), rtol=1e-6, atol=1e-7, msg=name)
@@ -336,7 +336,7 @@ def test_resuming_in_another_fp16_mode_converts_and_says_so(saved_fp16, now_fp16
     saved, _, var = tiny_trainer(f'--fp16={saved_fp16}')
     img, label = tiny_batch()
     var.train()
-    saved.train_step(0, True, label, prog_si=-1, prog_wp_it=1, inp_B3HW=img)
+    saved.train_step(0, True, label, inp_B3HW=img)
     sd = saved.state_dict()
     now, _, _ = tiny_trainer(f'--fp16={now_fp16}', seed=1)
     now.load_state_dict(sd, strict=True)
