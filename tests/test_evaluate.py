@@ -196,3 +196,23 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, no_network_load):
     assert res.returncode == 1 and 'Traceback' not in res.stderr and 'error: --bs=0 must be an integer >= 1' in res.stderr
     res = run_script(['evaluate.py', str(a), str(a), f'--out_json={tmp_path / "no" / "m.json"}'], check=False)
     assert res.returncode == 1 and f'--out_json={tmp_path / "no" / "m.json"}: the folder {tmp_path / "no"} does not exist' in res.stderr
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling this object creates a file: what a crafted weights file could do with a full unpickler."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def test_inception_weights_are_read_with_weights_only(tmp_path):
+    from evaluate import EvaluationInputError, load_inception
+    marker = tmp_path / 'code_ran'
+    crafted = tmp_path / 'weights-inception-2015-12-05-6726825d.pth'
+    torch.save({'fc.weight': torch.zeros(1), 'payload': RunsCodeWhenUnpickled(marker)}, crafted)
+    with pytest.raises(EvaluationInputError, match='could not be loaded from .*weights-inception.*UnpicklingError'):
+        load_inception(str(crafted), torch.device('cpu'))
+    assert not marker.exists(), 'the weights file ran code'
