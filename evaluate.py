@@ -7,10 +7,11 @@ Both files hold arr_0 (N, H, W, 3) uint8, like the OpenAI evaluator's reference 
 sample.py's output; they are read in batches, never whole. Features come from torch-fidelity's
 InceptionV3 with the standard TensorFlow FID weights (`--inception_weights`, or the usual download
 into the torch hub cache; offline, the error says what to fetch), read with torch.load(weights_only=True).
-FID uses the 2048-d pool features,
-IS the 1008 logits (10 splits), precision and recall the pool features with k = 3 neighbours.
+FID uses the 2048-d pool features, IS the 1008 logits (10 splits), precision and recall the pool
+features with k = 3 neighbours. Every flag and both files are checked before the network is loaded.
 """
 import argparse
+import io
 import json
 import logging
 import os
@@ -109,7 +110,6 @@ def load_inception(weights: Optional[str], device: torch.device):
     weights_only=True; torch-fidelity, which would unpickle them in full, gets only a copy of that
     plain state dict re-serialised in memory.
     """
-    import io
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     if weights and not os.path.isfile(weights):
         raise EvaluationInputError(f'--inception_weights {weights} does not exist')
