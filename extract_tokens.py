@@ -6,6 +6,12 @@ Images go through the validation transform (short side resized to mid_reso × th
 crop), so training from tokens has no augmentation beyond the flip. Every process writes its share of
 the rows of one memory-mapped array per split; a killed extraction resumes where it stopped, and
 meta.json appears only once every row is written.
+
+A tokens folder records what it was made from: every image's path, size and modification time (digested
+per class folder), the transform and the tokenizer's weights. A rerun finishes or reuses it only when all
+of these match, and otherwise stops naming each difference, before any model is built. The arrays are
+allocated on the disk in full before any row is written, so a full disk is a clear error at the start,
+never a crash halfway; an unreadable image is an error naming the file.
 """
 import errno
 import json
