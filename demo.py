@@ -24,10 +24,12 @@ import torch
 
 REPO = osp.dirname(osp.abspath(__file__))
 
-# (full demo, --quick for the tests)
+# (full demo, --quick for the tests: tiny models, but a classifier that already tells the classes apart)
 CONFIGS = {
-    'full': dict(train_per_class=300, val_per_class=30, vae_ep=8, vae_bs=32, var_ep=25, var_bs=64, depth=4, clf_ep=6, per_class=8, check_per_class=50),
-    'quick': dict(train_per_class=6, val_per_class=2, vae_ep=1, vae_bs=8, var_ep=1, var_bs=8, depth=2, clf_ep=1, per_class=2, check_per_class=4),
+    'full': dict(train_per_class=300, val_per_class=30, vae_ep=8, vae_bs=32, var_ep=25, var_bs=64, depth=4, clf_ep=6, clf_bs=64, per_class=8,
+                 check_per_class=50),
+    'quick': dict(train_per_class=10, val_per_class=4, vae_ep=1, vae_bs=8, var_ep=1, var_bs=8, depth=2, clf_ep=12, clf_bs=8, per_class=2,
+                  check_per_class=4),
 }
 TOKENIZER = dict(vocab_size=256, z_channels=16, vae_ch=32, pn='1_2_3_4')
 SAMPLING = dict(cfg=3.0, top_k=0, top_p=0.9, more_smooth=False)
@@ -112,14 +114,14 @@ def main(argv: Sequence[str] = None) -> str:
     clf_path = osp.join(out, 'classifier.pth')
     _, train_set, val_set, _ = build_dataset(data, final_reso=64, mid_reso=1.0, seed=a.seed)
     clf = SmallClassifier(len(classes))
-    stamp = {'classes': classes, 'epochs': cfg['clf_ep'], 'n_train': len(train_set), 'seed': a.seed}
+    stamp = {'classes': classes, 'epochs': cfg['clf_ep'], 'bs': cfg['clf_bs'], 'n_train': len(train_set), 'seed': a.seed}
     if osp.isfile(clf_path) and torch.load(clf_path, weights_only=True).get('stamp') == stamp:
         saved = torch.load(clf_path, weights_only=True)
         clf.load_state_dict(saved['model'])
         val_acc = saved['val_acc']
     else:
         t = time.time()
-        clf, val_acc = train_classifier(train_set, val_set, len(classes), epochs=cfg['clf_ep'], seed=a.seed)
+        clf, val_acc = train_classifier(train_set, val_set, len(classes), epochs=cfg['clf_ep'], bs=cfg['clf_bs'], seed=a.seed)
         torch.save({'model': clf.state_dict(), 'val_acc': val_acc, 'stamp': stamp}, clf_path + '.tmp')
         os.replace(clf_path + '.tmp', clf_path)
         logger.info('[classifier] trained in %.0fs', time.time() - t)

@@ -6,10 +6,12 @@
 Both files hold arr_0 (N, H, W, 3) uint8, like the OpenAI evaluator's reference batches and
 sample.py's output; they are read in batches, never whole. Features come from torch-fidelity's
 InceptionV3 with the standard TensorFlow FID weights (`--inception_weights`, or the usual download
-into the torch hub cache; offline, the error says what to fetch). FID uses the 2048-d pool features,
-IS the 1008 logits (10 splits), precision and recall the pool features with k = 3 neighbours.
+into the torch hub cache; offline, the error says what to fetch), read with torch.load(weights_only=True).
+FID uses the 2048-d pool features, IS the 1008 logits (10 splits), precision and recall the pool
+features with k = 3 neighbours. Every flag and both files are checked before the network is loaded.
 """
 import argparse
+import io
 import json
 import logging
 import os
@@ -53,15 +55,24 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def _open_arr0(path: str):
-    """(zip, arr_0 stream positioned after the header, shape); checks it holds uint8 (N, H, W, 3) images."""
+    """(zip, arr_0 stream positioned after the header, shape); checks it holds all the bytes of uint8 (N, H, W, 3) images."""
+    if not os.path.isfile(path):
+        raise EvaluationInputError(f'{path} does not exist')
     try:
         zf, f, shape, fortran, dtype = open_npz_arr0(path)
-    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        raise EvaluationInputError(f'{path} is not an npz with arr_0 ({type(e).__name__}: {e})') from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise EvaluationInputError(f'{path} is not an npz with arr_0, or it is truncated ({type(e).__name__}: {e})') from None
+    problem = None
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        problem = f'{path}: arr_0 is {dtype} {shape}, expected uint8 (N, H, W, 3) images'
+    else:
+        need, have = int(np.prod(shape)), zf.getinfo('arr_0.npy').file_size - f.tell()
+        if have < need:
+            problem = f'{path} is truncated: arr_0 {shape} needs {need} bytes of pixels, the file holds {have}'
+    if problem:
         f.close()
         zf.close()
-        raise EvaluationInputError(f'{path}: arr_0 is {dtype} {shape}, expected uint8 (N, H, W, 3) images')
+        raise EvaluationInputError(problem)
     return zf, f, shape
 
 
@@ -93,12 +104,24 @@ def iter_npz_images(path: str, bs: int) -> Tuple[int, Iterator[np.ndarray]]:
 
 
 def load_inception(weights: Optional[str], device: torch.device):
-    """torch-fidelity's TF-compatible InceptionV3 (pool features and 1008 unbiased logits)."""
+    """torch-fidelity's TF-compatible InceptionV3 (pool features and 1008 unbiased logits).
+
+    The weights (a local file, or the download cached in the torch hub folder) are read with
+    weights_only=True; torch-fidelity, which would unpickle them in full, gets only a copy of that
+    plain state dict re-serialised in memory.
+    """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     if weights and not os.path.isfile(weights):
         raise EvaluationInputError(f'--inception_weights {weights} does not exist')
     try:
-        net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'], feature_extractor_weights_path=weights or None)
+        if weights:
+            state = torch.load(weights, map_location='cpu', weights_only=True)
+        else:
+            state = torch.hub.load_state_dict_from_url(INCEPTION_URL, map_location='cpu', progress=False, weights_only=True)
+        plain = io.BytesIO()
+        torch.save(state, plain)
+        plain.seek(0)
+        net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'], feature_extractor_weights_path=plain)
     except Exception as e:   # offline, unreachable, or a file of another layout
         raise EvaluationInputError(
             f'the InceptionV3 FID weights could not be loaded from {weights or INCEPTION_URL} ({type(e).__name__}: {str(e)[:200]}). '
@@ -122,18 +145,50 @@ def inception_features(net, path: str, bs: int, device: torch.device) -> Tuple[n
     return np.concatenate(pools), np.concatenate(logits)
 
 
+def check_settings(bs: int, splits: int, k: int, device: Optional[str], inception_weights: Optional[str]) -> torch.device:
+    """The device to use; an EvaluationInputError naming the flag, its value and the allowed range for a bad setting."""
+    for flag, value in (('--bs', bs), ('--splits', splits), ('--k', k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EvaluationInputError(f'{flag}={value!r} must be an integer >= 1')
+    if inception_weights and not os.path.isfile(inception_weights):
+        raise EvaluationInputError(f'--inception_weights={inception_weights} does not exist; give a local copy of {INCEPTION_URL}, '
+                                   f'or leave the flag out to use the download cached in the torch hub folder')
+    if not device:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EvaluationInputError(f'--device={device} is not a device name; use cpu, cuda or cuda:N') from None
+    if dev.type == 'cuda' and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise EvaluationInputError(f'--device={device}: this machine has {torch.cuda.device_count()} CUDA devices; use cpu'
+                                   + (f' or cuda:0 .. cuda:{torch.cuda.device_count() - 1}' if torch.cuda.device_count() else ''))
+    if dev.type not in ('cpu', 'cuda'):
+        raise EvaluationInputError(f'--device={device} is not supported; use cpu, cuda or cuda:N')
+    return dev
+
+
+def check_npz_pair(ref_npz: str, sample_npz: str, splits: int, k: int) -> None:
+    """Both files hold enough images for the metrics: more than k (precision and recall), at least `splits` samples (IS)."""
+    for path, what in ((ref_npz, 'reference'), (sample_npz, 'sample')):
+        n = npz_shape(path)[0]
+        if n <= k:
+            raise EvaluationInputError(f'the {what} npz {path} holds {n} images; precision and recall with --k={k} neighbours need '
+                                       f'more than {k}: give more images or a --k between 1 and {max(n - 1, 1)}')
+        if what == 'sample' and n < splits:
+            raise EvaluationInputError(f'--splits={splits} needs at least {splits} samples; {path} holds {n}: use --splits between 1 and {n}')
+
+
 def evaluate(ref_npz: str, sample_npz: str, inception_weights: Optional[str] = None, bs: int = 100, splits: int = 10, k: int = 3,
              device: Optional[str] = None) -> Dict[str, float]:
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_part
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    for path in (ref_npz, sample_npz):
-        npz_shape(path)   # fail on a bad file before loading the network
+    dev = check_settings(bs, splits, k, device, inception_weights)
+    check_npz_pair(ref_npz, sample_npz, splits, k)   # fail on a bad file before loading the network
     net = load_inception(inception_weights, dev)
     ref_pool, _ = inception_features(net, ref_npz, bs, dev)
     pool, logits = inception_features(net, sample_npz, bs, dev)
     fid = frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), ref_pool.mean(0), np.cov(ref_pool, rowvar=False))
-    isc = isc_features_to_metric(torch.from_numpy(logits), splits=min(splits, len(logits)), shuffle=False)
+    isc = isc_features_to_metric(torch.from_numpy(logits), splits=splits, shuffle=False)
     precision, recall = calculate_precision_recall_part(torch.from_numpy(pool).float(), torch.from_numpy(ref_pool).float(),
                                                         neighborhood=k, batch_size=10000)
     return {'fid': fid, 'inception_score': isc['inception_score_mean'], 'inception_score_std': isc['inception_score_std'],
@@ -164,6 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     p.add_argument('--device', default=None)
     p.add_argument('--out_json', default='', help='append the metrics as one JSON line to this file')
     a = p.parse_args(argv)
+    if a.out_json and not os.path.isdir(os.path.dirname(os.path.abspath(a.out_json))):
+        raise EvaluationInputError(f'--out_json={a.out_json}: the folder {os.path.dirname(os.path.abspath(a.out_json))} does not exist')
     setup_logging(0)
     print_sample_manifest(a.sample_npz)
     m = evaluate(a.ref_npz, a.sample_npz, a.inception_weights or None, a.bs, a.splits, a.k, a.device)

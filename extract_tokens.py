@@ -6,13 +6,21 @@ Images go through the validation transform (short side resized to mid_reso × th
 crop), so training from tokens has no augmentation beyond the flip. Every process writes its share of
 the rows of one memory-mapped array per split; a killed extraction resumes where it stopped, and
 meta.json appears only once every row is written.
+
+A tokens folder records what it was made from: every image's path, size and modification time (digested
+per class folder), the transform and the tokenizer's weights. A rerun finishes or reuses it only when all
+of these match, and otherwise stops naming each difference, before any model is built. The arrays are
+allocated on the disk in full before any row is written, so a full disk is a clear error at the start,
+never a crash halfway; an unreadable image is an error naming the file.
 """
+import errno
 import json
 import logging
 import os
 import os.path as osp
+import shutil
 import time
-from typing import Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 import torch
@@ -23,38 +31,158 @@ import dist
 from models import VQVAE
 from utils.arg_util import ExtractArgs, parse_extract_args
 from utils.cli import run_main
-from utils.data import ImageFolderDataset, check_data_path
+from utils.data import ImageFolderDataset, check_data_path, pil_loader
 from utils.hub import resolve_checkpoint
 from utils.log import setup_logging
-from utils.token_data import TokensError, token_dtype, tokenizer_fingerprint
+from utils.token_data import TokensError, describe_differences, images_fingerprint, token_dtype, tokenizer_fingerprint
 
 logger = logging.getLogger('extract_tokens')
 
+TRANSFORM = 'Lanczos resize of the short side to round(mid_reso * final_reso), centre crop to final_reso; views: image (+ hflip for train)'
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class StrictImages(ImageFolderDataset):
+    """The validation transform of every image, as (image, label, error): an unreadable image is reported by the
+    caller (naming the file), never replaced by another image."""
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            img = pil_loader(path)
+        except Exception as e:   # truncated, corrupt or not an image
+            return torch.zeros(3, self.final_reso, self.final_reso), label, f'{type(e).__name__}: {e}'
+        return self.transform(img, None), label, ''
+
+
+def on_master(fn: Callable[[], Any]) -> Any:
+    """Run fn on rank 0 only and return its result on every rank; its TokensError is raised on every rank, so that no
+    rank waits at a barrier for one that stopped."""
+    result, msg = None, None
+    if dist.is_master():
+        try:
+            result = fn()
+        except TokensError as e:
+            msg = str(e)
+    result, msg = dist.broadcast_object((result, msg))
+    if msg:
+        raise TokensError(msg)
+    return result
+
+
+def size_str(n_bytes: int) -> str:
+    return f'{n_bytes / 2 ** 30:.2f} GiB' if n_bytes >= 2 ** 30 else f'{n_bytes / 2 ** 20:.2f} MiB' if n_bytes >= 2 ** 20 else f'{n_bytes} bytes'
+
+
+def no_room(path: str, n_bytes: int, e: OSError) -> TokensError:
+    return TokensError(f'no room on the disk for {path} ({size_str(n_bytes)}: {e.strerror}); free some space (or raise the '
+                       f'quota or file size limit) and rerun, or use another --tokens_path; nothing half-written was kept')
+
+
+def write_json(path: str, obj: Dict) -> None:
+    """Temporary file, fsync, rename: a kill or a full disk never leaves a partial file."""
+    tmp = path + '.tmp'
+    text = json.dumps(obj, indent=1)
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        if e.errno in NO_ROOM:
+            raise no_room(path, len(text), e) from None
+        raise
+
+
+def allocate_npy(path: str, shape: Tuple[int, ...], dtype) -> None:
+    """An .npy of zeros with every block allocated on the disk (so that writing through its memory map can never meet a full
+    disk), made under a temporary name and renamed; a full disk is a TokensError and leaves nothing behind."""
+    tmp = path + '.tmp'
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=shape)
+        offset, size = arr.offset, arr.offset + arr.nbytes
+        del arr
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except (AttributeError, OSError) as e:   # no posix_fallocate here, or not on this file system: write the zeros
+                if isinstance(e, OSError) and e.errno in NO_ROOM:
+                    raise
+                os.lseek(fd, offset, os.SEEK_SET)
+                chunk = bytes(1 << 20)
+                for start in range(offset, size, len(chunk)):
+                    os.write(fd, chunk[:min(len(chunk), size - start)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        if e.errno in NO_ROOM:
+            raise no_room(path, int(np.prod(shape)) * np.dtype(dtype).itemsize, e) from None
+        raise
+
+
+def split_arrays(out_dir: str, split: str, n: int, views: int, L: int, dtype) -> Dict[str, Tuple[str, Tuple[int, ...], type]]:
+    """{name: (path, shape, dtype)} of the arrays of one split."""
+    return {'tokens': (osp.join(out_dir, f'{split}_tokens.npy'), (n, views, L), dtype),
+            'labels': (osp.join(out_dir, f'{split}_labels.npy'), (n,), np.int64),
+            'done': (osp.join(out_dir, f'{split}_done.npy'), (n,), np.uint8)}
+
+
+def check_folder(out_dir: str, config: Dict) -> bool:
+    """True when out_dir holds this extraction finished; a TokensError when it holds (part of) an extraction of other inputs."""
+    for name, finished in (('meta.json', True), ('train_config.json', False), ('val_config.json', False)):
+        path = osp.join(out_dir, name)
+        if not osp.isfile(path):
+            continue
+        with open(path) as f:
+            saved = json.load(f)
+        diffs = describe_differences(saved, {k: v for k, v in config.items() if k != 'n'})
+        if diffs:
+            raise TokensError(f'{out_dir} holds {"a finished" if finished else "an unfinished"} extraction made from other inputs: '
+                              f'{"; ".join(diffs)}. Use another --tokens_path, or delete {out_dir} to start afresh')
+        if finished:
+            return True
+    return False
+
+
+def check_room(out_dir: str, arrays) -> None:
+    """Before any model is built: the disk holds the arrays still to be created."""
+    need = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize + 128 for path, shape, dtype in arrays if not osp.isfile(path))
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise TokensError(f'the token arrays need {size_str(need)} in {out_dir}, its disk has {size_str(free)} free: '
+                          f'free some space or use another --tokens_path')
+
 
 def open_split(out_dir: str, split: str, n: int, views: int, L: int, dtype, config: Dict) -> Tuple[np.memmap, np.memmap, np.memmap]:
-    """Create (rank 0) or open the arrays of one split; an unfinished extraction of the same config is continued."""
-    paths = [osp.join(out_dir, f'{split}_{k}.npy') for k in ('tokens', 'labels', 'done')]
+    """Create (rank 0) or open the arrays of one split; an unfinished extraction of the same inputs is continued."""
+    arrays = split_arrays(out_dir, split, n, views, L, dtype)
     cfg_path = osp.join(out_dir, f'{split}_config.json')
-    if dist.is_master():
-        fresh = not all(osp.isfile(p) for p in paths + [cfg_path])
-        if not fresh:
-            with open(cfg_path) as f:
-                if json.load(f) != config:
-                    raise TokensError(f'{out_dir} holds an extraction made with other settings or another tokenizer; '
-                                      f'use another --tokens_path or delete that folder')
-        else:
-            np.lib.format.open_memmap(paths[0], mode='w+', dtype=dtype, shape=(n, views, L)).flush()
-            np.lib.format.open_memmap(paths[1], mode='w+', dtype=np.int64, shape=(n,)).flush()
-            np.lib.format.open_memmap(paths[2], mode='w+', dtype=np.uint8, shape=(n,)).flush()
-            with open(cfg_path + '.tmp', 'w') as f:
-                json.dump(config, f)
-            os.replace(cfg_path + '.tmp', cfg_path)
-    dist.barrier()
-    return tuple(np.load(p, mmap_mode='r+') for p in paths)
+
+    def create():
+        if not (osp.isfile(cfg_path) and all(osp.isfile(p) for p, _, _ in arrays.values())):
+            try:
+                for path, shape, dt in arrays.values():
+                    allocate_npy(path, shape, dt)
+                write_json(cfg_path, {**config, 'n': n})   # last: the arrays are complete files
+            except TokensError:   # no room: none of this split's arrays stays
+                for path, _, _ in arrays.values():
+                    if osp.exists(path):
+                        os.remove(path)
+                raise
+    on_master(create)
+    return tuple(np.load(p, mmap_mode='r+') for p, _, _ in arrays.values())
 
 
 @torch.no_grad()
-def extract_split(vae: VQVAE, dataset: ImageFolderDataset, arrays, views: int, args: ExtractArgs, device, desc: str) -> int:
+def extract_split(vae: VQVAE, dataset: StrictImages, arrays, views: int, args: ExtractArgs, device, desc: str) -> int:
     tokens, labels, done = arrays
     pending = np.flatnonzero(np.asarray(done) == 0)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -62,9 +190,14 @@ def extract_split(vae: VQVAE, dataset: ImageFolderDataset, arrays, views: int, a
     loader = DataLoader(Subset(dataset, mine), batch_size=args.bs, num_workers=args.workers, shuffle=False, drop_last=False)
     bar = tqdm(total=len(pending), disable=not dist.is_master(), desc=desc, unit='img', dynamic_ncols=True)
     pos = 0
-    for img_B3HW, label_B in loader:
+    for img_B3HW, label_B, error_B in loader:
         idx = mine[pos:pos + len(label_B)]
         pos += len(label_B)
+        for i, err in zip(idx, error_B):
+            if err:
+                raise TokensError(f'{dataset.samples[i][0]} cannot be read as an image ({err}). Replace or remove that file; as the '
+                                  f'images then differ from those recorded, delete {args.tokens_path} (or use another --tokens_path) '
+                                  f'and rerun')
         img_B3HW = img_B3HW.to(device, non_blocking=True)
         out_BvL = []
         for v in range(views):
@@ -93,43 +226,51 @@ def main(args: ExtractArgs) -> str:
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     logger.info('%s', dist.describe())
-    meta_path = osp.join(args.tokens_path, 'meta.json')
-    if osp.isfile(meta_path):
-        logger.info('%s is complete already', args.tokens_path)
-        return args.tokens_path
 
+    # what the tokens are made of: the images (listed, not read), the transform, the tokenizer's weights
     classes, train_samples, val_samples = check_data_path(args.data_path)
-    with torch.device(device):
-        vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.vae_ch, share_quant_resi=args.share_quant_resi,
-                    v_patch_nums=args.patch_nums, test_mode=True)
+    splits = (('train', train_samples, 2), ('val', val_samples, 1))
     path = resolve_checkpoint(args.vae_ckpt) if dist.is_local_master() else None
     dist.barrier()
     path = path or resolve_checkpoint(args.vae_ckpt)
     state = torch.load(path, map_location='cpu', weights_only=True)
     if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
         state = state['trainer']['vae_wo_ddp']
+    L = sum(pn * pn for pn in args.patch_nums)
+    dtype = token_dtype(args.vocab_size)
+    config = {'patch_nums': list(args.patch_nums), 'vocab_size': args.vocab_size, 'tokenizer': tokenizer_fingerprint(state),
+              'mid_reso': args.mid_reso, 'final_reso': args.data_load_reso, 'transform': TRANSFORM, 'classes': classes}
+
+    def check_inputs() -> bool:   # on rank 0 (which alone writes the config), before any model is built or image read
+        config['images'] = {split: images_fingerprint(osp.join(args.data_path, split), samples) for split, samples, _ in splits}
+        finished = check_folder(args.tokens_path, config)
+        if not finished:
+            check_room(args.tokens_path, [a for split, samples, views in splits
+                                          for a in split_arrays(args.tokens_path, split, len(samples), views, L, dtype).values()])
+        return finished
+    if on_master(check_inputs):
+        logger.info('%s is complete already (same images, transform and tokenizer)', args.tokens_path)
+        return args.tokens_path
+
+    with torch.device(device):
+        vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.vae_ch, share_quant_resi=args.share_quant_resi,
+                    v_patch_nums=args.patch_nums, test_mode=True)
     vae.load_state_dict(state, strict=True)
     vae.eval()
-    fingerprint = tokenizer_fingerprint(vae.state_dict())
-    L = sum(pn * pn for pn in args.patch_nums)
-    config = {'patch_nums': list(args.patch_nums), 'vocab_size': args.vocab_size, 'tokenizer': fingerprint, 'mid_reso': args.mid_reso,
-              'final_reso': args.data_load_reso, 'classes': classes}
     t0 = time.time()
     counts = {}
-    for split, samples, views in (('train', train_samples, 2), ('val', val_samples, 1)):
-        ds = ImageFolderDataset(samples, args.data_load_reso, mid_reso=args.mid_reso, train=False)
-        arrays = open_split(args.tokens_path, split, len(samples), views, L, token_dtype(args.vocab_size), {**config, 'n': len(samples)})
+    for split, samples, views in splits:
+        ds = StrictImages(samples, args.data_load_reso, mid_reso=args.mid_reso, train=False)
+        arrays = open_split(args.tokens_path, split, len(samples), views, L, dtype, config)
         extract_split(vae, ds, arrays, views, args, device, desc=f'{split} tokens')
         dist.barrier()
         if dist.is_master() and not np.all(np.asarray(arrays[2]) == 1):
             raise RuntimeError(f'{split}: some rows were not written; rerun to finish')
         counts[split] = len(samples)
     if dist.is_master():
-        meta = {**config, 'n_train': counts['train'], 'n_val': counts['val'], 'views': {'train': ['image', 'hflip'], 'val': ['image']},
-                'vae_ckpt': osp.abspath(path), 'seconds': round(time.time() - t0, 1)}
-        with open(meta_path + '.tmp', 'w') as f:
-            json.dump(meta, f, indent=1)
-        os.replace(meta_path + '.tmp', meta_path)
+        write_json(osp.join(args.tokens_path, 'meta.json'),
+                   {**config, 'n_train': counts['train'], 'n_val': counts['val'], 'views': {'train': ['image', 'hflip'], 'val': ['image']},
+                    'vae_ckpt': osp.abspath(path), 'seconds': round(time.time() - t0, 1)})
     dist.barrier()
     logger.info('token maps of %d train images (and their flips) and %d val images in %s (%.0fs)', counts['train'], counts['val'],
                 args.tokens_path, time.time() - t0)

@@ -12,10 +12,14 @@ TINY = dict(V=64, Cvae=8, ch=32, share_quant_resi=4, patch_nums=(1, 2, 3, 4), nu
 
 
 def reference_file(name: str) -> Path:
-    """Path of a reference file; skips the test, saying where it was looked for, when it is absent."""
+    """Path of a reference file; when it is absent, skips the test saying where it was looked for, or fails
+    it when VAR_REQUIRE_REFERENCE=1 (as .ci/run sets, so CI never passes with these tests skipped)."""
     path = REFERENCE_DIR / name
     if not path.is_file():
-        pytest.skip(f'reference file {path} is absent (set VAR_REFERENCE_DIR to the folder holding {name})')
+        msg = f'reference file {path} is absent (set VAR_REFERENCE_DIR to the folder holding {name})'
+        if os.environ.get('VAR_REQUIRE_REFERENCE') == '1':
+            pytest.fail(msg + '; VAR_REQUIRE_REFERENCE=1 makes that a failure', pytrace=False)
+        pytest.skip(msg)
     return path
 
 

@@ -118,3 +118,26 @@ def test_grouped_block_causal_attention_equals_the_dense_mask():
         var.set_fast_paths(False)
         b = var(labels, x[:, :84], prog_si=3)
     assert (a - b).abs().max() < 1e-5
+
+
+def test_set_attn_backend_math_equals_the_default_on_the_cpu(caplog):
+    vae, var = build_tiny()
+    var.cond_drop_rate = 0.0   # the forward drops labels like the reference's, also in eval
+    assert var.attn_backend == 'sdpa' and all(b.attn.backend == 'sdpa' for b in var.blocks)
+    labels = torch.tensor([0, 3, 4])
+    x_BLCv = vae.quantize.idxBl_to_var_input([torch.randint(0, 64, (3, pn * pn), generator=torch.Generator().manual_seed(pn))
+                                              for pn in var.patch_nums])
+    with torch.no_grad():
+        default_BLV = var(labels, x_BLCv)
+        default_img = var.autoregressive_infer_cfg(B=3, label_B=labels, g_seed=5, cfg=1.5, top_k=10)
+    with caplog.at_level(logging.INFO, logger='models.var'):
+        var.set_attn_backend('math')
+    assert var.attn_backend == 'math' and all(b.attn.backend == 'math' for b in var.blocks)
+    assert any('attention backend math' in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        math_BLV = var(labels, x_BLCv)
+        math_img = var.autoregressive_infer_cfg(B=3, label_B=labels, g_seed=5, cfg=1.5, top_k=10)
+    assert (math_BLV - default_BLV).abs().max().item() < 1e-5
+    assert (math_img - default_img).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="'nope' is not one of"):
+        var.set_attn_backend('nope')

@@ -194,11 +194,22 @@ def test_tokenizer_training_forward_straight_through():
     img = torch.rand(2, 3, 64, 64) * 2 - 1
     rec, usages, vq_loss = vae(img, ret_usages=True)
     assert rec.shape == img.shape and vq_loss.item() > 0 and len(usages) == 4
-    (rec.square().mean() + vq_loss).backward()
-    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0       # through the straight-through estimator
-    assert vae.quantize.embedding.weight.grad.abs().sum() > 0    # through the vq loss
-    assert vae.decoder.conv_out.weight.grad.abs().sum() > 0
     assert vae.quantize.ema_vocab_hit_SV.sum() > 0
+    # the reconstruction loss alone reaches the encoder, through the straight-through estimator only:
+    # the gradient arriving at the quantizer's input equals the one leaving its output
+    f_BChw = vae.quant_conv(vae.encoder(img))
+    f_BChw.retain_grad()
+    f_hat_BChw, _, vq_loss = vae.quantize(f_BChw)
+    f_hat_BChw.retain_grad()
+    vae.decoder(vae.post_quant_conv(f_hat_BChw)).square().mean().backward(retain_graph=True)
+    assert f_hat_BChw.grad.abs().sum() > 0 and f_BChw.grad is not None
+    assert torch.equal(f_BChw.grad, f_hat_BChw.grad)
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert vae.decoder.conv_out.weight.grad.abs().sum() > 0
+    assert vae.quantize.embedding.weight.grad is None             # the codebook learns from the vq loss only
+    vae.zero_grad(set_to_none=True)
+    vq_loss.backward()
+    assert vae.quantize.embedding.weight.grad.abs().sum() > 0
 
 
 def test_meta_build_allocates_nothing():

@@ -1,21 +1,25 @@
-"""demo_sample.ipynb executes headless (nbclient) against tiny local checkpoints named by environment variables."""
+"""demo_sample.ipynb executes headless (nbclient) against tiny local checkpoints named by environment variables, draws the grid
+that the same models give in-process with the reference notebook's settings, and is exactly what tools/make_demo_notebook.py writes."""
 import json
 
 import nbformat
+import numpy as np
 import torch
+import torchvision
 from nbclient import NotebookClient
 from PIL import Image
 
-from conftest import REPO, build_tiny
+from conftest import REPO, build_tiny, run_script
 
 
-def test_notebook_executes_and_shows_a_grid(tmp_path, monkeypatch):
+def test_notebook_executes_and_shows_the_grid_of_the_reference_settings(tmp_path, monkeypatch):
     vae, var = build_tiny(seed=8)
     torch.save(vae.state_dict(), tmp_path / 'vae.pth')
     torch.save(var.state_dict(), tmp_path / 'var.pth')
+    labels = [0, 0, 1, 1, 2, 2, 3, 4]
     env = {'VAR_NB_DEPTH': '2', 'VAR_NB_VAE_CKPT': str(tmp_path / 'vae.pth'), 'VAR_NB_VAR_CKPT': str(tmp_path / 'var.pth'),
            'VAR_NB_BUILD': json.dumps(dict(V=64, Cvae=8, ch=32, patch_nums=[1, 2, 3, 4], num_classes=5)),
-           'VAR_NB_CLASS_LABELS': '0,0,1,1,2,2,3,4', 'VAR_NB_SAVE': str(tmp_path / 'grid.png'), 'HF_HUB_OFFLINE': '1',
+           'VAR_NB_CLASS_LABELS': ','.join(map(str, labels)), 'VAR_NB_SAVE': str(tmp_path / 'grid.png'), 'HF_HUB_OFFLINE': '1',
            'OMP_NUM_THREADS': '1'}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -25,5 +29,21 @@ def test_notebook_executes_and_shows_a_grid(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.get('output_type') == 'error']
     assert any('image/png' in o.get('data', {}) for o in outputs), 'the grid is shown'
     assert any('VAR d2 ready on' in o.get('text', '') for o in outputs)
-    grid = Image.open(tmp_path / 'grid.png')
-    assert grid.size == (8 * 64, 64)
+    grid = np.asarray(Image.open(tmp_path / 'grid.png'))
+    assert grid.shape == (64, 8 * 64, 3)
+    # the same models in-process with the reference notebook's settings: seed 0, cfg 4, top-k 900 (of at most V), top-p 0.95
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            img_B3HW = var.autoregressive_infer_cfg(B=len(labels), label_B=torch.tensor(labels), cfg=4, top_k=min(900, var.V), top_p=0.95,
+                                                    g_seed=0, more_smooth=False)
+    finally:
+        torch.set_num_threads(threads)
+    want = torchvision.utils.make_grid(img_B3HW, nrow=8, padding=0).permute(1, 2, 0).mul(255).numpy().astype(np.uint8)
+    assert np.array_equal(grid, want)
+
+
+def test_the_committed_notebook_is_what_the_generator_writes(tmp_path):
+    run_script(['tools/make_demo_notebook.py', f'--out={tmp_path / "nb.ipynb"}'])
+    assert (tmp_path / 'nb.ipynb').read_bytes() == (REPO / 'demo_sample.ipynb').read_bytes()

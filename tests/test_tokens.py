@@ -1,18 +1,23 @@
-"""extract_tokens.py and train.py --tokens_path: same tokens for any number of processes, resumable, same training as live tokenisation."""
+"""extract_tokens.py and train.py --tokens_path: same tokens for any number of processes, resumable, same training as live tokenisation;
+a folder made from other images or another tokenizer, a corrupt image and a full disk are clear errors."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TRAIN_FLAGS, run_script
+from conftest import REPO, TINY_TRAIN_FLAGS, build_tiny, run_script, script_env
 
 TOK_FLAGS = ['--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--pn=1_2_3_4']
 
 
-def extract(data, vae, out, procs=0, *extra):
+def extract(data, vae, out, procs=0, *extra, check=True):
     return run_script(['extract_tokens.py', f'--data_path={data}', f'--vae_ckpt={vae}', f'--tokens_path={out}', *TOK_FLAGS, '--bs=5', *extra],
-                      torchrun_procs=procs)
+                      torchrun_procs=procs, check=check)
 
 
 @pytest.fixture(scope='module')
@@ -87,3 +92,97 @@ def test_tokens_of_another_tokenizer_are_refused(shapes_data, tokens_one, tmp_pa
     res = run_script(['train.py', f'--tokens_path={tmp_path / "nothing"}', f'--vae_ckpt={other}', f'--local_out_dir_path={tmp_path / "y"}',
                       *TINY_TRAIN_FLAGS, '--ep=1'], check=False)
     assert res.returncode == 1 and 'run extract_tokens.py first' in res.stderr
+
+
+@pytest.fixture(scope='module')
+def tiny_tokens(tiny_shapes, tiny_vae_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp('tiny_tokens') / 'tok'
+    extract(tiny_shapes, tiny_vae_ckpt, out, 0, '--mid_reso=1')
+    return out
+
+
+def assert_refused(res, folder, finished, *what):
+    assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr
+    kind = 'a finished' if finished else 'an unfinished'
+    assert f'{folder} holds {kind} extraction made from other inputs: ' in res.stderr, res.stderr
+    assert f'Use another --tokens_path, or delete {folder} to start afresh' in res.stderr
+    for w in what:
+        assert w in res.stderr, res.stderr
+
+
+def test_a_folder_made_with_another_tokenizer_is_refused_finished_or_not(tiny_shapes, tiny_tokens, tmp_path):
+    other = tmp_path / 'other_vae.pth'
+    torch.save(build_tiny(seed=99)[0].state_dict(), other)
+    meta = json.loads((tiny_tokens / 'meta.json').read_text())
+    from utils.token_data import tokenizer_fingerprint
+    change = f'the tokenizer weights (fingerprint {meta["tokenizer"]} then, {tokenizer_fingerprint(torch.load(other))} now)'
+    assert_refused(extract(tiny_shapes, other, tiny_tokens, 0, '--mid_reso=1', check=False), tiny_tokens, True, change)
+    assert json.loads((tiny_tokens / 'meta.json').read_text()) == meta
+    partial = tmp_path / 'partial'
+    shutil.copytree(tiny_tokens, partial)
+    (partial / 'meta.json').unlink()
+    before = np.load(partial / 'train_tokens.npy')
+    assert_refused(extract(tiny_shapes, other, partial, 0, '--mid_reso=1', check=False), partial, False, change)
+    assert np.array_equal(np.load(partial / 'train_tokens.npy'), before)
+
+
+def test_a_folder_made_from_other_images_is_refused_finished_or_not(tiny_shapes, tiny_vae_ckpt, tiny_tokens, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_shapes, data)        # moved, same files (copy2 keeps the modification times): still complete
+    tok = tmp_path / 'tok'
+    shutil.copytree(tiny_tokens, tok)
+    assert 'complete already' in extract(data, tiny_vae_ckpt, tok, 0, '--mid_reso=1').stdout
+    assert_refused(extract(data, tiny_vae_ckpt, tok, 0, '--mid_reso=1.125', check=False), tok, True, 'mid_reso (1.0 then, 1.125 now)')
+    cls = sorted(os.listdir(data / 'train'))[1]
+    victim = data / 'train' / cls / sorted(os.listdir(data / 'train' / cls))[0]
+    from PIL import Image
+    Image.open(victim).transpose(Image.FLIP_TOP_BOTTOM).save(victim)   # another picture in the same file
+    st = os.stat(victim)
+    os.utime(victim, (st.st_atime, st.st_mtime + 5))
+    assert_refused(extract(data, tiny_vae_ckpt, tok, 0, '--mid_reso=1', check=False), tok, True,
+                   f'the train images: 1 class folder ({cls}) with other files, sizes or modification times')
+    (tok / 'meta.json').unlink()
+    shutil.copy2(victim, data / 'val' / cls / 'extra.png')
+    assert_refused(extract(data, tiny_vae_ckpt, tok, 0, '--mid_reso=1', check=False), tok, False,
+                   f'the train images: 1 class folder ({cls})', f'the val images: 1 class folder ({cls}) with other files, sizes or '
+                   f'modification times (6 files of')
+
+
+def test_a_corrupt_or_empty_image_is_an_error_naming_it(tiny_shapes, tiny_vae_ckpt, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_shapes, data)
+    cls = sorted(os.listdir(data / 'train'))[2]
+    victim = data / 'train' / cls / sorted(os.listdir(data / 'train' / cls))[1]
+    empty = data / 'val' / cls / sorted(os.listdir(data / 'val' / cls))[0]
+    good = empty.read_bytes()
+    empty.write_bytes(b'')
+    res = extract(data, tiny_vae_ckpt, tmp_path / 'tok', 0, '--mid_reso=1', check=False)
+    assert res.returncode == 1 and 'Traceback' not in res.stderr
+    assert f'{empty} is an empty file (0 bytes), not an image: replace it or remove it, then rerun' in res.stderr
+    empty.write_bytes(good)
+    victim.write_bytes(b'not an image at all' * 20)
+    res = extract(data, tiny_vae_ckpt, tmp_path / 'tok', 0, '--mid_reso=1', check=False)
+    assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr
+    assert f'{victim} cannot be read as an image (UnidentifiedImageError' in res.stderr and 'Replace or remove that file' in res.stderr
+    assert not (tmp_path / 'tok' / 'meta.json').exists()
+    done = np.load(tmp_path / 'tok' / 'train_done.npy')
+    assert done.sum() < len(done)    # the extraction stopped; the rows of the images before stay for a resume
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_array(tiny_shapes, tiny_vae_ckpt, tiny_tokens, tmp_path):
+    import resource
+    out = tmp_path / 'tok'
+    argv = ['extract_tokens.py', f'--data_path={tiny_shapes}', f'--vae_ckpt={tiny_vae_ckpt}', f'--tokens_path={out}', *TOK_FLAGS,
+            '--bs=5', '--mid_reso=1']
+    limit = 2500   # bytes per file: less than the train token array (24 images x 2 views x 30 tokens x 2 bytes), more than the log
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    res = subprocess.run([sys.executable, *argv], cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300,
+                         preexec_fn=small_disk)
+    assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr
+    assert f'no room on the disk for {out / "train_tokens.npy"} (2880 bytes: File too large)' in res.stderr
+    assert not [p for p in os.listdir(out) if p.endswith(('.npy', '.tmp', '.json'))], os.listdir(out)
+    extract(tiny_shapes, tiny_vae_ckpt, out, 0, '--mid_reso=1')   # with room: the whole extraction, as if nothing happened
+    for name in ('train_tokens.npy', 'val_tokens.npy', 'train_labels.npy'):
+        assert np.array_equal(np.load(out / name), np.load(tiny_tokens / name)), name

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, TINY_TRAIN_FLAGS, run_and_kill_after_checkpoint, run_script, script_env
+from conftest import REPO, TINY_TRAIN_FLAGS, run_and_kill_after_checkpoint, run_script
 from test_vae_parts import fake_lpips_weights
 
 TINY_VAE_FLAGS = ['--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--pn=1_2_3_4']
@@ -79,10 +79,13 @@ def test_checkpoint_round_trips_into_train_py_and_eval_only(tiny_shapes, tmp_pat
 
 
 def test_perceptual_loss_weights_local_or_a_clear_stop(tiny_shapes, tmp_path):
+    from test_evaluate import offline_env   # downloads go to an unreachable local proxy: the same result on- or offline
     res = run_script([str(REPO / 'train_vae.py'), f'--data_path={tiny_shapes}', f'--local_out_dir_path={tmp_path / "a"}', *TINY_VAE_FLAGS,
-                      '--ep=1', '--bs=8'], check=False, env=script_env(TORCH_HOME=tmp_path / 'torch_home'), cwd=tmp_path)
-    assert res.returncode == 1
+                      '--ep=1', '--bs=8'], check=False, env=offline_env(tmp_path), cwd=tmp_path)
+    assert res.returncode == 1 and 'Traceback' not in res.stderr
     assert 'vgg16-397923af.pth' in res.stderr and '--lpips_weight=0' in res.stderr
+    assert 'URLError' in res.stderr and 'Connection refused' in res.stderr   # the download went to the local proxy, and failed
+    assert not list((tmp_path / 'torch_home').rglob('*.pth'))
     vgg, lin = fake_lpips_weights(tmp_path)
     res = run_script(vae_flags(tiny_shapes, tmp_path / 'b', '--ep=1', '--bs=8', f'--lpips_vgg={vgg}', f'--lpips_lin={lin}', '--disc_start=-1'))
     assert 'losses: l1 + lpips' in res.stdout

@@ -1,10 +1,23 @@
-"""Writes demo_sample.ipynb (the notebook is generated so that its code stays reviewable here)."""
+"""Writes demo_sample.ipynb (the notebook is generated so that its code stays reviewable here).
+
+    python tools/make_demo_notebook.py            # rewrites demo_sample.ipynb beside this folder
+    python tools/make_demo_notebook.py --out X    # writes it elsewhere (the tests compare it with the committed one)
+
+The output is the same on every run (cell ids follow the cell order), so the committed notebook is exactly what this writes.
+"""
+import argparse
 import os
+from typing import Optional, Sequence
 
 import nbformat as nbf
 
+NOTEBOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'demo_sample.ipynb')
 
-def main() -> None:
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--out', default=NOTEBOOK, help='where to write the notebook')
+    a = p.parse_args(argv)
     nb = nbf.v4.new_notebook()
     nb.metadata['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}
     nb.metadata['language_info'] = {'name': 'python'}
@@ -74,8 +87,11 @@ grid = PImage.fromarray(chw.astype(np.uint8))
 if os.environ.get('VAR_NB_SAVE'):
     grid.save(os.environ['VAR_NB_SAVE'])
 grid"""))
+    for i, cell in enumerate(cells):
+        cell['id'] = f'cell-{i}'
     nb.cells = cells
-    nbf.write(nb, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'demo_sample.ipynb'))
+    nbf.write(nb, a.out)
+    return a.out
 
 
 if __name__ == '__main__':

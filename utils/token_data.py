@@ -1,16 +1,20 @@
 """Token maps written once by extract_tokens.py, read back as a dataset for train.py --tokens_path.
 
 Layout of a tokens folder:
-    meta.json                      what was extracted (scales, vocabulary, tokenizer fingerprint, classes, transform)
+    meta.json                      what was extracted (scales, vocabulary, tokenizer fingerprint, classes, transform,
+                                   fingerprint of the images); written last
+    train_config.json, val_config.json   the same, written when the split's arrays are created
     train_tokens.npy  (N, 2, L)    uint16 (int32 when V > 65535): the image's tokens and its horizontal flip's
     train_labels.npy  (N,)         int64
     val_tokens.npy    (M, 1, L)    the validation images' tokens (no flip)
     val_labels.npy    (M,)
     *_done.npy                     uint8 per image: 1 once its row is written (extraction resumes from it)
 """
+import hashlib
 import json
+import os
 import os.path as osp
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +23,8 @@ from torch.utils.data import Dataset
 from utils.cli import UserError
 from utils.data import sample_seed
 
-__all__ = ['TokenDataset', 'build_token_datasets', 'tokenizer_fingerprint', 'TokensError', 'token_dtype']
+__all__ = ['TokenDataset', 'build_token_datasets', 'tokenizer_fingerprint', 'images_fingerprint', 'describe_differences', 'TokensError',
+           'token_dtype']
 
 
 class TokensError(UserError, ValueError):
@@ -33,13 +38,55 @@ def token_dtype(vocab_size: int):
 def tokenizer_fingerprint(vae_state: Dict[str, torch.Tensor]) -> str:
     """A digest of the weights that decide the tokens (encoder, quant_conv, codebook, phi): tokens only make
     sense with the tokenizer that made them."""
-    import hashlib
     h = hashlib.sha256()
     for k in sorted(vae_state):
         if not k.startswith(('decoder.', 'post_quant_conv.')) and 'ema_vocab_hit' not in k:
             h.update(k.encode())
             h.update(vae_state[k].detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def images_fingerprint(split_root: str, samples: Sequence[Tuple[str, int]]) -> Dict:
+    """What the token rows of one split are made from, without reading the images: every file's path below
+    split_root, size and modification time (whole seconds), digested per class folder; raises TokensError for an
+    empty file. {'files', 'bytes', 'classes': {class folder: digest}}."""
+    per_class = {}   # class folder -> running sha256
+    total = 0
+    for path, label in samples:
+        rel = osp.relpath(path, split_root)
+        st = os.stat(path)
+        if st.st_size == 0:
+            raise TokensError(f'{path} is an empty file (0 bytes), not an image: replace it or remove it, then rerun')
+        total += st.st_size
+        folder = rel.split(os.sep, 1)[0]
+        per_class.setdefault(folder, hashlib.sha256()).update(f'{rel}\t{label}\t{st.st_size}\t{int(st.st_mtime)}\n'.encode())
+    return {'files': len(samples), 'bytes': total, 'classes': {c: h.hexdigest()[:16] for c, h in per_class.items()}}
+
+
+def describe_differences(saved: Dict, now: Dict) -> List[str]:
+    """What differs between the inputs recorded in a tokens folder and those of this run, one phrase each."""
+    out = []
+    for key, value in now.items():
+        old = saved.get(key)
+        if old == value:
+            continue
+        if key == 'tokenizer':
+            out.append(f'the tokenizer weights (fingerprint {old} then, {value} now)')
+        elif key == 'images':
+            for split, fp in value.items():
+                before = (old or {}).get(split)
+                if before is None:
+                    out.append(f'the {split} images (no fingerprint of them recorded: made by an older extract_tokens.py)')
+                elif before != fp:
+                    changed = sorted(c for c in set(before['classes']) | set(fp['classes']) if before['classes'].get(c) != fp['classes'].get(c))
+                    out.append(f'the {split} images: {len(changed)} class folder{"s" if len(changed) > 1 else ""} '
+                               f'({", ".join(changed[:5])}{" ..." if len(changed) > 5 else ""}) with other files, sizes or modification times '
+                               f'({before["files"]} files of {before["bytes"]} bytes then, {fp["files"]} of {fp["bytes"]} now)')
+        elif key == 'classes':
+            out.append(f'the class folders ({len(old or [])} then, {len(value)} now)')
+        else:
+            out.append(f'{key} ({old!r} then, {value!r} now)')
+    return out
 
 
 class TokenDataset(Dataset):
