@@ -58,7 +58,9 @@ TINY_TRAIN_FLAGS = ['--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--pn=1_
 def script_env(**extra) -> dict:
     """Environment for running a project script in a subprocess: offline, one thread, repo on the path."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(REPO), HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+    # the repo first, then whatever was on the path (packages installed from wheels on a GPU machine, say)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get('PYTHONPATH', '')) if p)
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=pythonpath, HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
