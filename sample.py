@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import os.path as osp
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -35,6 +36,7 @@ from utils.log import setup_logging
 from utils.misc import (SampleFolderError, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0, read_npz_manifest,
                         sample_png_name)
 from utils.model_loading import SamplingWeights, build_from_weights, read_weights, state_fingerprint
+from utils.run import TEST_KILL_ENV
 
 logger = logging.getLogger('sample')
 
@@ -268,6 +270,7 @@ def main(args: SampleArgs) -> str:
     bar = tqdm(total=N, initial=N - sum(len(b) for b in mine) * world, disable=not dist.is_master(), desc='sample', unit='img',
                dynamic_ncols=True)
     t0, made = time.time(), 0
+    kill_after = int(os.environ.get(TEST_KILL_ENV, 0))   # test-only: SIGKILL after this many images (utils/run.py)
     for blk in mine:
         labels = torch.tensor([i // args.per_class for i in blk], device=device)
         with torch.inference_mode(), amp:
@@ -278,6 +281,8 @@ def main(args: SampleArgs) -> str:
             if i not in done:
                 save_png_atomic(a, osp.join(out, sample_png_name(i)))
         made += len(blk)
+        if 0 < kill_after <= made:
+            os.kill(os.getpid(), signal.SIGKILL)
         bar.update(len(blk) * world)
         bar.set_postfix(img_s=f'{made * world / (time.time() - t0):.2f}', refresh=False)
     bar.close()

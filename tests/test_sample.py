@@ -113,9 +113,10 @@ def test_a_killed_run_resumes_to_exactly_n_images_without_rewriting_finished_one
     ref = tmp_path / 'ref'
     run_script(sample_flags(tiny_ckpts, ref, *flags))
     out = tmp_path / 'killed'
-    run_and_kill_after_checkpoint(sample_flags(tiny_ckpts, out, *flags), out / '000010.png', delay=0.2)
+    run_and_kill_after_checkpoint(sample_flags(tiny_ckpts, out, *flags), out / '000010.png', kill_at_iter=12)
     before = stats(out)
-    assert 10 < len(before) < 200 and not (tmp_path / 'killed.npz').exists(), 'the kill must land mid-run'
+    assert pngs(out) == [f'{i:06d}.png' for i in range(12)] and not (tmp_path / 'killed.npz').exists(), \
+        'the kill lands after the 12th image (VAR_TEST_SIGKILL_AT_ITER)'
     run_script(sample_flags(tiny_ckpts, out, *flags))
     assert pngs(out) == [f'{i:06d}.png' for i in range(200)] and sorted(os.listdir(out)) == pngs(out) + ['manifest.json'], \
         'exactly N images and the manifest, no temporary files'

@@ -25,7 +25,8 @@ __all__ = ['iteration_seed', 'IterationPlan', 'plan_iterations', 'setup_run', 'r
 
 # Test-only: a process that finds this variable set to N sends itself SIGKILL right after it has written a
 # checkpoint of the state at global iteration >= N (epoch * iterations per epoch + iteration), so that the
-# resume tests kill a run at a known point instead of racing a timer. Never set it outside the tests.
+# resume tests kill a run at a known point instead of racing a timer (sample.py: after N images of this
+# process). Never set it outside the tests.
 TEST_KILL_ENV = 'VAR_TEST_SIGKILL_AT_ITER'
 
 logger = logging.getLogger(__name__)
