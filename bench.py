@@ -2,7 +2,27 @@
 
     python bench.py train  --depth=8 --bs=4 --reso=256 --dtype=fp32 [--tf32] [--tokens] [--grad_ckpt] [--mode=baseline]
     python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--tf32] [--mode=baseline]
-    python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # the README table: baseline and this code side by side, one machine, one run
+    python bench.py compare --reference=DIR [--depth=8] [--bs=4] [--repeat=3] [--threads=N] [--steps=1] [--quick] [--out_dir=DIR]
+    python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # ablation: this code against its own --mode=baseline
+    python bench.py cpu        # the CPU, its ISA features, and which fast paths this code takes on it and why
+
+`compare --reference=DIR` times the reference implementation itself (DIR: a work tree of FoundationVision/VAR kept
+outside this project; nothing of it is copied here) against this code on the CPU in float32, through the public API
+both share: `build_vae_var`, `vae.img_to_idxBl`, `vae.quantize.idxBl_to_var_input`, `var(label_B, x_BLCv_wo_first_l)`
+with the reference trainer's loss (cross entropy, label smoothing 0.1), backward, gradient clipping at 2 and an AdamW
+step (the same plain torch.optim.AdamW on both sides), and `var.autoregressive_infer_cfg(B, label_B, g_seed=0,
+cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)` with its images. Rows: a training step with live tokenisation,
+a training step from pre-extracted tokens (computed before the timed steps), sampling a batch, and the peak resident
+memory (ru_maxrss) of each measuring process. Every measurement is a fresh process (`bench.py side`) whose sys.path
+puts DIR (or this repo) first, so `import models` is that implementation (its file is printed and kept in the JSON);
+rounds are interleaved (reference, this code, reference, ...), every process uses --threads threads, one warm-up step
+then --steps timed ones (their median is the round's figure). Both sides load the same random-but-sane weights (this
+code's initialisation, saved once and loaded strictly: the reference's builder leaves the tokenizer uninitialised)
+and the same seeded images and labels; the token maps of the images and the sampled images of both are compared.
+Runtime shims for the reference, applied from here and never by editing DIR: both sides are built with
+flash_if_available=False and fused_if_available=False (flash-attn, xformers and the fused MLP are CUDA kernels), and
+the measuring processes see no GPU (CUDA_VISIBLE_DEVICES empty: the reference picks its sampling generator's device
+from torch.cuda.is_available()). Its `torch.cuda.amp.autocast(enabled=False)` blocks run as they are on the CPU.
 
 `--mode=baseline` switches every optimisation of this codebase off (dense masked attention, F.linear,
 whole-batch NCHW direct convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
@@ -13,6 +33,7 @@ fused AdamW where available, gradient clipping at 2. On CUDA, peak memory is tor
 float32 is IEEE float32 unless --tf32 (TensorFloat32 matmuls and convolutions, train.py's default there).
 """
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -385,14 +406,16 @@ def side(args) -> None:
         times, keep = _train_steps(vae, var, img_B3HW, label_B, args.steps, live=args.row == 'train_live')
     if args.save_images:
         torch.save(keep.get('images', keep.get('tokens')), args.save_images)
-    print(json.dumps({'row': args.row, 'module': os.path.abspath(models.__file__), 'seconds': statistics.median(times),
+    print(json.dumps({'row': args.row, 'module': os.path.abspath(models.__file__), 'var_class_file': inspect.getsourcefile(type(var)),
+                      'seconds': statistics.median(times),
                       'steps': times, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
                       'threads': torch.get_num_threads(), 'loss': keep.get('loss')}))
 
 
 def _child_env(threads: int) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}   # nothing but --impl decides what `models` is
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1')
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1',
+               CUDA_VISIBLE_DEVICES='')   # the CPU comparison: the reference would put its sampling generator on a GPU
     return env
 
 
@@ -439,15 +462,18 @@ def print_table(summary: List[Dict], caption: str, repeat: int) -> None:
               f"| {s['ratio_best']:.2f}x / {s['ratio_median']:.2f}x |")
 
 
-def sanity_lines(tmp: str) -> Tuple[Dict, List[str]]:
-    """Both sides on the same weights: the same token maps for the same images; how far the sampled images lie apart."""
+def sanity_lines(tmp: str, runs: List[Dict]) -> Tuple[Dict, List[str]]:
+    """Both sides on the same weights: the same token maps for the same images; how far the sampled images and the
+    first round's losses lie apart."""
     tok_ref, tok_ours = torch.load(f'{tmp}/tokens_reference.pt'), torch.load(f'{tmp}/tokens_ours.pt')
     n_tok = sum(t.numel() for t in tok_ours)
     n_diff = sum(int((a != b).sum()) for a, b in zip(tok_ref, tok_ours))
     img_diff = float((torch.load(f'{tmp}/images_reference.pt') - torch.load(f'{tmp}/images_ours.pt')).abs().max())
-    sanity = {'tokens': n_tok, 'tokens_differing': n_diff, 'sampled_images_max_abs_diff': img_diff}
+    loss = {r['side']: r['loss'] for r in runs if r['row'] == 'train_tokens' and r['round'] == 0}
+    sanity = {'tokens': n_tok, 'tokens_differing': n_diff, 'sampled_images_max_abs_diff': img_diff, 'train_tokens_loss': loss}
     return sanity, [f'same weights, same images: {n_tok - n_diff} of {n_tok} tokens equal ({n_diff} differ)',
-                    f'sampled images (same seed, labels): max |reference - this code| = {img_diff:.2e} in [0, 1]']
+                    f'sampled images (same seed, labels): max |reference - this code| = {img_diff:.2e} in [0, 1]',
+                    f"loss of the last timed step from tokens, round 1: reference {loss['reference']:.6f}, this code {loss['ours']:.6f}"]
 
 
 def _write_json_atomic(obj, path: str) -> None:
@@ -481,7 +507,7 @@ def compare_reference(args) -> None:
                     r = run_side(impl, row, args, sizes, weights, save)
                     runs.append(dict(r, side=name, round=rnd))
                     print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {r['peak_rss_gib']:.2f} GiB", flush=True)
-        sanity, lines = sanity_lines(tmp)
+        sanity, lines = sanity_lines(tmp, runs)
     modules = {name: sorted({r['module'] for r in runs if r['side'] == name}) for name in ('reference', 'ours')}
     print(f"\nmodels imported: reference {', '.join(modules['reference'])}; this code {', '.join(modules['ours'])}")
     for line in lines:
