@@ -13,12 +13,16 @@ with the reference trainer's loss (cross entropy, label smoothing 0.1), backward
 step (the same plain torch.optim.AdamW on both sides), and `var.autoregressive_infer_cfg(B, label_B, g_seed=0,
 cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)` with its images. Rows: a training step with live tokenisation,
 a training step from pre-extracted tokens (computed before the timed steps), sampling a batch, and the peak resident
-memory (ru_maxrss) of each measuring process. Every measurement is a fresh process (`bench.py side`) whose sys.path
-puts DIR (or this repo) first, so `import models` is that implementation (its file is printed and kept in the JSON);
+memory (ru_maxrss) of each measuring process, from the moment its models hold the shared weights (Linux: the peak
+is reset then through /proc/self/clear_refs, so reading the weights file does not count). Every measurement is a
+fresh process (`bench.py side`) whose sys.path puts DIR (or this repo) first, so `import models` is that
+implementation (its file is printed and kept in the JSON);
 rounds are interleaved (reference, this code, reference, ...), every process uses --threads threads, one warm-up step
 then --steps timed ones (their median is the round's figure). Both sides load the same random-but-sane weights (this
 code's initialisation, saved once and loaded strictly: the reference's builder leaves the tokenizer uninitialised)
 and the same seeded images and labels; the token maps of the images and the sampled images of both are compared.
+Both sides tokenise under torch.no_grad() (their tokenizers are frozen: no graph either way) and sample under
+torch.inference_mode().
 Runtime shims for the reference, applied from here and never by editing DIR: both sides are built with
 flash_if_available=False and fused_if_available=False (flash-attn, xformers and the fused MLP are CUDA kernels), and
 the measuring processes see no GPU (CUDA_VISIBLE_DEVICES empty: the reference picks its sampling generator's device
@@ -357,12 +361,11 @@ def _train_steps(vae, var, img_B3HW, label_B, steps: int, live: bool):
     """The reference trainer's step: logits, label-smoothed cross entropy, backward, clip at 2, AdamW step."""
     var.train()
     opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    idx_Bl, gt_BL, x_BLCv = _tokenise(vae, img_B3HW)   # outside the timed region (the pre-extracted tokens)
+    tokens = None if live else _tokenise(vae, img_B3HW)   # pre-extracted: outside the timed region
     times, loss = [], None
     for _ in range(steps + 1):   # the first one warms up
         t = time.perf_counter()
-        if live:
-            idx_Bl, gt_BL, x_BLCv = _tokenise(vae, img_B3HW)
+        idx_Bl, gt_BL, x_BLCv = _tokenise(vae, img_B3HW) if live else tokens
         logits_BLV = var(label_B, x_BLCv)
         loss = F.cross_entropy(logits_BLV.view(-1, logits_BLV.shape[-1]), gt_BL.view(-1), label_smoothing=0.1)
         loss.backward()
@@ -373,7 +376,7 @@ def _train_steps(vae, var, img_B3HW, label_B, steps: int, live: bool):
     return times[1:], {'loss': loss.item(), 'tokens': idx_Bl}
 
 
-def _sample_steps(vae, var, label_B, steps: int):
+def _sample_steps(var, label_B, steps: int):
     var.eval()
     times, img = [], None
     for _ in range(steps + 1):
@@ -382,6 +385,16 @@ def _sample_steps(vae, var, label_B, steps: int):
             img = var.autoregressive_infer_cfg(len(label_B), label_B, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
         times.append(time.perf_counter() - t)
     return times[1:], {'images': img.float().clone()}
+
+
+def _reset_peak_rss() -> bool:
+    """Start ru_maxrss afresh from the current resident set (Linux: /proc/self/clear_refs); False where refused."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
 
 
 def side(args) -> None:
@@ -395,13 +408,15 @@ def side(args) -> None:
     sizes = json.loads(args.sizes)
     torch.manual_seed(0)
     vae, var = models.build_vae_var(device='cpu', **_build_kwargs(sizes))
-    weights = torch.load(args.weights, map_location='cpu')
+    weights = torch.load(args.weights, map_location='cpu', mmap=True)
     vae.load_state_dict(weights['vae'], strict=True)
     var.load_state_dict(weights['var'], strict=True)
+    del weights
+    peak_reset = _reset_peak_rss()
     img_B3HW, label_B = _inputs(sizes)
     torch.manual_seed(0)
     if args.row == 'sample':
-        times, keep = _sample_steps(vae, var, label_B, args.steps)
+        times, keep = _sample_steps(var, label_B, args.steps)
     else:
         times, keep = _train_steps(vae, var, img_B3HW, label_B, args.steps, live=args.row == 'train_live')
     if args.save_images:
@@ -409,7 +424,8 @@ def side(args) -> None:
     print(json.dumps({'row': args.row, 'module': os.path.abspath(models.__file__), 'var_class_file': inspect.getsourcefile(type(var)),
                       'seconds': statistics.median(times),
                       'steps': times, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-                      'threads': torch.get_num_threads(), 'loss': keep.get('loss')}))
+                      'peak_rss_since': 'weights loaded' if peak_reset else 'process start', 'threads': torch.get_num_threads(),
+                      'loss': keep.get('loss')}))
 
 
 def _child_env(threads: int) -> Dict[str, str]:
