@@ -501,41 +501,43 @@ def _write_json_atomic(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def measure_interleaved(args, reference: str, sizes: Dict, tmp: str) -> List[Dict]:
+    """Every row by both sides, --repeat rounds, each measurement a fresh process; round 1 keeps the token maps and images."""
+    weights = os.path.join(tmp, 'weights.pt')
+    _save_shared_weights(sizes, weights)
+    runs = []
+    for rnd in range(args.repeat):   # interleaved: reference, this code, reference, this code, ...
+        for row, _ in ROWS:
+            for name, impl in (('reference', reference), ('ours', REPO)):
+                save = f"{tmp}/{'images' if row == 'sample' else 'tokens'}_{name}.pt" if rnd == 0 and row != 'train_tokens' else ''
+                r = run_side(impl, row, args, sizes, weights, save)
+                runs.append(dict(r, side=name, round=rnd))
+                print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {r['peak_rss_gib']:.2f} GiB", flush=True)
+    return runs
+
+
 def compare_reference(args) -> None:
     """The reference implementation and this code side by side: the README's performance table."""
     reference = os.path.abspath(args.reference)
-    sizes = side_sizes(args)
-    info = cpu_info(args.threads)
-    caption = (f"d{sizes['depth']}, batch {sizes['bs']}, {sizes['patch_nums'][-1] * 16} px, float32, {args.threads} threads, "
-               f"{args.steps} timed step(s) per process")
-    print(describe_machine(info))
-    print(f'reference: {reference}; this code: {REPO}')
+    sizes, info = side_sizes(args), cpu_info(args.threads)
+    print(f'command: {args.command}\n{describe_machine(info)}\nreference: {reference}; this code: {REPO}')
     for line in fast_path_lines():
         print(f'- this code: {line}')
-    runs = []
     with tempfile.TemporaryDirectory(prefix='var-bench-') as tmp:
-        weights = os.path.join(tmp, 'weights.pt')
-        _save_shared_weights(sizes, weights)
-        for rnd in range(args.repeat):   # interleaved: reference, this code, reference, this code, ...
-            for row, _ in ROWS:
-                for name, impl in (('reference', reference), ('ours', REPO)):
-                    save = f"{tmp}/{'images' if row == 'sample' else 'tokens'}_{name}.pt" if rnd == 0 and row != 'train_tokens' else ''
-                    r = run_side(impl, row, args, sizes, weights, save)
-                    runs.append(dict(r, side=name, round=rnd))
-                    print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {r['peak_rss_gib']:.2f} GiB", flush=True)
+        runs = measure_interleaved(args, reference, sizes, tmp)
         sanity, lines = sanity_lines(tmp, runs)
     modules = {name: sorted({r['module'] for r in runs if r['side'] == name}) for name in ('reference', 'ours')}
     print(f"\nmodels imported: reference {', '.join(modules['reference'])}; this code {', '.join(modules['ours'])}")
-    for line in lines:
-        print(line)
+    print('\n'.join(lines) + '\n')
     summary = summarise(runs)
-    print()
+    caption = (f"d{sizes['depth']}, batch {sizes['bs']}, {sizes['patch_nums'][-1] * 16} px, float32, {args.threads} threads, "
+               f"{args.steps} timed step(s) per process")
     print_table(summary, caption, args.repeat)
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        _write_json_atomic({'machine': info, 'sizes': sizes, 'steps': args.steps, 'repeat': args.repeat, 'reference_dir': reference,
-                            'this_code_dir': REPO, 'modules': modules, 'fast_paths': fast_path_lines(), 'sanity': sanity,
-                            'summary': summary, 'runs': runs}, os.path.join(args.out_dir, 'compare_reference.json'))
+        _write_json_atomic({'command': args.command, 'machine': info, 'sizes': sizes, 'steps': args.steps, 'repeat': args.repeat,
+                            'reference_dir': reference, 'this_code_dir': REPO, 'modules': modules, 'fast_paths': fast_path_lines(),
+                            'sanity': sanity, 'summary': summary, 'runs': runs}, os.path.join(args.out_dir, 'compare_reference.json'))
 
 
 def check_compare_args(args) -> None:
@@ -578,6 +580,7 @@ def main(argv=None) -> None:
     p.add_argument('--sizes', default='{}', help='side: the model sizes as JSON (internal)')
     p.add_argument('--weights', default='', help='side: the shared state dicts (internal)')
     args = p.parse_args(argv)
+    args.command = ' '.join(['python bench.py', *(sys.argv[1:] if argv is None else argv)])
     if args.steps is None:
         args.steps = 1 if args.reference is not None or args.what == 'side' else 3
     if args.what == 'side':
