@@ -540,9 +540,11 @@ def compare_reference(args) -> None:
                             'sanity': sanity, 'summary': summary, 'runs': runs}, os.path.join(args.out_dir, 'compare_reference.json'))
 
 
-def check_compare_args(args) -> None:
-    """Bad flags of `compare` end in one clear line before anything is built or run."""
+def check_args(args) -> None:
+    """Bad flags end in one clear line before anything is built or run."""
     from utils.cli import UserError
+    if args.reference is not None and args.what != 'compare':
+        raise UserError(f'--reference={args.reference} applies to `bench.py compare` only, not to `bench.py {args.what}`')
     for flag in ('repeat', 'threads', 'steps'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag}={getattr(args, flag)}: must be at least 1')
@@ -550,7 +552,7 @@ def check_compare_args(args) -> None:
         if not os.path.isfile(os.path.join(args.reference, 'models', '__init__.py')):
             raise UserError(f'--reference={args.reference}: no models/__init__.py there; give the root of a work tree of the '
                             'reference implementation (github.com/FoundationVision/VAR), kept outside this project')
-        if args.device != 'cpu':
+        if args.device not in (None, 'cpu'):
             raise UserError(f'--device={args.device}: compare --reference measures on the CPU only (use --device=cpu)')
 
 
@@ -565,7 +567,7 @@ def main(argv=None) -> None:
     p.add_argument('--tokens', action='store_true', help='train from pre-extracted tokens (no tokenisation in the step)')
     p.add_argument('--grad_ckpt', action='store_true')
     p.add_argument('--steps', type=int, default=None, help='timed steps per process after one warm-up (default 3; compare --reference: 1)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default=None, help='default: cuda where available, else cpu (compare --reference: cpu only)')
     p.add_argument('--save_images', default='')
     p.add_argument('--out_dir', default=os.path.join(REPO, 'local_output', 'bench'), help='compare: where compare.json and the sampled images go')
     p.add_argument('--repeat', type=int, default=3, help='compare: runs of each measurement, interleaved; the table gives medians')
@@ -585,10 +587,11 @@ def main(argv=None) -> None:
         args.steps = 1 if args.reference is not None or args.what == 'side' else 3
     if args.what == 'side':
         return side(args)
+    check_args(args)
+    args.device = args.device or ('cpu' if args.reference is not None or not torch.cuda.is_available() else 'cuda')
     if args.what == 'cpu':
         return cpu(args)
     if args.what == 'compare':
-        check_compare_args(args)
         return compare_reference(args) if args.reference is not None else compare(args)
     _set_tf32(torch.device(args.device), args.tf32)
     fn = bench_train if args.what == 'train' else bench_sample
