@@ -22,8 +22,11 @@ demo: $(STAMP)
 clean:
 	rm -rf local_output demo_output .pytest_cache
 
+# `make bench REFERENCE=DIR`: this code against the reference implementation (DIR: a work tree of FoundationVision/VAR,
+# kept outside this project), side by side on this CPU; without REFERENCE, against its own --mode=baseline.
+REFERENCE ?=
 bench: $(STAMP)
-	$(PYTHON) bench.py compare
+	$(PYTHON) bench.py compare $(if $(REFERENCE),--reference=$(REFERENCE))
 
 # The prepared GPU check (tools/gpu_check.sh): cuda tests + bench.py on CUDA + OUT/summary.json, under 8 minutes.
 # Needs no .venv (the GPU machine's python3 has PyTorch); `make gpu-check OUT=dir DEVICE=cpu` is the dry run.

@@ -2,7 +2,31 @@
 
     python bench.py train  --depth=8 --bs=4 --reso=256 --dtype=fp32 [--tf32] [--tokens] [--grad_ckpt] [--mode=baseline]
     python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--tf32] [--mode=baseline]
-    python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # the README table: baseline and this code side by side, one machine, one run
+    python bench.py compare --reference=DIR [--depth=8] [--bs=4] [--repeat=3] [--threads=N] [--steps=1] [--quick] [--out_dir=DIR]
+    python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # ablation: this code against its own --mode=baseline
+    python bench.py cpu        # the CPU, its ISA features, and which fast paths this code takes on it and why
+
+`compare --reference=DIR` times the reference implementation itself (DIR: a work tree of FoundationVision/VAR kept
+outside this project; nothing of it is copied here) against this code on the CPU in float32, through the public API
+both share: `build_vae_var`, `vae.img_to_idxBl`, `vae.quantize.idxBl_to_var_input`, `var(label_B, x_BLCv_wo_first_l)`
+with the reference trainer's loss (cross entropy, label smoothing 0.1), backward, gradient clipping at 2 and an AdamW
+step (the same plain torch.optim.AdamW on both sides), and `var.autoregressive_infer_cfg(B, label_B, g_seed=0,
+cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)` with its images. Rows: a training step with live tokenisation,
+a training step from pre-extracted tokens (computed before the timed steps), sampling a batch, and the peak resident
+memory (ru_maxrss) of each measuring process, from the moment its models hold the shared weights (Linux: the peak
+is reset then through /proc/self/clear_refs, so reading the weights file does not count). Every measurement is a
+fresh process (`bench.py side`) whose sys.path puts DIR (or this repo) first, so `import models` is that
+implementation (its file is printed and kept in the JSON);
+rounds are interleaved (reference, this code, reference, ...), every process uses --threads threads, one warm-up step
+then --steps timed ones (their median is the round's figure). Both sides load the same random-but-sane weights (this
+code's initialisation, saved once and loaded strictly: the reference's builder leaves the tokenizer uninitialised)
+and the same seeded images and labels; the token maps of the images and the sampled images of both are compared.
+Both sides tokenise under torch.no_grad() (their tokenizers are frozen: no graph either way) and sample under
+torch.inference_mode().
+Runtime shims for the reference, applied from here and never by editing DIR: both sides are built with
+flash_if_available=False and fused_if_available=False (flash-attn, xformers and the fused MLP are CUDA kernels), and
+the measuring processes see no GPU (CUDA_VISIBLE_DEVICES empty: the reference picks its sampling generator's device
+from torch.cuda.is_available()). Its `torch.cuda.amp.autocast(enabled=False)` blocks run as they are on the CPU.
 
 `--mode=baseline` switches every optimisation of this codebase off (dense masked attention, F.linear,
 whole-batch NCHW direct convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
@@ -13,6 +37,7 @@ fused AdamW where available, gradient clipping at 2. On CUDA, peak memory is tor
 float32 is IEEE float32 unless --tf32 (TensorFloat32 matmuls and convolutions, train.py's default there).
 """
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -20,14 +45,16 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+PATCH_NUMS = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}   # per --reso
 
 
 def _sync(device: torch.device) -> None:
@@ -59,8 +86,7 @@ def _amp(device: torch.device, dtype: str):
 def build(args, device):
     from models import build_vae_var
     torch.manual_seed(0)
-    patch_nums = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}[args.reso]
-    vae, var = build_vae_var(device=device, patch_nums=patch_nums, depth=args.depth, shared_aln=args.depth >= 36)
+    vae, var = build_vae_var(device=device, patch_nums=PATCH_NUMS[args.reso], depth=args.depth, shared_aln=args.depth >= 36)
     fast = args.mode == 'fast'
     vae.set_fast_paths(fast)
     var.set_fast_paths(fast)
@@ -239,9 +265,300 @@ def compare(args) -> None:
         json.dump(results, f, indent=1)
 
 
+# ---------------------------------------------------------------- the machine and this code's choices on it
+ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
+
+
+def cpu_info(threads: int) -> Dict:
+    """CPU model, the ISA features the kernels care about, cores, threads and the torch build."""
+    fields: Dict[str, str] = {}
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:   # the first processor's fields are enough
+                key, _, value = line.partition(':')
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:   # not Linux: the model from platform, no flags
+        pass
+    model, flags = fields.get('model name') or platform.processor() or platform.machine(), set(fields.get('flags', '').split())
+    return {'cpu': model, 'isa': {f: f in flags for f in ISA_FLAGS}, 'cores': len(os.sched_getaffinity(0)),
+            'threads': threads, 'torch': torch.__version__, 'torch_cpu_capability': torch.backends.cpu.get_cpu_capability()}
+
+
+def describe_machine(info: Dict) -> str:
+    isa = ', '.join(f"{f} {'yes' if v else 'no'}" for f, v in info['isa'].items())
+    return (f"CPU: {info['cpu']}; ISA: {isa} (torch dispatches {info['torch_cpu_capability']}); {info['cores']} cores, "
+            f"{info['threads']} threads; torch {info['torch']}")
+
+
+def fast_path_lines() -> List[str]:
+    """Which fast path this code takes on this machine, and why (what models/ decides on)."""
+    from models.attention import choose_backend, describe_backends
+    from models.basic_vae import CHANNELS_LAST_MIN_WIDTH
+    from models.cpu_linear import onednn_available
+    from models.vqvae import CPU_CHUNK_BYTES
+    from models.winograd import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_HW, nnpack_available
+    side = int(WINOGRAD_MIN_HW ** 0.5)
+    linear = ('oneDNN matmul with the bias (and the FFN GELU without autograd) fused (models/cpu_linear.py): '
+              'this PyTorch has oneDNN and its linear runs on this CPU' if onednn_available() else
+              "F.linear (MKL): oneDNN's linear does not run here")
+    conv = (f'NNPACK Winograd F(6x6,3x3) for 3x3 convs with >= {WINOGRAD_MIN_CHANNELS} channels on maps of >= {side}x{side}, '
+            'float32 inference only (models/winograd.py): NNPACK initialises on this CPU; oneDNN direct conv for the rest'
+            if nnpack_available() else 'oneDNN direct conv everywhere: NNPACK is not available in this PyTorch build or CPU')
+    return [
+        f'float32 linear layers on the CPU: {linear}',
+        f'tokenizer 3x3 convs: {conv}',
+        f'tokenizer layout: channels-last activations for tokenizers of >= {CHANNELS_LAST_MIN_WIDTH} channels where Winograd '
+        f'does not apply (models/basic_vae.py); CPU inference encodes and decodes in groups of images whose full-resolution '
+        f'activations fit {CPU_CHUNK_BYTES >> 20} MiB (models/vqvae.py)',
+        f'attention: {describe_backends(choose_backend(True))}; teacher forcing by groups of scales instead of one dense '
+        'L x L mask (models/attention.py)',
+        'these thresholds were measured on a 2-core AMD Zen 4; they are not chosen by ISA feature (AVX-512, AMX) or core count',
+        'CPU autocast (bf16/fp16) and torch.compile switch the oneDNN linear and Winograd paths off, autograd the Winograd path '
+        '(models/cpu_context.py): the training step tokenises without autograd, so its encoder may use Winograd',
+    ]
+
+
+def cpu(args) -> None:
+    """`bench.py cpu`: the machine and the fast paths this code chooses on it."""
+    print(describe_machine(cpu_info(torch.get_num_threads())))
+    for line in fast_path_lines():
+        print(f'- {line}')
+
+
+# ---------------------------------------------------------------- side by side with the reference implementation
+ROWS = (('train_live', 'training step, live tokenisation'), ('train_tokens', 'training step, pre-extracted tokens'),
+        ('sample', 'sampling a batch'))
+QUICK_SIZES = dict(depth=2, bs=2, patch_nums=(1, 2, 3, 4), ch=32, Cvae=8)   # 64 px, a tokenizer 5x narrower: to check the harness
+
+
+def side_sizes(args) -> Dict:
+    if args.quick:
+        return dict(QUICK_SIZES)
+    return dict(depth=args.depth, bs=args.bs, patch_nums=PATCH_NUMS[args.reso])
+
+
+def _build_kwargs(sizes: Dict) -> Dict:
+    kw = {k: v for k, v in sizes.items() if k != 'bs'}
+    # flash-attn / xformers / fused MLP are CUDA kernels: off on both sides so neither implementation reaches for them
+    return dict(kw, patch_nums=tuple(kw['patch_nums']), shared_aln=kw['depth'] >= 36, flash_if_available=False, fused_if_available=False)
+
+
+def _inputs(sizes: Dict):
+    g = torch.Generator().manual_seed(0)
+    reso = sizes['patch_nums'][-1] * 16
+    img_B3HW = torch.rand(sizes['bs'], 3, reso, reso, generator=g) * 2 - 1
+    label_B = torch.randint(0, 1000, (sizes['bs'],), generator=g)
+    return img_B3HW, label_B
+
+
+def _tokenise(vae, img_B3HW):
+    with torch.no_grad():   # the VAE's parameters are frozen on both sides: no graph either way
+        idx_Bl = vae.img_to_idxBl(img_B3HW)
+        return idx_Bl, torch.cat(idx_Bl, 1), vae.quantize.idxBl_to_var_input(idx_Bl)
+
+
+def _train_steps(vae, var, img_B3HW, label_B, steps: int, live: bool):
+    """The reference trainer's step: logits, label-smoothed cross entropy, backward, clip at 2, AdamW step."""
+    var.train()
+    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    tokens = None if live else _tokenise(vae, img_B3HW)   # pre-extracted: outside the timed region
+    times, loss = [], None
+    for _ in range(steps + 1):   # the first one warms up
+        t = time.perf_counter()
+        idx_Bl, gt_BL, x_BLCv = _tokenise(vae, img_B3HW) if live else tokens
+        logits_BLV = var(label_B, x_BLCv)
+        loss = F.cross_entropy(logits_BLV.view(-1, logits_BLV.shape[-1]), gt_BL.view(-1), label_smoothing=0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return times[1:], {'loss': loss.item(), 'tokens': idx_Bl}
+
+
+def _sample_steps(var, label_B, steps: int):
+    var.eval()
+    times, img = [], None
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            img = var.autoregressive_infer_cfg(len(label_B), label_B, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
+        times.append(time.perf_counter() - t)
+    return times[1:], {'images': img.float().clone()}
+
+
+def _reset_peak_rss() -> bool:
+    """Start ru_maxrss afresh from the current resident set (Linux: /proc/self/clear_refs); False where refused."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def side(args) -> None:
+    """One measurement in this fresh process, by the implementation in --impl (its `models` first on sys.path)."""
+    torch.set_num_threads(args.threads)
+    impl = os.path.abspath(args.impl)
+    sys.path.insert(0, impl)
+    import models
+    if os.path.dirname(os.path.dirname(os.path.abspath(models.__file__))) != impl:
+        raise RuntimeError(f'`import models` resolved to {models.__file__}, not to {impl}')
+    sizes = json.loads(args.sizes)
+    torch.manual_seed(0)
+    vae, var = models.build_vae_var(device='cpu', **_build_kwargs(sizes))
+    weights = torch.load(args.weights, map_location='cpu', mmap=True)
+    vae.load_state_dict(weights['vae'], strict=True)
+    var.load_state_dict(weights['var'], strict=True)
+    del weights
+    peak_reset = _reset_peak_rss()
+    img_B3HW, label_B = _inputs(sizes)
+    torch.manual_seed(0)
+    if args.row == 'sample':
+        times, keep = _sample_steps(var, label_B, args.steps)
+    else:
+        times, keep = _train_steps(vae, var, img_B3HW, label_B, args.steps, live=args.row == 'train_live')
+    if args.save_images:
+        torch.save(keep.get('images', keep.get('tokens')), args.save_images)
+    print(json.dumps({'row': args.row, 'module': os.path.abspath(models.__file__), 'var_class_file': inspect.getsourcefile(type(var)),
+                      'seconds': statistics.median(times),
+                      'steps': times, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                      'peak_rss_since': 'weights loaded' if peak_reset else 'process start', 'threads': torch.get_num_threads(),
+                      'loss': keep.get('loss')}))
+
+
+def _child_env(threads: int) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}   # nothing but --impl decides what `models` is
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1',
+               CUDA_VISIBLE_DEVICES='')   # the CPU comparison: the reference would put its sampling generator on a GPU
+    return env
+
+
+def run_side(impl: str, row: str, args, sizes: Dict, weights: str, save: str = '') -> Dict:
+    argv = [sys.executable, os.path.join(REPO, 'bench.py'), 'side', f'--impl={impl}', f'--row={row}', f'--sizes={json.dumps(sizes)}',
+            f'--weights={weights}', f'--threads={args.threads}', f'--steps={args.steps}', f'--save_images={save}']
+    res = subprocess.run(argv, capture_output=True, text=True, cwd=os.path.dirname(weights), env=_child_env(args.threads))
+    if res.returncode != 0:
+        raise RuntimeError(f'the {row} measurement of {impl} failed:\n{res.stderr[-3000:]}')
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _save_shared_weights(sizes: Dict, path: str) -> None:
+    """Random but sane weights (this code's init) for both sides; the reference's builder leaves the tokenizer uninitialised."""
+    from models import build_vae_var
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device='cpu', **_build_kwargs(sizes))
+    torch.save({'vae': vae.state_dict(), 'var': var.state_dict()}, path)
+
+
+def _stats(values: List[float]) -> Dict:
+    return {'rounds': values, 'best': min(values), 'median': statistics.median(values)}
+
+
+def summarise(runs: List[Dict]) -> List[Dict]:
+    """Per row: best and median of each side over the rounds, seconds and peak resident memory, and the ratios."""
+    out = []
+    for row, title in ROWS:
+        for what, unit in (('seconds', 's'), ('peak_rss_gib', 'GiB')):
+            ref = _stats([r[what] for r in runs if r['row'] == row and r['side'] == 'reference'])
+            ours = _stats([r[what] for r in runs if r['row'] == row and r['side'] == 'ours'])
+            name = title if what == 'seconds' else f'peak resident memory, {title}'
+            out.append({'row': row, 'what': what, 'title': name, 'unit': unit, 'reference': ref, 'ours': ours,
+                        'ratio_best': ref['best'] / ours['best'], 'ratio_median': ref['median'] / ours['median']})
+    return out
+
+
+def print_table(summary: List[Dict], caption: str, repeat: int) -> None:
+    print(f'| {caption} | reference, best / median ({repeat} rounds) | this code, best / median ({repeat} rounds) '
+          '| ratio (reference / this code), best / median |\n| --- | --- | --- | --- |')
+    for s in summary:
+        ref, ours = s['reference'], s['ours']
+        print(f"| {s['title']} | {ref['best']:.2f} / {ref['median']:.2f} {s['unit']} | {ours['best']:.2f} / {ours['median']:.2f} {s['unit']} "
+              f"| {s['ratio_best']:.2f}x / {s['ratio_median']:.2f}x |")
+
+
+def sanity_lines(tmp: str, runs: List[Dict]) -> Tuple[Dict, List[str]]:
+    """Both sides on the same weights: the same token maps for the same images; how far the sampled images and the
+    first round's losses lie apart."""
+    tok_ref, tok_ours = torch.load(f'{tmp}/tokens_reference.pt'), torch.load(f'{tmp}/tokens_ours.pt')
+    n_tok = sum(t.numel() for t in tok_ours)
+    n_diff = sum(int((a != b).sum()) for a, b in zip(tok_ref, tok_ours))
+    img_diff = float((torch.load(f'{tmp}/images_reference.pt') - torch.load(f'{tmp}/images_ours.pt')).abs().max())
+    loss = {r['side']: r['loss'] for r in runs if r['row'] == 'train_tokens' and r['round'] == 0}
+    sanity = {'tokens': n_tok, 'tokens_differing': n_diff, 'sampled_images_max_abs_diff': img_diff, 'train_tokens_loss': loss}
+    return sanity, [f'same weights, same images: {n_tok - n_diff} of {n_tok} tokens equal ({n_diff} differ)',
+                    f'sampled images (same seed, labels): max |reference - this code| = {img_diff:.2e} in [0, 1]',
+                    f"loss of the last timed step from tokens, round 1: reference {loss['reference']:.6f}, this code {loss['ours']:.6f}"]
+
+
+def _write_json_atomic(obj, path: str) -> None:
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def measure_interleaved(args, reference: str, sizes: Dict, tmp: str) -> List[Dict]:
+    """Every row by both sides, --repeat rounds, each measurement a fresh process; round 1 keeps the token maps and images."""
+    weights = os.path.join(tmp, 'weights.pt')
+    _save_shared_weights(sizes, weights)
+    runs = []
+    for rnd in range(args.repeat):   # interleaved: reference, this code, reference, this code, ...
+        for row, _ in ROWS:
+            for name, impl in (('reference', reference), ('ours', REPO)):
+                save = f"{tmp}/{'images' if row == 'sample' else 'tokens'}_{name}.pt" if rnd == 0 and row != 'train_tokens' else ''
+                r = run_side(impl, row, args, sizes, weights, save)
+                runs.append(dict(r, side=name, round=rnd))
+                print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {r['peak_rss_gib']:.2f} GiB", flush=True)
+    return runs
+
+
+def compare_reference(args) -> None:
+    """The reference implementation and this code side by side: the README's performance table."""
+    reference = os.path.abspath(args.reference)
+    sizes, info = side_sizes(args), cpu_info(args.threads)
+    print(f'command: {args.command}\n{describe_machine(info)}\nreference: {reference}; this code: {REPO}')
+    for line in fast_path_lines():
+        print(f'- this code: {line}')
+    with tempfile.TemporaryDirectory(prefix='var-bench-') as tmp:
+        runs = measure_interleaved(args, reference, sizes, tmp)
+        sanity, lines = sanity_lines(tmp, runs)
+    modules = {name: sorted({r['module'] for r in runs if r['side'] == name}) for name in ('reference', 'ours')}
+    print(f"\nmodels imported: reference {', '.join(modules['reference'])}; this code {', '.join(modules['ours'])}")
+    print('\n'.join(lines) + '\n')
+    summary = summarise(runs)
+    caption = (f"d{sizes['depth']}, batch {sizes['bs']}, {sizes['patch_nums'][-1] * 16} px, float32, {args.threads} threads, "
+               f"{args.steps} timed step(s) per process")
+    print_table(summary, caption, args.repeat)
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        _write_json_atomic({'command': args.command, 'machine': info, 'sizes': sizes, 'steps': args.steps, 'repeat': args.repeat,
+                            'reference_dir': reference, 'this_code_dir': REPO, 'modules': modules, 'fast_paths': fast_path_lines(),
+                            'sanity': sanity, 'summary': summary, 'runs': runs}, os.path.join(args.out_dir, 'compare_reference.json'))
+
+
+def check_args(args) -> None:
+    """Bad flags end in one clear line before anything is built or run."""
+    from utils.cli import UserError
+    if args.reference is not None and args.what != 'compare':
+        raise UserError(f'--reference={args.reference} applies to `bench.py compare` only, not to `bench.py {args.what}`')
+    for flag in ('repeat', 'threads', 'steps'):
+        if getattr(args, flag) < 1:
+            raise UserError(f'--{flag}={getattr(args, flag)}: must be at least 1')
+    if args.reference is not None:
+        if not os.path.isfile(os.path.join(args.reference, 'models', '__init__.py')):
+            raise UserError(f'--reference={args.reference}: no models/__init__.py there; give the root of a work tree of the '
+                            'reference implementation (github.com/FoundationVision/VAR), kept outside this project')
+        if args.device not in (None, 'cpu'):
+            raise UserError(f'--device={args.device}: compare --reference measures on the CPU only (use --device=cpu)')
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('what', choices=('train', 'sample', 'compare'))
+    p.add_argument('what', choices=('train', 'sample', 'compare', 'cpu', 'side'))
     p.add_argument('--depth', type=int, default=8)
     p.add_argument('--bs', type=int, default=4)
     p.add_argument('--reso', type=int, default=256, choices=(256, 512))
@@ -249,17 +566,33 @@ def main(argv=None) -> None:
     p.add_argument('--mode', default='fast', choices=('fast', 'baseline'))
     p.add_argument('--tokens', action='store_true', help='train from pre-extracted tokens (no tokenisation in the step)')
     p.add_argument('--grad_ckpt', action='store_true')
-    p.add_argument('--steps', type=int, default=3)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--steps', type=int, default=None, help='timed steps per process after one warm-up (default 3; compare --reference: 1)')
+    p.add_argument('--device', default=None, help='default: cuda where available, else cpu (compare --reference: cpu only)')
     p.add_argument('--save_images', default='')
     p.add_argument('--out_dir', default=os.path.join(REPO, 'local_output', 'bench'), help='compare: where compare.json and the sampled images go')
     p.add_argument('--repeat', type=int, default=3, help='compare: runs of each measurement, interleaved; the table gives medians')
     p.add_argument('--quick', action='store_true', help='compare: a tiny configuration, to check the script')
     p.add_argument('--json', action='store_true', help='print one JSON line (used by compare)')
     p.add_argument('--tf32', action='store_true', help='CUDA: TensorFloat32 for float32 matmuls and convolutions (off: IEEE float32)')
+    p.add_argument('--reference', default=None, metavar='DIR', help='compare: time the reference implementation in DIR (a work tree of '
+                   'FoundationVision/VAR) against this code, instead of this code against its --mode=baseline')
+    p.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)), help='compare --reference: torch threads of every process')
+    p.add_argument('--impl', default='', help='side: the implementation to import `models` from (internal, used by compare --reference)')
+    p.add_argument('--row', default='train_live', choices=[r for r, _ in ROWS], help='side: what to measure (internal)')
+    p.add_argument('--sizes', default='{}', help='side: the model sizes as JSON (internal)')
+    p.add_argument('--weights', default='', help='side: the shared state dicts (internal)')
     args = p.parse_args(argv)
+    args.command = ' '.join(['python bench.py', *(sys.argv[1:] if argv is None else argv)])
+    if args.steps is None:
+        args.steps = 1 if args.reference is not None or args.what == 'side' else 3
+    if args.what == 'side':
+        return side(args)
+    check_args(args)
+    args.device = args.device or ('cpu' if args.reference is not None or not torch.cuda.is_available() else 'cuda')
+    if args.what == 'cpu':
+        return cpu(args)
     if args.what == 'compare':
-        return compare(args)
+        return compare_reference(args) if args.reference is not None else compare(args)
     _set_tf32(torch.device(args.device), args.tf32)
     fn = bench_train if args.what == 'train' else bench_sample
     res = fn(args)
@@ -271,4 +604,8 @@ def main(argv=None) -> None:
 
 if __name__ == '__main__':
     sys.path.insert(0, REPO)
-    main()
+    if sys.argv[1:2] == ['side']:   # the measured process: `models` must come from --impl, so nothing of this repo is imported first
+        main()
+    else:
+        from utils.cli import run_main
+        run_main(main)
