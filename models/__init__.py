@@ -4,12 +4,14 @@ from typing import Sequence, Tuple, Union
 import torch
 
 from .helpers import make_edit_mask
+from .pretrained import HubPushError, PretrainedError, load_pretrained
 from .quant import VectorQuantizer2
 from .state_dict import CheckpointMismatchError
 from .var import VAR
 from .vqvae import VQVAE
 
-__all__ = ['build_vae_var', 'VQVAE', 'VAR', 'VectorQuantizer2', 'make_edit_mask', 'CheckpointMismatchError']
+__all__ = ['build_vae_var', 'VQVAE', 'VAR', 'VectorQuantizer2', 'make_edit_mask', 'CheckpointMismatchError',
+           'load_pretrained', 'PretrainedError', 'HubPushError']
 
 
 def build_vae_var(
