@@ -24,7 +24,7 @@ from utils.weights import load_weights, save_weights
 from .state_dict import published_build_kwargs
 
 __all__ = ['HubMixin', 'load_pretrained', 'PretrainedError', 'HubPushError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'VAE_SUBFOLDER',
-           'GRID_NAME', 'PUBLISHED_VAE', 'PUBLISHED_DEPTHS']
+           'GRID_NAME', 'PUBLISHED_VAE', 'PUBLISHED_DEPTHS', 'hub_push_problem']
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +293,22 @@ def _card_text(model: HubMixin, command: str = '', dataset: str = '', epochs=Non
     if sample_grid:
         lines += ['## Samples', '', f'![samples of fixed classes and seeds]({sample_grid})', '']
     return '\n'.join(lines)
+
+
+def hub_push_problem(repo_id: str) -> Optional[str]:
+    """Why pushing to `repo_id` would fail (no network, offline mode, not logged in, no write access), or None.
+
+    Creates the repo if it does not exist (as push_to_hub would), so that a long run does not find out at its end.
+    """
+    from huggingface_hub import HfApi
+    try:
+        HfApi().create_repo(repo_id=repo_id, exist_ok=True)
+    except Exception as e:
+        first = str(e).splitlines()[0][:300] if str(e) else ''
+        return (f'the Hugging Face repo cannot be written ({type(e).__name__}: {first}). Check the network (HF_HUB_OFFLINE, '
+                f'HF_ENDPOINT) and the login (HF_TOKEN or `hf auth login`), or train without --push_to_hub and push '
+                f'local_out_dir_path/pretrained later with `hf upload {repo_id} FOLDER .`')
+    return None
 
 
 def load_pretrained(depth_or_path, device='cpu', **kwargs) -> Tuple[Any, Any]:
