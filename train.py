@@ -30,6 +30,7 @@ from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 from utils.run import (CheckpointWriter, NonFiniteGuard, append_log, build_loaders, check_resume_config, iteration_seed, resume,
                        plan_iterations, setup_run)
 from utils.tb import TensorboardLogger
+from utils.weights import load_weights
 from utils.vis import ema_weights, fixed_classes, sample_grid, vis_epochs_due
 
 logger = logging.getLogger('train')
@@ -68,7 +69,7 @@ def load_vae(vae: VQVAE, ckpt_path: str) -> str:
     dist.barrier()
     if not dist.is_local_master():
         path = resolve_checkpoint(ckpt_path)
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = load_weights(path)   # .safetensors, or a .pth state dict / train_vae.py checkpoint
     if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
         state = state['trainer']['vae_wo_ddp']   # a train_vae.py checkpoint
     vae.load_state_dict(state, strict=True)
