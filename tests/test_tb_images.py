@@ -29,6 +29,7 @@ def read_images(out: Path):
 def one_thread():
     """Recompute in this process with one thread, as the scripts ran (OMP_NUM_THREADS=1), for bitwise comparisons."""
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
