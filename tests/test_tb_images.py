@@ -43,7 +43,6 @@ def test_vis_epochs_due():
 
 
 def test_train_py_writes_sample_grids_of_the_ema_weights(shapes_data, tiny_vae_ckpt, tmp_path, one_thread):
-    from models import VQVAE
     from utils.arg_util import ModelFlags
     from utils.model_loading import load_for_sampling
     from utils.vis import fixed_classes, sample_grid
@@ -53,7 +52,7 @@ def test_train_py_writes_sample_grids_of_the_ema_weights(shapes_data, tiny_vae_c
     save_weights(load_weights(str(tiny_vae_ckpt)), str(vae_st))
     out = tmp_path / 'run'
     run_script(['train.py', f'--data_path={shapes_data}', f'--vae_ckpt={vae_st}', f'--local_out_dir_path={out}', *TINY_TRAIN_FLAGS,
-                '--bs=8', '--ep=3', '--ema=0.9', '--seed=5', '--tblr=3e-3', '--vis_every_ep=2', '--save_pretrained=0'])
+                '--bs=8', '--ep=3', '--ema=0.99', '--seed=5', '--fixed_tlr=1e-2', '--vis_every_ep=2', '--save_pretrained=0'])
     assert not (out / 'pretrained').exists()
     images = read_images(out)
     grids = images['AR_samples/fixed_classes_and_seeds']
@@ -61,9 +60,11 @@ def test_train_py_writes_sample_grids_of_the_ema_weights(shapes_data, tiny_vae_c
     assert grids[0][1].shape == (64 + 4, 8 * (64 + 2) + 2, 3)   # 8 samples of 64 px in a row
     assert not np.array_equal(grids[0][1], grids[1][1])          # training moved the weights
     # the last grid is the EMA weights' samples of the fixed classes and seeds, bit for bit
-    vae, var, _ = load_for_sampling(torch.device('cpu'), ModelFlags(var_ckpt=str(out / 'ar-ckpt-last.pth'), ema=True, fuse=False))
-    assert np.array_equal(grids[1][1], sample_grid(var, fixed_classes(6), seed=5))
-    assert isinstance(vae, VQVAE)
+    flags = dict(var_ckpt=str(out / 'ar-ckpt-last.pth'), fuse=False)
+    _, var_ema, _ = load_for_sampling(torch.device('cpu'), ModelFlags(ema=True, **flags))
+    assert np.array_equal(grids[1][1], sample_grid(var_ema, fixed_classes(6), seed=5))
+    _, var_trained, _ = load_for_sampling(torch.device('cpu'), ModelFlags(ema=False, **flags))
+    assert not np.array_equal(grids[1][1], sample_grid(var_trained, fixed_classes(6), seed=5))   # not the trained weights
 
 
 def test_train_vae_writes_reconstructions_and_safetensors(tiny_shapes, tmp_path, one_thread):
