@@ -24,7 +24,8 @@ def outputs(vae, var):
 
 
 def assert_same_outputs(a, b):
-    for x, y in zip(outputs(*a), outputs(*b)):
+    """a: (tokenizer, VAR) or their outputs() already computed; b: (tokenizer, VAR)."""
+    for x, y in zip(a if isinstance(a[0], torch.Tensor) else outputs(*a), outputs(*b)):
         assert torch.equal(x, y)
 
 
@@ -57,12 +58,13 @@ def test_train_py_final_model_round_trips_bitwise(trained, shapes_data, tmp_path
     for a, b in ((var_ck, var), (vae_ck, vae)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert_same_outputs((vae_ck, var_ck), (vae, var))
+    expected = outputs(vae_ck, var_ck)
+    assert_same_outputs(expected, (vae, var))
 
     # and again: save_pretrained of a model read from a checkpoint → from_pretrained
     var_ck.save_pretrained(tmp_path / 'again')
     var2 = VAR.from_pretrained(tmp_path / 'again', flash_if_available=False, fused_if_available=False)
-    assert_same_outputs((vae_ck, var_ck), (var2.vae_proxy[0], var2))
+    assert_same_outputs(expected, (var2.vae_proxy[0], var2))
     assert torch.equal(VQVAE.from_pretrained(tmp_path / 'again').quantize.embedding.weight, vae_ck.quantize.embedding.weight)
 
 
@@ -77,9 +79,10 @@ def test_published_layout_from_a_local_folder(tmp_path):
     vae, var = build_tiny(seed=2)
     save_published_layout(tmp_path / 'pub', vae, var)
     var2 = VAR.from_pretrained(tmp_path / 'pub', depth=16, build_kwargs=TINY_BUILD)
-    assert_same_outputs((vae, var), (var2.vae_proxy[0], var2))
+    expected = outputs(vae, var)
+    assert_same_outputs(expected, (var2.vae_proxy[0], var2))
     vae3, var3 = load_pretrained(str(tmp_path / 'pub'), depth=16, build_kwargs=TINY_BUILD)
-    assert_same_outputs((vae, var), (vae3, var3))
+    assert_same_outputs(expected, (vae3, var3))
     vae4 = VQVAE.from_pretrained(tmp_path / 'pub', build_kwargs=TINY_BUILD)
     assert torch.equal(vae4.quantize.embedding.weight, vae.quantize.embedding.weight)
 
