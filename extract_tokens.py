@@ -35,6 +35,7 @@ from utils.data import ImageFolderDataset, check_data_path, pil_loader
 from utils.hub import resolve_checkpoint
 from utils.log import setup_logging
 from utils.token_data import TokensError, describe_differences, images_fingerprint, token_dtype, tokenizer_fingerprint
+from utils.weights import load_weights
 
 logger = logging.getLogger('extract_tokens')
 
@@ -233,7 +234,7 @@ def main(args: ExtractArgs) -> str:
     path = resolve_checkpoint(args.vae_ckpt) if dist.is_local_master() else None
     dist.barrier()
     path = path or resolve_checkpoint(args.vae_ckpt)
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = load_weights(path)   # .safetensors, or a .pth state dict / train_vae.py checkpoint
     if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
         state = state['trainer']['vae_wo_ddp']
     L = sum(pn * pn for pn in args.patch_nums)

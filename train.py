@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import dist
 from models import VQVAE, build_vae_var
+from models.pretrained import hub_push_problem
 from trainer import VARTrainer
 from utils.amp_opt import AmpOptimizer, build_adamw
 from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args
@@ -30,10 +31,13 @@ from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 from utils.run import (CheckpointWriter, NonFiniteGuard, append_log, build_loaders, check_resume_config, iteration_seed, resume,
                        plan_iterations, setup_run)
 from utils.tb import TensorboardLogger
+from utils.weights import load_weights
+from utils.vis import ema_weights, fixed_classes, sample_grid, vis_epochs_due
 
 logger = logging.getLogger('train')
 
 LAST, PREV, BEST = 'ar-ckpt-last.pth', 'ar-ckpt-prev.pth', 'ar-ckpt-best.pth'
+PRETRAINED = 'pretrained'   # save_pretrained's folder of the final model
 
 
 def compile_model(m: torch.nn.Module, fast: int) -> torch.nn.Module:
@@ -53,7 +57,7 @@ def load_vae(vae: VQVAE, ckpt_path: str) -> str:
     dist.barrier()
     if not dist.is_local_master():
         path = resolve_checkpoint(ckpt_path)
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = load_weights(path)   # .safetensors, or a .pth state dict / train_vae.py checkpoint
     if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
         state = state['trainer']['vae_wo_ddp']   # a train_vae.py checkpoint
     vae.load_state_dict(state, strict=True)
@@ -96,11 +100,40 @@ def build_trainer(args: Args, device: torch.device, vae_local: VQVAE, var_wo_ddp
                       progressive=ProgressiveSchedule.from_args(args, iters_train))
 
 
+def draw_sample_grid(trainer: VARTrainer, args: Args, tb: TensorboardLogger, ep_done: int):
+    """Samples of fixed classes and seeds from the EMA weights (the trained ones without --ema), to tensorboard; the grid."""
+    t0 = time.time()
+    with ema_weights(trainer.var_wo_ddp, trainer.ema) as var:
+        grid = sample_grid(var, fixed_classes(args.num_classes), seed=args.seed, amp_ctx=trainer.var_opt.amp_ctx)
+    tb.image('AR_samples/fixed_classes_and_seeds', ep_done, grid)
+    logger.info('[ep %d] tensorboard sample grid (%s weights): %.2fs', ep_done, 'EMA' if trainer.ema else 'trained', time.time() - t0)
+    return grid
+
+
+def export_final(trainer: VARTrainer, args: Args, out_dir: str, metrics: Dict[str, float], grid) -> None:
+    """save_pretrained into out_dir/pretrained and/or push_to_hub the final model (its EMA weights with --ema), with a model card."""
+    card = dict(command=f'train.py {args.cmd}', dataset=args.tokens_path or args.data_path, epochs=args.ep, metrics=dict(metrics),
+                weights=f'EMA of the trained weights (decay {args.ema:g})' if trainer.ema else 'the trained weights (no EMA)',
+                sample_grid=grid)
+    with ema_weights(trainer.var_wo_ddp, trainer.ema) as var:
+        if args.save_pretrained:
+            folder = osp.join(out_dir, PRETRAINED)
+            var.save_pretrained(folder, model_card_kwargs=card)
+            logger.info('final model saved with save_pretrained: %s (VAR.from_pretrained or models.load_pretrained reads it)', folder)
+        if args.push_to_hub:
+            url = var.push_to_hub(args.push_to_hub, model_card_kwargs=card, commit_message=f'train.py: {args.ep} epochs')
+            logger.info('final model pushed to the Hugging Face repo %s: %s', args.push_to_hub, url)
+
+
 def main(args: Args) -> Dict[str, float]:
     # ------------------------------------------------------------------ set up distributed, resume
     out_dir = args.local_out_dir_path
     device = setup_run(args, out_dir)
     rank = dist.get_rank()
+    if args.push_to_hub:   # before anything expensive: a run does not find out at its end that it cannot push
+        problem = dist.broadcast_object(hub_push_problem(args.push_to_hub) if dist.is_master() else None)
+        if problem:
+            raise FlagError(f'--push_to_hub={args.push_to_hub}: {problem}')
     token_batches = data_source(args) == 'tokens'
     ckpt, start_ep, start_it = resume(args, out_dir, (LAST, PREV), validate_ckpt)
     if args.seed is None:   # a reference checkpoint made without --seed
@@ -173,6 +206,7 @@ def main(args: Args) -> Dict[str, float]:
     ld_iter = iter(ld_train)
     guard = NonFiniteGuard(args.nonfinite_patience, osp.join(out_dir, LAST))
     last_val = {}
+    grid = None
 
     def checkpoint_state(ep_next: int, it_next: int) -> Dict:
         return {'epoch': ep_next, 'iter': it_next, 'trainer': trainer.state_dict(), 'args': args.state_dict(), 'best': dict(best),
@@ -258,6 +292,8 @@ def main(args: Args) -> Dict[str, float]:
             append_log(log_txt, record)
             tb.update('AR_ep_loss', ep + 1, **stats)
             tb.update('AR_z_burnout', ep + 1, rest_hours=remain / 3600)
+            if dist.is_master() and vis_epochs_due(ep + 1, args.ep, args.vis_every_ep):
+                grid = draw_sample_grid(trainer, args, tb, ep + 1)
             tb.flush()
         finally:
             writer.end_epoch(ep + 1, ((ep + 1) * iters_train) % args.ac == 0, best_improved)
@@ -266,6 +302,8 @@ def main(args: Args) -> Dict[str, float]:
     tb.close()
     logger.info('finished %d epochs; checkpoints in %s', args.ep, out_dir)
     guard.finish()
+    if dist.is_master() and (args.save_pretrained or args.push_to_hub):
+        export_final(trainer, args, out_dir, {**stats, **last_val}, grid)
     return {**stats, **last_val}
 
 

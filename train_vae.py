@@ -4,8 +4,9 @@
     python train_vae.py --data_path=... --eval_only=1 --vae_ckpt=vae_ch160v4096z32.pth     # PSNR, SSIM, codebook usage
 
 Same data folders, mixed precision, resume-at-any-moment, atomic checkpoints, tensorboard and
-progress bar as train.py. The tokenizer's weights are also exported as `vae.pth`, a plain state
-dict that loads strictly into VQVAE / build_vae_var and works as `train.py --vae_ckpt`.
+progress bar as train.py. The tokenizer's weights are also exported as `vae.safetensors` (and, for one
+more release, `vae.pth`), a plain state dict that loads strictly into VQVAE / build_vae_var and works as
+`train.py --vae_ckpt`. Every validation puts input/reconstruction pairs in tensorboard.
 """
 import logging
 import math
@@ -31,11 +32,14 @@ from utils.lr_control import filter_params, lr_wd_annealing
 from utils.run import (CheckpointWriter, NonFiniteGuard, append_log, build_loaders, check_resume_config, iteration_seed, resume,
                        plan_iterations, setup_run)
 from utils.tb import TensorboardLogger
+from utils.vis import reconstruction_grids
+from utils.weights import save_weights
 from vae_trainer import VQVAETrainer
 
 logger = logging.getLogger('train_vae')
 
 LAST, PREV, BEST, EXPORT = 'vae-ckpt-last.pth', 'vae-ckpt-prev.pth', 'vae-ckpt-best.pth', 'vae.pth'
+EXPORT_SAFETENSORS = 'vae.safetensors'   # the same weights; vae.pth is still written for one release, then only this
 
 
 def build_vae(args: VAEArgs, device: torch.device) -> VQVAE:
@@ -43,6 +47,22 @@ def build_vae(args: VAEArgs, device: torch.device) -> VQVAE:
         vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.vae_ch, beta=args.beta, using_znorm=args.using_znorm,
                     quant_resi=args.quant_resi, share_quant_resi=args.share_quant_resi, v_patch_nums=args.patch_nums, test_mode=False)
     return vae
+
+
+def export_weights(vae: VQVAE, out_dir: str) -> None:
+    """The tokenizer's weights as plain files for train.py --vae_ckpt: vae.safetensors, and vae.pth for one more release."""
+    state = vae.state_dict()
+    save_weights(state, osp.join(out_dir, EXPORT_SAFETENSORS))
+    save_atomic(state, osp.join(out_dir, EXPORT))
+
+
+def log_reconstructions(tb: TensorboardLogger, vae: VQVAE, val_set, step: int, device: torch.device, amp_ctx, n: int = 4) -> None:
+    """The first n val images beside their reconstructions, from all scales and from every prefix of scales, to tensorboard."""
+    t0 = time.time()
+    inp_B3HW = torch.stack([val_set[i][0] for i in range(min(n, len(val_set)))]).to(device)
+    for name, grid in reconstruction_grids(vae, inp_B3HW, amp_ctx).items():
+        tb.image(f'VAE_reconstructions/{name}', step, grid)
+    logger.info('[ep %d] tensorboard reconstructions of %d val images: %.2fs', step, len(inp_B3HW), time.time() - t0)
 
 
 def validate_ckpt(ckpt: Dict) -> None:
@@ -226,6 +246,8 @@ def main(args: VAEArgs) -> Dict[str, float]:
                             last_val['l1'], ', '.join(f'{pn}: {last_val[f"usage_{pn}"]:.1f}%' for pn in args.patch_nums))
                 append_log(log_txt, {'ep': ep + 1, 'eval': True, **{k: round(v, 5) for k, v in last_val.items()}})
                 tb.update('VAE_val', ep + 1, **{k: v for k, v in last_val.items() if k not in ('images', 'sec')})
+                if dist.is_master():
+                    log_reconstructions(tb, vae_wo_ddp, val_set, ep + 1, device, vae_opt.amp_ctx)
             logger.info('[ep %d/%d] rec %.4f vq %.4f | %.1fs/epoch', ep + 1, args.ep, stats.get('rec_loss', math.nan),
                         stats.get('vq_loss', math.nan), sec)
             append_log(log_txt, record)
@@ -234,13 +256,14 @@ def main(args: VAEArgs) -> Dict[str, float]:
             stepped = ((ep + 1) * iters_train) % args.ac == 0
             writer.end_epoch(ep + 1, stepped, best_improved)
             if stepped and dist.is_local_master():
-                save_atomic(vae_wo_ddp.state_dict(), osp.join(out_dir, EXPORT))
+                export_weights(vae_wo_ddp, out_dir)
 
     pbar.close()
     tb.close()
     if dist.is_local_master():
-        save_atomic(vae_wo_ddp.state_dict(), osp.join(out_dir, EXPORT))
-    logger.info('finished %d epochs; tokenizer weights for train.py --vae_ckpt: %s', args.ep, osp.join(out_dir, EXPORT))
+        export_weights(vae_wo_ddp, out_dir)
+    logger.info('finished %d epochs; tokenizer weights for train.py --vae_ckpt: %s (and %s, for one more release)', args.ep,
+                osp.join(out_dir, EXPORT_SAFETENSORS), EXPORT)
     guard.finish()
     return {**stats, **last_val}
 

@@ -4,6 +4,7 @@ from typing import Sequence, Tuple, Union
 import torch
 
 from .helpers import make_edit_mask
+from .pretrained import HubPushError, PretrainedError, load_pretrained
 from .quant import VectorQuantizer2
 from .sampling import GumbelSmoothing, KeepInputTokens, LinearGuidance, ScaleDraw, TokenDraw, TopKTopP, sample_next_scale
 from .state_dict import CheckpointMismatchError
@@ -11,7 +12,8 @@ from .var import VAR
 from .vqvae import VQVAE
 
 __all__ = ['build_vae_var', 'VQVAE', 'VAR', 'VectorQuantizer2', 'make_edit_mask', 'CheckpointMismatchError',
-           'sample_next_scale', 'LinearGuidance', 'TopKTopP', 'GumbelSmoothing', 'KeepInputTokens', 'ScaleDraw', 'TokenDraw']
+           'sample_next_scale', 'LinearGuidance', 'TopKTopP', 'GumbelSmoothing', 'KeepInputTokens', 'ScaleDraw', 'TokenDraw',
+           'load_pretrained', 'PretrainedError', 'HubPushError']
 
 
 def build_vae_var(

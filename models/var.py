@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import BACKENDS, BlockCausal, block_causal_groups, choose_backend, describe_backends
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from .cpu_linear import Linear
+from .pretrained import HubMixin
 from . import sampling
 from .state_dict import check_state_dict
 from .vqvae import VQVAE
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 LabelArg = Union[None, int, Sequence[int], torch.Tensor]
 
 
-class VAR(nn.Module):
+class VAR(nn.Module, HubMixin, weights_kind='var'):
     def __init__(
         self, vae_local: VQVAE,
         num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4., drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,

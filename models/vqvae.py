@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .basic_vae import Decoder, Encoder, channels_last_pays
 from .cpu_conv import Conv2d
+from .pretrained import HubMixin
 from .quant import VectorQuantizer2
 from .state_dict import check_state_dict
 
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 CPU_CHUNK_BYTES = 64 * 2 ** 20
 
 
-class VQVAE(nn.Module):
+class VQVAE(nn.Module, HubMixin, weights_kind='vae'):
     def __init__(
         self, vocab_size=4096, z_channels=32, ch=128, dropout=0.0,
         beta=0.25,              # commitment loss weight

@@ -120,6 +120,7 @@ def check_train_flags(args: 'Args') -> None:
         v = getattr(args, flag)
         _check(flag, v, v >= 1, 'must be >= 1')
     _check('share_quant_resi', args.share_quant_resi, args.share_quant_resi >= 0, 'must be >= 0')
+    _check('vis_every_ep', args.vis_every_ep, args.vis_every_ep >= -1, 'must be >= 1 epochs, 0 (a tenth of the run) or -1 (never)')
 
 
 # the flags that define the model: a checkpoint made with other values cannot be resumed
@@ -193,6 +194,9 @@ class Args(TokenizerShape):
     val_every_ep: int = 10       # validate (and write the checkpoints) every this many epochs and at the end
     nonfinite_patience: int = 50  # stop after this many consecutive steps with a non-finite loss or gradient
     local_out_dir_path: str = 'local_output'
+    vis_every_ep: int = 0        # tensorboard grid of samples (fixed classes and seeds, EMA weights with --ema) every this many epochs and after the last; 0: a tenth of the run; -1: never
+    save_pretrained: bool = True  # at the end, write the final model (EMA weights with --ema) to local_out_dir_path/pretrained: config.json, model.safetensors, vae/
+    push_to_hub: str = ''        # Hugging Face repo id: at the end, push the same folder there (checked for network and login before training)
     # environment
     tf32: bool = True       # TensorFloat32 matmuls on CUDA
     seed: Optional[int] = None   # None: a random seed, recorded in the checkpoint so that a resume continues the same streams

@@ -1,4 +1,4 @@
-"""Tensorboard scalars, written by rank 0 only."""
+"""Tensorboard scalars and images, written by rank 0 only."""
 from typing import Optional
 
 __all__ = ['TensorboardLogger']
@@ -20,6 +20,12 @@ class TensorboardLogger:
             if hasattr(v, 'item'):
                 v = v.item()
             self.writer.add_scalar(f'{head}/{k}', float(v), global_step=step)
+
+    def image(self, tag: str, step: int, img_HW3) -> None:
+        """One (H, W, 3) uint8 image (e.g. utils.imgs.make_grid's) under `tag`."""
+        if self.writer is None:
+            return
+        self.writer.add_image(tag, img_HW3, global_step=step, dataformats='HWC')
 
     def flush(self) -> None:
         if self.writer is not None:

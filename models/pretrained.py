@@ -1,0 +1,322 @@
+"""Hugging Face Hub glue for VQVAE and VAR: save_pretrained, from_pretrained and push_to_hub, in safetensors.
+
+from_pretrained reads two layouts, from a local folder or from a Hub repo (downloaded into the Hugging Face cache):
+  - this project's (save_pretrained): config.json (the class's build arguments) and model.safetensors; a VAR's
+    folder also holds its tokenizer in vae/ (the same two files);
+  - the published one (FoundationVision/var): vae_ch160v4096z32.pth and var_d{16,20,24,30,36}.pth, built with the
+    published arguments of the depth given.
+PyTorchModelHubMixin records the build arguments, writes the folder, the model card, and pushes. Loading is this
+file's own: the mixin loads non-strictly by default (a missing weight would stay random, silently), and knows
+neither the published layout nor a VAR's tokenizer.
+"""
+import json
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
+
+from utils.cli import UserError
+from utils.hub import HF_REPO, CheckpointUnavailableError
+from utils.weights import load_weights, save_weights
+
+from .state_dict import published_build_kwargs
+
+__all__ = ['HubMixin', 'load_pretrained', 'PretrainedError', 'HubPushError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'VAE_SUBFOLDER',
+           'GRID_NAME', 'PUBLISHED_VAE', 'PUBLISHED_DEPTHS', 'hub_push_problem']
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME, WEIGHTS_NAME, VAE_SUBFOLDER, GRID_NAME = 'config.json', 'model.safetensors', 'vae', 'samples.png'
+PUBLISHED_VAE = 'vae_ch160v4096z32.pth'
+PUBLISHED_DEPTHS = (16, 20, 24, 30, 36)
+CARD_MARK = '<!-- model card written by save_pretrained -->'
+
+
+class PretrainedError(UserError, ValueError):
+    """A folder or repo that does not hold what from_pretrained needs, or arguments that do not fit it."""
+
+
+class HubPushError(UserError, RuntimeError):
+    """push_to_hub could not reach or write the Hub repo."""
+
+
+class _Source:
+    """Files of a local folder, or of a Hub repo downloaded once into the Hugging Face cache."""
+
+    def __init__(self, name_or_path: str, hub_kwargs: Dict[str, Any]):
+        self.name = str(name_or_path)
+        self.local = os.path.isdir(self.name)
+        self.hub_kwargs = hub_kwargs
+        if not self.local and (os.path.exists(self.name) or self.name.startswith(('.', '/', '~')) or self.name.count('/') > 1):
+            kind = 'a file, not a folder' if os.path.isfile(self.name) else 'not a folder'
+            raise PretrainedError(f'{self.name} is {kind}: pass a folder written by save_pretrained, a folder holding the '
+                                  f'published files ({PUBLISHED_VAE}, var_d16.pth, ...), or a Hub repo id such as {HF_REPO}')
+
+    def get(self, filename: str) -> Optional[str]:
+        """Local path of `filename`; None when the folder or repo does not have it."""
+        if self.local:
+            path = os.path.join(self.name, filename)
+            return path if os.path.isfile(path) else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+        try:
+            return hf_hub_download(repo_id=self.name, filename=filename, **self.hub_kwargs)
+        except RemoteEntryNotFoundError:
+            return None
+        except Exception as e:  # offline and not cached, unreachable, no such repo, no access
+            first = str(e).splitlines()[0][:200] if str(e) else ''
+            url = f'https://huggingface.co/{self.name}/resolve/main/{filename}'
+            raise CheckpointUnavailableError(
+                f'{filename} of the Hugging Face repo {self.name} is not in the local cache and could not be downloaded '
+                f'({type(e).__name__}: {first}). On a machine that is online, run `hf download {self.name} {filename} '
+                f'--local-dir DIR` (or fetch {url}), copy DIR here and pass its path instead of {self.name}') from None
+
+    def require(self, filename: str, what: str) -> str:
+        path = self.get(filename)
+        if path is None:
+            raise PretrainedError(f'{self.name} has no {filename} ({what})')
+        return path
+
+
+def _read_config(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f'{path} is not a readable JSON file ({type(e).__name__}: {e})') from None
+    if not isinstance(config, dict):
+        raise PretrainedError(f'{path} holds {type(config).__name__}, not the JSON object of build arguments save_pretrained writes')
+    return config
+
+
+def _check_keys(cls, kwargs: Dict[str, Any], origin: str) -> None:
+    known = set(cls._hub_mixin_init_parameters) - {'self', 'vae_local'}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise PretrainedError(f'{origin}: {", ".join(unknown)} {"is not a build argument" if len(unknown) == 1 else "are not build arguments"} '
+                              f'of {cls.__name__} (known: {", ".join(sorted(known))})')
+
+
+def _build_and_load(cls, config: Dict[str, Any], weights: str, device, vae_local=None):
+    """Build `cls` from its build arguments on `device`, load the weights file strictly, eval mode."""
+    extra = {} if vae_local is None else {'vae_local': vae_local}
+    with torch.device(device):
+        model = cls(**extra, **config)
+    model.load_state_dict(load_weights(weights, device=str(device)), strict=True)
+    return model.eval()
+
+
+def _build_kwargs_for_published(depth: Optional[int], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    import inspect
+    from . import build_vae_var   # late: models/__init__ imports the classes that import this file
+    if depth is not None and depth not in PUBLISHED_DEPTHS:
+        raise PretrainedError(f'depth={depth}: the published VARs have depth {", ".join(map(str, PUBLISHED_DEPTHS))}')
+    kw = published_build_kwargs(f'var_d{depth or 16}.pth')
+    allowed = set(inspect.signature(build_vae_var).parameters) - {'device'}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise PretrainedError(f'{", ".join(unknown)}: not build_vae_var arguments (known: {", ".join(sorted(allowed))})')
+    kw.update(overrides)
+    return kw
+
+
+class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxiv.org/abs/2404.02905', license='mit',
+               tags=['image-generation', 'class-conditional', 'var', 'visual-autoregressive']):
+    """save_pretrained / from_pretrained / push_to_hub for VQVAE (weights_kind='vae') and VAR (weights_kind='var').
+
+    The build arguments given to the class are recorded by PyTorchModelHubMixin and written as config.json.
+    """
+    _weights_kind = ''
+
+    def __init_subclass__(cls, weights_kind: str = '', **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._weights_kind = weights_kind or cls._weights_kind
+
+    # ------------------------------------------------------------------ saving
+    def _hub_config(self) -> Dict[str, Any]:
+        return dict(self._hub_mixin_config or {})
+
+    def _save_pretrained(self, save_directory) -> None:
+        """config.json and model.safetensors, each written atomically; a VAR adds its tokenizer in vae/."""
+        _write_folder(self, str(save_directory))
+        if self._weights_kind == 'var':
+            _write_folder(self.vae_proxy[0], os.path.join(str(save_directory), VAE_SUBFOLDER))
+
+    def save_pretrained(self, save_directory, *, model_card_kwargs: Optional[Dict[str, Any]] = None, **kwargs):
+        """Write config.json, model.safetensors (a VAR: and vae/) and README.md, the model card.
+
+        model_card_kwargs (all optional): command, dataset, epochs, metrics (a dict), repo_id, and sample_grid
+        (a uint8 (H, W, 3) array such as utils.imgs.make_grid's), written as samples.png.
+        """
+        card = dict(model_card_kwargs or {})
+        os.makedirs(save_directory, exist_ok=True)
+        grid = card.pop('sample_grid', None)
+        if grid is not None:
+            from utils.imgs import save_png_atomic
+            save_png_atomic(grid, os.path.join(str(save_directory), GRID_NAME))
+            card['sample_grid'] = GRID_NAME
+        readme = os.path.join(str(save_directory), 'README.md')
+        if os.path.isfile(readme) and CARD_MARK in open(readme, encoding='utf-8').read():
+            os.remove(readme)   # a card of ours from an earlier save: written again
+        return super().save_pretrained(save_directory, model_card_kwargs=card, **kwargs)
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        return ModelCard(_card_text(self, **kwargs))
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: Optional[Dict[str, Any]] = None, **kwargs) -> str:
+        """Create the repo if needed and upload save_pretrained's folder in one commit (token: HF_TOKEN or `hf auth login`)."""
+        card = {'repo_id': repo_id, **(model_card_kwargs or {})}
+        try:
+            return super().push_to_hub(repo_id, model_card_kwargs=card, **kwargs)
+        except (PretrainedError, CheckpointUnavailableError):
+            raise
+        except Exception as e:  # offline, unreachable, not logged in, no write access
+            first = str(e).splitlines()[0][:300] if str(e) else ''
+            raise HubPushError(f'could not push to the Hugging Face repo {repo_id} ({type(e).__name__}: {first}). Check the network '
+                               f'(HF_HUB_OFFLINE, HF_ENDPOINT) and the login (HF_TOKEN or `hf auth login`); a folder written by '
+                               f'save_pretrained can be pushed later with `hf upload {repo_id} FOLDER .`') from None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, depth: Optional[int] = None, device='cpu',
+                        build_kwargs: Optional[Dict[str, Any]] = None, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                        force_download: bool = False, local_files_only: bool = False, token=None, **overrides):
+        """The model of a folder or Hub repo, loaded strictly, in eval mode on `device`.
+
+        pretrained_model_name_or_path: a folder written by save_pretrained (or a Hub repo pushed by push_to_hub), or
+            the published repo FoundationVision/var (or a folder holding its file names) with `depth` (16, 20, 24, 30 or
+            36; the tokenizer alone needs no depth, except 36 for its 512 px scales).
+        build_kwargs: published layout only: build_vae_var arguments replacing the published ones of `depth`.
+        overrides: saved folders only: the class's build arguments replacing config.json's (e.g. flash_if_available=False).
+        A VAR's tokenizer is `var.vae_proxy[0]` (load_pretrained returns both).
+        """
+        hub_kwargs = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                          local_files_only=local_files_only, token=token)
+        src = _Source(pretrained_model_name_or_path, hub_kwargs)
+        config_path = None if src.name == HF_REPO else src.get(CONFIG_NAME)
+        if config_path is None:
+            if src.name != HF_REPO and src.get(PUBLISHED_VAE) is None:
+                raise PretrainedError(f'{src.name} holds neither {CONFIG_NAME} (a folder written by save_pretrained) nor the '
+                                      f'published files ({PUBLISHED_VAE}, var_d16.pth, ...)')
+            if overrides:
+                raise PretrainedError(f'{", ".join(sorted(overrides))}: {src.name} has the published layout, whose build '
+                                      f'arguments are replaced with build_kwargs={{...}} (build_vae_var arguments)')
+            return cls._from_published(src, depth, device, dict(build_kwargs or {}))
+        if depth is not None or build_kwargs:
+            raise PretrainedError(f'depth= and build_kwargs= are for the published layout; {src.name} was written by '
+                                  f'save_pretrained and its {CONFIG_NAME} defines the model (replace entries with keyword arguments)')
+        return cls._from_saved(src, _read_config(config_path), device, overrides)
+
+    @classmethod
+    def _from_saved(cls, src: _Source, config: Dict[str, Any], device, overrides: Dict[str, Any]):
+        from .vqvae import VQVAE
+        holds_var = 'depth' in config
+        if cls._weights_kind == 'vae':
+            if holds_var:   # a VAR's folder: its tokenizer is in vae/
+                sub = f'{VAE_SUBFOLDER}/{CONFIG_NAME}'
+                config = _read_config(src.require(sub, 'the tokenizer of this VAR'))
+                return cls._load_saved_vae(src, config, f'{VAE_SUBFOLDER}/{WEIGHTS_NAME}', device, overrides)
+            return cls._load_saved_vae(src, config, WEIGHTS_NAME, device, overrides)
+        if not holds_var:
+            raise PretrainedError(f'{src.name} holds a tokenizer (VQVAE), not a VAR: load it with VQVAE.from_pretrained')
+        vae_config = _read_config(src.require(f'{VAE_SUBFOLDER}/{CONFIG_NAME}', 'the tokenizer of this VAR'))
+        vae = VQVAE._load_saved_vae(src, vae_config, f'{VAE_SUBFOLDER}/{WEIGHTS_NAME}', device, {})
+        config = {**config, **overrides}
+        _check_keys(cls, config, f'{src.name}/{CONFIG_NAME}' if not overrides else f'{src.name}/{CONFIG_NAME} or the overrides')
+        var = _build_and_load(cls, config, src.require(WEIGHTS_NAME, 'the VAR weights'), device, vae_local=vae)
+        logger.info('VAR d%d from %s (%s)', var.depth, src.name, 'local folder' if src.local else 'Hugging Face repo')
+        return var
+
+    @classmethod
+    def _load_saved_vae(cls, src: _Source, config: Dict[str, Any], weights_name: str, device, overrides: Dict[str, Any]):
+        config = {**config, **overrides}
+        _check_keys(cls, config, f'{src.name}/{CONFIG_NAME}')
+        return _build_and_load(cls, config, src.require(weights_name, 'the tokenizer weights'), device)
+
+    @classmethod
+    def _from_published(cls, src: _Source, depth: Optional[int], device, overrides: Dict[str, Any]):
+        from . import build_vae_var
+        from .var import VAR
+        from .vqvae import VQVAE
+        if cls._weights_kind == 'var' and depth is None:
+            raise PretrainedError(f'{src.name} has the published layout: pass depth= one of {", ".join(map(str, PUBLISHED_DEPTHS))}')
+        kw = _build_kwargs_for_published(depth, overrides)
+        vae_meta, var_meta = build_vae_var(device='meta', **kw)   # the build arguments of both, recorded by the mixin
+        var_name = f'var_d{depth}.pth'
+        vae_file = src.require(PUBLISHED_VAE, 'the published tokenizer')
+        vae = _build_and_load(VQVAE, vae_meta._hub_config(), vae_file, device)
+        if cls._weights_kind == 'vae':
+            return vae
+        var = _build_and_load(VAR, var_meta._hub_config(), src.require(var_name, f'the published VAR d{depth}'), device, vae_local=vae)
+        logger.info('VAR d%d from the published %s of %s', depth, var_name, src.name)
+        return var
+
+
+def _write_folder(model: HubMixin, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    save_weights(model.state_dict(), os.path.join(folder, WEIGHTS_NAME))
+    path = os.path.join(folder, CONFIG_NAME)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(model._hub_config(), f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _card_text(model: HubMixin, command: str = '', dataset: str = '', epochs=None, metrics: Optional[Dict[str, float]] = None,
+               sample_grid: str = '', repo_id: str = '', **extra) -> str:
+    cfg = model._hub_config()
+    where = repo_id or 'FOLDER_OR_REPO_ID'
+    if model._weights_kind == 'var':
+        pn = cfg.get('patch_nums', ())
+        title = f'VAR d{cfg.get("depth")}: {cfg.get("num_classes")} classes, {pn[-1] * 16 if pn else "?"} px'
+        usage = (f"from models import load_pretrained\nvae, var = load_pretrained('{where}')\n"
+                 f"img_B3HW = var.autoregressive_infer_cfg(B=4, label_B=0, g_seed=0)   # in [0, 1]")
+    else:
+        title = f'VQVAE tokenizer: {cfg.get("vocab_size")} codes, {cfg.get("z_channels")} channels'
+        usage = f"from models import VQVAE\nvae = VQVAE.from_pretrained('{where}')"
+    lines = ['---', model._hub_mixin_info.model_card_data.to_yaml(), '---', CARD_MARK, '', f'# {title}', '',
+             'Visual AutoRegressive modeling (VAR, https://arxiv.org/abs/2404.02905). Weights in model.safetensors, build '
+             'arguments in config.json' + (', the tokenizer in vae/.' if model._weights_kind == 'var' else '.'), '',
+             '## Load', '', '```python', usage, '```', '']
+    train = [(k, v) for k, v in (('command', f'`{command}`' if command else ''), ('dataset', dataset),
+                                 ('epochs', '' if epochs is None else str(epochs))) if v]
+    train += [(k, str(v)) for k, v in extra.items()]
+    if train:
+        lines += ['## Training', ''] + [f'- {k}: {v}' for k, v in train] + ['']
+    if metrics:
+        lines += ['## Measured', '', '| metric | value |', '| --- | --- |']
+        lines += [f'| {k} | {v:.5g} |' if isinstance(v, float) else f'| {k} | {v} |' for k, v in metrics.items()] + ['']
+    if sample_grid:
+        lines += ['## Samples', '', f'![samples of fixed classes and seeds]({sample_grid})', '']
+    return '\n'.join(lines)
+
+
+def hub_push_problem(repo_id: str) -> Optional[str]:
+    """Why pushing to `repo_id` would fail (no network, offline mode, not logged in, no write access), or None.
+
+    Creates the repo if it does not exist (as push_to_hub would), so that a long run does not find out at its end.
+    """
+    from huggingface_hub import HfApi
+    try:
+        HfApi().create_repo(repo_id=repo_id, exist_ok=True)
+    except Exception as e:
+        first = str(e).splitlines()[0][:300] if str(e) else ''
+        return (f'the Hugging Face repo cannot be written ({type(e).__name__}: {first}). Check the network (HF_HUB_OFFLINE, '
+                f'HF_ENDPOINT) and the login (HF_TOKEN or `hf auth login`), or train without --push_to_hub and push '
+                f'local_out_dir_path/pretrained later with `hf upload {repo_id} FOLDER .`')
+    return None
+
+
+def load_pretrained(depth_or_path, device='cpu', **kwargs) -> Tuple[Any, Any]:
+    """(tokenizer, VAR) in eval mode: a published depth (16, 'd16') from FoundationVision/var, or a folder / repo id."""
+    from .var import VAR
+    s = str(depth_or_path)
+    if isinstance(depth_or_path, int) or (not os.path.exists(s) and s.lower().lstrip('d').isdigit()):
+        var = VAR.from_pretrained(HF_REPO, depth=int(s.lower().lstrip('d')), device=device, **kwargs)
+    else:
+        var = VAR.from_pretrained(s, device=device, **kwargs)
+    return var.vae_proxy[0], var
