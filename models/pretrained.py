@@ -296,18 +296,19 @@ def _card_text(model: HubMixin, command: str = '', dataset: str = '', epochs=Non
 
 
 def hub_push_problem(repo_id: str) -> Optional[str]:
-    """Why pushing to `repo_id` would fail (no network, offline mode, not logged in, no write access), or None.
+    """Why pushing to `repo_id` would fail (no network, offline mode, not logged in), or None.
 
-    Creates the repo if it does not exist (as push_to_hub would), so that a long run does not find out at its end.
+    Asks the Hub who is logged in, so that a long run does not find out at its end; nothing is created on the Hub
+    before the push itself (push_to_hub creates the repo then, public unless it exists already).
     """
     from huggingface_hub import HfApi
     try:
-        HfApi().create_repo(repo_id=repo_id, exist_ok=True)
+        HfApi().whoami()
     except Exception as e:
         first = str(e).splitlines()[0][:300] if str(e) else ''
-        return (f'the Hugging Face repo cannot be written ({type(e).__name__}: {first}). Check the network (HF_HUB_OFFLINE, '
-                f'HF_ENDPOINT) and the login (HF_TOKEN or `hf auth login`), or train without --push_to_hub and push '
-                f'local_out_dir_path/pretrained later with `hf upload {repo_id} FOLDER .`')
+        return (f'the Hugging Face Hub cannot be reached or no one is logged in ({type(e).__name__}: {first}). Check the network '
+                f'(HF_HUB_OFFLINE, HF_ENDPOINT) and the login (HF_TOKEN or `hf auth login`), or train without --push_to_hub and '
+                f'push local_out_dir_path/pretrained later with `hf upload {repo_id} FOLDER .`')
     return None
 
 
