@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, BlockCausal, block_causal_groups, choose_backend, describe_backends
+from . import kernels
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
-from .cpu_linear import Linear
 from .helpers import gumbel_softmax_with_rng, sample_with_top_k_top_p_
+from .kernels import BACKENDS, BlockCausal, Linear, block_causal_groups, choose_backend, describe_backends
 from .state_dict import check_state_dict
 from .vqvae import VQVAE
 
@@ -121,7 +121,7 @@ class VAR(nn.Module):
         return self._rng
 
     def set_attn_backend(self, backend: str) -> None:
-        """Use another attention kernel: one of models.attention.BACKENDS."""
+        """Use another attention kernel: one of models.kernels.BACKENDS."""
         if backend not in BACKENDS:
             raise ValueError(f'attention backend {backend!r} is not one of {BACKENDS}')
         self.attn_backend = backend
@@ -130,12 +130,9 @@ class VAR(nn.Module):
         logger.info('VAR d%d: attention backend %s', self.depth, describe_backends(backend))
 
     def set_fast_paths(self, enabled: bool) -> 'VAR':
-        """Grouped block-causal attention and oneDNN linear layers (default), or the reference's dense masked
-        attention and F.linear (for comparison)."""
-        self.grouped_attention = enabled
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.onednn = enabled
+        """models.kernels.set_fast_paths(enabled), process-wide: grouped block-causal attention and oneDNN linear
+        layers (default), or the reference's dense masked attention and F.linear (for comparison)."""
+        kernels.set_fast_paths(enabled)
         return self
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
