@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_conv import Conv2d, conv2d
-from .winograd import WINOGRAD_MIN_CHANNELS, Conv3x3, winograd_applies
+from .kernels import Conv2d, Conv3x3, channels_last_pays, residual_add, to_conv_layout, upsample2x_conv3x3
 
 __all__ = ['Encoder', 'Decoder', 'ResnetBlock', 'AttnBlock', 'Upsample2x', 'Downsample2x', 'Normalize']
 
@@ -19,49 +18,15 @@ def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
-def _phase_kernels(w_OI33: torch.Tensor):
-    """The four 2×2 kernels (a, b) with conv3×3(nearest×2(x))[2i+a, 2j+b] = conv2×2_ab(x) at (i, j).
-
-    Along each axis, output parity 0 reads input offsets (−1, 0) with taps (w0, w1 + w2), parity 1 reads
-    offsets (0, +1) with taps (w0 + w1, w2).
-    """
-    def split(t, dim):
-        w0, w1, w2 = t.unbind(dim)
-        return torch.stack((w0, w1 + w2), dim), torch.stack((w0 + w1, w2), dim)
-    rows = split(w_OI33, 2)
-    return {(a, b): col for a in (0, 1) for b, col in enumerate(split(rows[a], 3))}
-
-
 class Upsample2x(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 conv.
-
-    With `polyphase` (the default) the same result is computed as four 2×2 convs on the small input,
-    interleaved: 2.25× fewer multiply-adds, equal up to float rounding (the taps are summed first).
-    Where the 3×3 conv at the large size goes by Winograd (CPU inference, see winograd.py) it costs
-    fewer multiply-adds than that (1.78 per output instead of 4), so that path upsamples first.
-    """
+    """Nearest-neighbour ×2, then a 3×3 conv (by phases on the small input where the fast paths allow: kernels/upsample.py)."""
 
     def __init__(self, in_channels: int):
         super().__init__()
         self.conv = Conv3x3(in_channels, in_channels)
-        self.polyphase = True
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        B, C, h, w = x_BChw.shape
-        if not self.polyphase or self.conv.uses_winograd(x_BChw, (2 * h, 2 * w)):
-            return self.conv(F.interpolate(x_BChw, scale_factor=2, mode='nearest'))  # B, C, 2h, 2w
-        kernels = _phase_kernels(self.conv.weight)
-        x_pad = F.pad(x_BChw, (1, 1, 1, 1))
-        O = self.conv.weight.shape[0]
-        if x_BChw.is_contiguous(memory_format=torch.channels_last) and not x_BChw.is_contiguous():
-            out_BhawbO = x_BChw.new_empty(B, h, 2, w, 2, O)
-            for (a, b), k in kernels.items():
-                out_BhawbO[:, :, a, :, b] = conv2d(x_pad[:, :, a:a + h + 1, b:b + w + 1], k, self.conv.bias).permute(0, 2, 3, 1)
-            return out_BhawbO.view(B, 2 * h, 2 * w, O).permute(0, 3, 1, 2)  # channels-last B, O, 2h, 2w
-        out_BOhawb = x_BChw.new_empty(B, O, h, 2, w, 2)
-        for (a, b), k in kernels.items():
-            out_BOhawb[:, :, :, a, :, b] = conv2d(x_pad[:, :, a:a + h + 1, b:b + w + 1], k, self.conv.bias)
-        return out_BOhawb.view(B, O, 2 * h, 2 * w)
+        return upsample2x_conv3x3(x_BChw, self.conv.weight, self.conv.bias)  # B, C, 2h, 2w
 
 
 class Downsample2x(nn.Module):
@@ -73,26 +38,6 @@ class Downsample2x(nn.Module):
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x_BChw, pad=(0, 1, 0, 1), mode='constant', value=0))  # B, C, h/2, w/2
-
-
-CHANNELS_LAST_MIN_WIDTH = 64
-
-
-def channels_last_pays(ch: int) -> bool:
-    """Channels-last convs pay off for wide tokenizers (published ch=160 on a CPU: 1.12-1.16x for the encoder,
-    1.21-1.24x for the decoder); at ch=32 they made bf16 training 2.3x slower on a CPU (oneDNN reorders
-    dominate), so narrow tokenizers keep NCHW."""
-    return ch >= CHANNELS_LAST_MIN_WIDTH
-
-
-def _to_conv_layout(net: nn.Module, x_BChw: torch.Tensor) -> torch.Tensor:
-    """The encoder's or decoder's input in the memory layout its convs run fastest on: NCHW where the wide ones go
-    by Winograd (NNPACK reads NCHW), else channels-last where that pays."""
-    if net.winograd and net.ch >= WINOGRAD_MIN_CHANNELS and winograd_applies(x_BChw):
-        return x_BChw.contiguous()
-    if net.channels_last:
-        return x_BChw.contiguous(memory_format=torch.channels_last)
-    return x_BChw
 
 
 class ResnetBlock(nn.Module):
@@ -107,7 +52,6 @@ class ResnetBlock(nn.Module):
         self.conv1 = Conv3x3(in_channels, out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.inplace = True   # in-place residual add when autograd is off (VQVAE.set_fast_paths)
         self.conv2 = Conv3x3(out_channels, out_channels)
         if in_channels != out_channels:
             self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
@@ -116,13 +60,11 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         # Without autograd the SiLUs run in place on the norms' fresh outputs, as in the reference; with it they
-        # allocate (autograd needs their inputs). The in-place residual add is this code's (`inplace`).
+        # allocate (autograd needs their inputs).
         no_grad = not torch.is_grad_enabled()
         h_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=no_grad))
         h_BChw = self.conv2(self.dropout(F.silu(self.norm2(h_BChw), inplace=no_grad)))
-        if self.inplace and no_grad:   # same values, one full-size activation fewer alive at a time
-            return h_BChw.add_(self.nin_shortcut(x_BChw))
-        return self.nin_shortcut(x_BChw) + h_BChw
+        return residual_add(self.nin_shortcut(x_BChw), h_BChw)   # in place into h without autograd (kernels/memory.py)
 
 
 class AttnBlock(nn.Module):
@@ -191,11 +133,10 @@ class Encoder(nn.Module):
 
         self.norm_out = Normalize(block_in)
         self.conv_out = Conv2d(block_in, (2 * z_channels if double_z else z_channels), kernel_size=3, stride=1, padding=1)
-        self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations
-        self.winograd = True   # its wide 3×3 convs by Winograd in CPU inference (Conv3x3), on NCHW activations
+        self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations (fast paths on)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        x_B3HW = _to_conv_layout(self, x_B3HW)
+        x_B3HW = to_conv_layout(x_B3HW, self.ch, self.channels_last)
         h = self.conv_in(x_B3HW)
         for i_level in range(self.num_resolutions):
             level = self.down[i_level]
@@ -245,11 +186,10 @@ class Decoder(nn.Module):
 
         self.norm_out = Normalize(block_in)
         self.conv_out = Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
-        self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations
-        self.winograd = True   # its wide 3×3 convs by Winograd in CPU inference (Conv3x3), on NCHW activations
+        self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations (fast paths on)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
-        z_BChw = _to_conv_layout(self, z_BChw)
+        z_BChw = to_conv_layout(z_BChw, self.ch, self.channels_last)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]

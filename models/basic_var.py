@@ -3,27 +3,16 @@
 Letters: B batch, L tokens (of all scales fed so far), C width, D condition width, H heads,
 c head dim (C / H), S cached key tokens.
 """
-import functools
-import importlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import BACKENDS, BlockCausal, attention, block_causal_attention
-from .cpu_linear import Linear, linear
 from .helpers import DropPath
+from .kernels import BACKENDS, Linear, attention, linear, mlp_gelu
 
 __all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin']
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_mlp_func():
-    try:
-        return importlib.import_module('flash_attn.ops.fused_dense').fused_mlp_func
-    except Exception:  # flash-attn without its fused_dense extension, or not installed
-        return None
 
 
 class FFN(nn.Module):
@@ -40,14 +29,8 @@ class FFN(nn.Module):
         self.drop = nn.Dropout(drop, inplace=True) if drop > 0 else nn.Identity()
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        fused = _fused_mlp_func() if (self.fused_if_available and x_BLC.is_cuda) else None
-        if fused is not None:
-            return self.drop(fused(x=x_BLC, weight1=self.fc1.weight, weight2=self.fc2.weight,
-                                   bias1=self.fc1.bias, bias2=self.fc2.bias, activation='gelu_approx',
-                                   save_pre_act=self.training, return_residual=False, checkpoint_lvl=0,
-                                   heuristic=0, process_group=None))
-        # fc1 then GELU; fused in oneDNN's epilogue where fc1 goes through oneDNN without autograd (cpu_linear.py)
-        return self.drop(self.fc2(linear(x_BLC, self.fc1.weight, self.fc1.bias, gelu_tanh=True, onednn=self.fc1.onednn)))
+        # flash-attn's fused MLP on CUDA where allowed, else fc1 + GELU (one oneDNN call on the CPU) and fc2
+        return self.drop(mlp_gelu(x_BLC, self.fc1, self.fc2, self.fused_if_available, self.training))
 
 
 class SelfAttention(nn.Module):
@@ -85,10 +68,10 @@ class SelfAttention(nn.Module):
         self.caching, self.cached_k, self.cached_v = enable, None, None
 
     def forward(self, x_BLC: torch.Tensor, attn_bias) -> torch.Tensor:
-        """x (B, L, C); attn_bias None, a mask broadcastable to (B, H, L, S) or a BlockCausal → (B, L, C)."""
+        """x (B, L, C); attn_bias None, a mask broadcastable to (B, H, L, S) or a kernels.BlockCausal → (B, L, C)."""
         B, L, C = x_BLC.shape
-        qkv_BL3Hc = linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)),
-                           onednn=self.mat_qkv.onednn).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv_BL3Hc = linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+                           ).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(dim=0)
         if self.attn_l2_norm:
             scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
@@ -103,11 +86,7 @@ class SelfAttention(nn.Module):
                 v_BHLc = self.cached_v = torch.cat((self.cached_v, v_BHLc), dim=2)
 
         dropout_p = self.attn_drop if self.training else 0.0
-        if isinstance(attn_bias, BlockCausal):
-            oup_BHLc = block_causal_attention(q_BHLc, k_BHLc, v_BHLc, self.scale, attn_bias, dropout_p, self.backend)
-        else:
-            oup_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, scale=self.scale, attn_bias=attn_bias,
-                                 dropout_p=dropout_p, backend=self.backend)
+        oup_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, scale=self.scale, attn_bias=attn_bias, dropout_p=dropout_p, backend=self.backend)
         return self.proj_drop(self.proj(oup_BHLc.transpose(1, 2).reshape(B, L, C)))
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_conv import Conv2d
+from .kernels import Conv2d
 
 __all__ = ['VectorQuantizer2', 'Phi', 'PhiShared', 'PhiPartiallyShared', 'PhiNonShared']
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, BlockCausal, block_causal_groups, choose_backend, describe_backends
+from . import kernels
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
-from .cpu_linear import Linear
+from .kernels import BACKENDS, BlockCausal, Linear, block_causal_groups, choose_backend, describe_backends
 from .pretrained import HubMixin
 from . import sampling
 from .state_dict import check_state_dict
@@ -120,7 +120,7 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         return self._rng
 
     def set_attn_backend(self, backend: str) -> None:
-        """Use another attention kernel: one of models.attention.BACKENDS."""
+        """Use another attention kernel: one of models.kernels.BACKENDS."""
         if backend not in BACKENDS:
             raise ValueError(f'attention backend {backend!r} is not one of {BACKENDS}')
         self.attn_backend = backend
@@ -129,12 +129,9 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         logger.info('VAR d%d: attention backend %s', self.depth, describe_backends(backend))
 
     def set_fast_paths(self, enabled: bool) -> 'VAR':
-        """Grouped block-causal attention and oneDNN linear layers (default), or the reference's dense masked
-        attention and F.linear (for comparison)."""
-        self.grouped_attention = enabled
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.onednn = enabled
+        """models.kernels.set_fast_paths(enabled), process-wide: grouped block-causal attention and oneDNN linear
+        layers (default), or the reference's dense masked attention and F.linear (for comparison)."""
+        kernels.set_fast_paths(enabled)
         return self
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:

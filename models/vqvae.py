@@ -9,8 +9,9 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .basic_vae import Decoder, Encoder, channels_last_pays
-from .cpu_conv import Conv2d
+from . import kernels
+from .basic_vae import Decoder, Encoder
+from .kernels import Conv2d
 from .pretrained import HubMixin
 from .quant import VectorQuantizer2
 from .state_dict import check_state_dict
@@ -18,14 +19,6 @@ from .state_dict import check_state_dict
 __all__ = ['VQVAE']
 
 logger = logging.getLogger(__name__)
-
-# In inference without autograd on the CPU, images go through the encoder and the decoder in groups whose
-# full-resolution activation stays under this many bytes (one 256-px image for the published tokenizer): the
-# same speed as one batch for oneDNN's convs (4.7 s to encode 4 images at 256 px, either way), the batch size
-# NNPACK's Winograd convs want (winograd.py), a quarter of the working memory, and each image's tokens and
-# pixels no longer depend on the other images of its batch. On CUDA the batch goes through whole, as in the reference.
-CPU_CHUNK_BYTES = 64 * 2 ** 20
-
 
 class VQVAE(nn.Module, HubMixin, weights_kind='vae'):
     def __init__(
@@ -45,7 +38,6 @@ class VQVAE(nn.Module, HubMixin, weights_kind='vae'):
         ddconfig = dict(dropout=dropout, ch=ch, z_channels=z_channels, in_channels=3, ch_mult=(1, 1, 2, 2, 4),
                         num_res_blocks=2, using_sa=True, using_mid_sa=True)
         self.ch = ch
-        self.chunked = True   # set_fast_paths(False) encodes and decodes every batch whole
         self.encoder = Encoder(double_z=False, **ddconfig)
         self.decoder = Decoder(**ddconfig)
 
@@ -63,38 +55,22 @@ class VQVAE(nn.Module, HubMixin, weights_kind='vae'):
             self.eval()
             for p in self.parameters():
                 p.requires_grad_(False)
+        kernels.log_choices_once()
 
     def set_fast_paths(self, enabled: bool) -> 'VQVAE':
-        """Channels-last convs, polyphase upsampling, Winograd convs and in-place inference ops (default), or the
-        reference's plain ops (for comparison)."""
-        self.encoder.channels_last = self.decoder.channels_last = enabled and channels_last_pays(self.encoder.ch)
-        for m in self.modules():
-            for flag in ('polyphase', 'inplace', 'winograd'):
-                if hasattr(m, flag):
-                    setattr(m, flag, enabled)
-        self.chunked = enabled
+        """models.kernels.set_fast_paths(enabled), process-wide: channels-last convs, polyphase upsampling, Winograd
+        convs, in-place inference ops and images in groups on the CPU (default), or the reference's plain ops."""
+        kernels.set_fast_paths(enabled)
         return self
-
-    def _cpu_chunk(self, x_BChw: torch.Tensor, H: int, W: int) -> int:
-        """How many images go through the encoder or decoder at once (the whole batch unless CPU inference)."""
-        B = x_BChw.shape[0]
-        if not self.chunked or x_BChw.device.type != 'cpu' or torch.is_grad_enabled():
-            return B
-        return max(1, CPU_CHUNK_BYTES // (self.ch * H * W * x_BChw.element_size()))
 
     def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) → latent f (B, Cvae, h, w) before quantisation; in groups of images on the CPU without autograd."""
-        n = self._cpu_chunk(img_B3HW, *img_B3HW.shape[-2:])
-        if n >= img_B3HW.shape[0]:
-            return self.quant_conv(self.encoder(img_B3HW))
-        return torch.cat([self.quant_conv(self.encoder(chunk)) for chunk in img_B3HW.split(n)])
+        return kernels.in_image_groups(lambda x: self.quant_conv(self.encoder(x)), img_B3HW, self.ch, *img_B3HW.shape[-2:])
 
     def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         """Quantised latent f_hat (B, Cvae, h, w) → image (B, 3, H, W), not clamped; in groups of images on the CPU without autograd."""
-        n = self._cpu_chunk(f_hat_BChw, *(s * self.downsample for s in f_hat_BChw.shape[-2:]))
-        if n >= f_hat_BChw.shape[0]:
-            return self.decoder(self.post_quant_conv(f_hat_BChw))
-        return torch.cat([self.decoder(self.post_quant_conv(chunk)) for chunk in f_hat_BChw.split(n)])
+        H, W = (s * self.downsample for s in f_hat_BChw.shape[-2:])
+        return kernels.in_image_groups(lambda f: self.decoder(self.post_quant_conv(f)), f_hat_BChw, self.ch, H, W)
 
     @property
     def img_size(self) -> int:

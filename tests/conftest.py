@@ -52,6 +52,15 @@ def tiny():
     return build_tiny()
 
 
+@pytest.fixture(autouse=True)
+def fast_kernels_on():
+    """Every test starts with the fast kernels on (models.kernels' switch is process-wide), and a test that turns
+    them off (`var.set_fast_paths(False)`) leaves them on for the next one."""
+    from models.kernels import fast_paths
+    with fast_paths(True):
+        yield
+
+
 TINY_TRAIN_FLAGS = ['--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--pn=1_2_3_4', '--depth=2']
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from models.attention import BACKENDS, attention, backend_status, choose_backend
+from models.kernels import BACKENDS, attention, backend_status, choose_backend
 from models.basic_var import SelfAttention
 
 
@@ -96,7 +96,7 @@ def test_kv_cached_sampling_matches_teacher_forcing(cfg, shared_aln):
 def test_grouped_block_causal_attention_equals_the_dense_mask():
     """Teacher forcing by groups of scales gives the dense-mask logits and gradients."""
     from models import VAR
-    from models.attention import block_causal_groups
+    from models.kernels import block_causal_groups
     vae, _ = build_tiny(patch_nums=(1, 2, 4, 8, 9))
     var = VAR(vae, num_classes=5, depth=2, embed_dim=64, num_heads=4, attn_l2_norm=True, patch_nums=(1, 2, 4, 8, 9))
     var.init_weights(init_adaln_gamma=1.0, init_head=1.0)

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import build_tiny
-from models.cpu_linear import Linear, linear, onednn_available
+from models.kernels import fast_paths, fast_paths_enabled
+from models.kernels.matmul import Linear, linear, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason='this PyTorch build has no oneDNN for this CPU')
 
@@ -24,7 +25,8 @@ def test_forward_and_gradients_equal_f_linear():
     g = torch.randn(3, 17, 96)
     for bias, gelu in ((b, False), (None, False), (b, True)):
         def run(onednn):
-            y = linear(x, w, bias, gelu_tanh=gelu, onednn=onednn)
+            with fast_paths(onednn):
+                y = linear(x, w, bias, act='gelu_tanh' if gelu else None)
             grads = torch.autograd.grad(y, [x, w] + ([bias] if bias is not None else []), g)
             return y, grads
         assert onednn_calls(lambda: run(True)) == 2      # the forward and the input gradient
@@ -39,8 +41,8 @@ def test_inference_fuses_the_gelu_and_matches():
     torch.manual_seed(0)
     x, w, b = torch.randn(40, 64), torch.randn(256, 64) * 0.1, torch.randn(256)
     with torch.no_grad():
-        assert onednn_calls(lambda: linear(x, w, b, gelu_tanh=True)) == 1
-        got = linear(x, w, b, gelu_tanh=True)
+        assert onednn_calls(lambda: linear(x, w, b, act='gelu_tanh')) == 1
+        got = linear(x, w, b, act='gelu_tanh')
     assert torch.allclose(got, F.gelu(F.linear(x, w, b), approximate='tanh'), rtol=1e-5, atol=1e-5)
 
 
@@ -52,8 +54,8 @@ def test_falls_back_to_f_linear_where_onednn_does_not_apply():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert onednn_calls(lambda: lin(x)) == 0 and lin(x).dtype == torch.bfloat16   # autocast keeps F.linear
     assert onednn_calls(lambda: lin(x)) == 1
-    lin.onednn = False
-    assert onednn_calls(lambda: lin(x)) == 0 and torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    with fast_paths(False):
+        assert onednn_calls(lambda: lin(x)) == 0 and torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
 
 
 def test_var_switches_onednn_with_its_fast_paths():
@@ -65,7 +67,7 @@ def test_var_switches_onednn_with_its_fast_paths():
         assert onednn_calls(lambda: var(label_B, x)) > 0
         fast = var(label_B, x)
         var.set_fast_paths(False)
-        assert all(not m.onednn for m in var.modules() if isinstance(m, Linear))
+        assert not fast_paths_enabled()
         assert onednn_calls(lambda: var(label_B, x)) == 0
         plain = var(label_B, x)
     assert (fast - plain).abs().max() < 1e-4

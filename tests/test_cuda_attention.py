@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cuda_util import CUDA_MARKS, DEVICE, ieee_fp32, max_rel_err, tiny_on_cuda
-from models.attention import attention, backend_status
+from models.kernels import attention, backend_status
 from test_attention import block_causal_bias, reference_attention
 
 pytestmark = CUDA_MARKS

@@ -253,15 +253,15 @@ def test_public_api_and_signatures():
 def test_fast_conv_paths_equal_the_plain_ones():
     """Channels-last convs and polyphase upsampling compute what the reference's plain ops compute."""
     from models.basic_vae import Upsample2x
+    from models.kernels import fast_paths
     torch.manual_seed(0)
     up = Upsample2x(32)
     x = torch.randn(2, 32, 5, 7)
     for fmt in (torch.contiguous_format, torch.channels_last):
         xx = x.contiguous(memory_format=fmt)
-        up.polyphase = True
         fast = up(xx)
-        up.polyphase = False
-        assert torch.allclose(fast, up(xx), atol=1e-5) and fast.shape == (2, 32, 10, 14)
+        with fast_paths(False):
+            assert torch.allclose(fast, up(xx), atol=1e-5) and fast.shape == (2, 32, 10, 14)
     vae, _ = build_tiny()
     img = torch.rand(2, 3, 64, 64) * 2 - 1
     img_before = img.clone()
@@ -279,7 +279,7 @@ def test_fast_conv_paths_equal_the_plain_ones():
 
 def test_cpu_tokenising_goes_in_groups_of_images_with_the_same_tokens(monkeypatch):
     """Without autograd on the CPU the encoder sees groups of images under the byte budget; tokens are those of the whole batch."""
-    import models.vqvae as vqvae_mod
+    import models.kernels.memory as memory_mod   # the byte budget of the image groups
     vae, _ = build_tiny()
     img = torch.rand(5, 3, 64, 64) * 2 - 1
     batch_sizes = []
@@ -288,7 +288,7 @@ def test_cpu_tokenising_goes_in_groups_of_images_with_the_same_tokens(monkeypatc
         whole = vae.img_to_idxBl(img)
         assert batch_sizes == [5]   # the tiny tokenizer's activations fit the default budget: one call
         per_image_bytes = vae.ch * 64 * 64 * 4
-        monkeypatch.setattr(vqvae_mod, 'CPU_CHUNK_BYTES', 2 * per_image_bytes)
+        monkeypatch.setattr(memory_mod, 'CPU_CHUNK_BYTES', 2 * per_image_bytes)
         batch_sizes.clear()
         grouped = vae.img_to_idxBl(img)
         assert batch_sizes == [2, 2, 1]
@@ -307,14 +307,14 @@ def test_cpu_tokenising_goes_in_groups_of_images_with_the_same_tokens(monkeypatc
 
 def test_cpu_decoding_goes_in_groups_of_images_with_the_same_pixels(monkeypatch):
     """Without autograd on the CPU the decoder sees groups of images under the byte budget, with the pixels of the whole batch."""
-    import models.vqvae as vqvae_mod
+    import models.kernels.memory as memory_mod   # the byte budget of the image groups
     vae, _ = build_tiny()
     f_hat = torch.randn(3, vae.Cvae, 4, 4)
     batch_sizes = []
     hook = vae.decoder.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
     with torch.no_grad():
         whole = vae.fhat_to_img(f_hat)
-        monkeypatch.setattr(vqvae_mod, 'CPU_CHUNK_BYTES', 2 * vae.ch * 64 * 64 * 4)
+        monkeypatch.setattr(memory_mod, 'CPU_CHUNK_BYTES', 2 * vae.ch * 64 * 64 * 4)
         grouped = vae.fhat_to_img(f_hat)
     assert batch_sizes == [3, 2, 1]
     assert whole.shape == grouped.shape == (3, 3, 64, 64) and (whole - grouped).abs().max() < 1e-5

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from models import VQVAE
-from models import winograd
 from models.basic_vae import Upsample2x
-from models.winograd import Conv3x3, winograd_conv3x3
+from models.kernels import fast_paths, winograd
+from models.kernels.winograd import Conv3x3, winograd_conv3x3
 
 pytestmark = pytest.mark.skipif(not winograd.nnpack_available(), reason='this PyTorch build has no NNPACK for this CPU')
 
@@ -50,10 +50,9 @@ def test_conv3x3_goes_by_winograd_only_where_it_pays_and_applies(nnpack_calls):
         Conv3x3(64, 64)(torch.randn(1, 64, 64, 64))  # 64 channels: the direct conv is faster
         with torch.autocast('cpu', dtype=torch.bfloat16):
             conv(big)                               # autocast asks for bfloat16
-        conv.winograd = False
-        conv(big)                                   # switched off (VQVAE.set_fast_paths(False))
+        with fast_paths(False):
+            conv(big)                               # switched off (VQVAE.set_fast_paths(False))
         assert nnpack_calls == []
-    conv.winograd = True
     out = conv(big)                                 # autograd on (tokenizer training): the direct conv, differentiable
     assert nnpack_calls == [] and out.requires_grad
 
@@ -65,8 +64,8 @@ def test_upsample_by_winograd_equals_the_plain_upsample(nnpack_calls):
     with torch.no_grad():
         fast = up(x)
         assert nnpack_calls == [(1, 128, 64, 64)] * 2
-        up.conv.winograd, up.polyphase = False, False
-        plain = up(x)
+        with fast_paths(False):
+            plain = up(x)
     assert fast.shape == (2, 128, 64, 64) and (fast - plain).abs().max() < 1e-4
 
 

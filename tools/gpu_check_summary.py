@@ -87,7 +87,7 @@ def environment() -> Dict:
         pass
     try:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from models.attention import backend_status
+        from models.kernels import backend_status
         env['optional_attention'] = {b: backend_status(b)[0] or backend_status(b)[1] for b in ('flash', 'xformers')}
     except Exception as e:
         env['optional_attention'] = repr(e)

@@ -7,6 +7,9 @@ between `sample.py --bs=1` and `--bs=2` (the tokenizer's phi convs and decoder),
 over 16 images with OMP_NUM_THREADS=1. Without autograd on the CPU in float32 these convs always call oneDNN's
 conv, the kernel PyTorch itself uses for batches, so results are those of a batch of two or more, image by image.
 
+Not a speed path but a reproducibility guarantee, so the fast-path switch (switch.py) leaves it on: with the
+switch off `sample.py --bs=1` and `--bs=2` still give the same pixels. `conv2d_reference` is F.conv2d.
+
 Letters: B batch, C/O input/output channels, h/w height/width.
 """
 import functools
@@ -16,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_context import compiling, cpu_autocast_enabled
+from .switch import compiling, cpu_autocast_enabled
 
-__all__ = ['Conv2d', 'conv2d', 'onednn_conv_available']
+__all__ = ['Conv2d', 'conv2d', 'conv2d_reference', 'batch_invariant_applies', 'onednn_conv_available']
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,13 +30,14 @@ def onednn_conv_available() -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        x, w = torch.ones(1, 2, 3, 3), torch.ones(4, 2, 3, 3)
+        x, w = torch.ones(1, 2, 3, 3, device='cpu'), torch.ones(4, 2, 3, 3, device='cpu')   # explicit: may run inside `with torch.device(...)`
         return bool(torch.equal(torch.mkldnn_convolution(x, w, None, [1, 1], [1, 1], [1, 1], 1), F.conv2d(x, w, padding=1)))
     except (AttributeError, RuntimeError):
         return False
 
 
-def _batch_invariant_applies(x: torch.Tensor) -> bool:
+def batch_invariant_applies(x: torch.Tensor) -> bool:
+    """Whether `x` goes through oneDNN's conv: float32 CPU inference, autocast and torch.compile off, oneDNN present and enabled."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() and not cpu_autocast_enabled()
             and not compiling() and torch.backends.mkldnn.enabled and onednn_conv_available())
 
@@ -41,9 +45,12 @@ def _batch_invariant_applies(x: torch.Tensor) -> bool:
 def conv2d(x_BChw: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: Sequence[int] = (1, 1),
            padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1) -> torch.Tensor:
     """F.conv2d with zero padding; in CPU float32 inference by oneDNN whatever the batch size (see above)."""
-    if _batch_invariant_applies(x_BChw) and weight.dtype == torch.float32 and x_BChw.numel() > 0:
+    if batch_invariant_applies(x_BChw) and weight.dtype == torch.float32 and x_BChw.numel() > 0:
         return torch.mkldnn_convolution(x_BChw, weight, bias, list(padding), list(stride), list(dilation), groups)
     return F.conv2d(x_BChw, weight, bias, stride, padding, dilation, groups)
+
+
+conv2d_reference = F.conv2d   # the plain path: whatever kernel PyTorch picks for the batch
 
 
 class Conv2d(nn.Conv2d):

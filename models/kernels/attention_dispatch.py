@@ -2,7 +2,11 @@
 
 PyTorch's scaled-dot-product attention ('sdpa') is the default. flash-attn ('flash') and xformers
 ('xformers') are used when installed, on CUDA, where they apply; 'math' is the plain
-matmul-softmax reference that every other path is tested against.
+matmul-softmax reference that every other path is tested against. The backend is the model's choice
+(`VAR.set_attn_backend`, as in the reference's flash_if_available).
+
+Block-causal teacher forcing (a `BlockCausal` spec) goes group by group of scales with the fast paths on
+(switch.py), and with them off (or on 'math') through one dense L×L mask as in the reference.
 
 Letters: B batch, H heads, L query tokens, S key tokens, c head dim.
 """
@@ -15,7 +19,10 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['BACKENDS', 'attention', 'BlockCausal', 'block_causal_groups', 'choose_backend', 'describe_backends', 'flash_attn_func', 'xformers_attn_func']
+from .switch import SWITCH
+
+__all__ = ['BACKENDS', 'attention', 'BlockCausal', 'block_causal_groups', 'backend_status', 'choose_backend',
+           'describe_backends', 'flash_attn_func', 'xformers_attn_func']
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +82,18 @@ def _math_attention(q_BHLc, k_BHSc, v_BHSc, scale: float, attn_bias: Optional[to
 
 
 def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, scale: float,
-              attn_bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, backend: str = 'sdpa') -> torch.Tensor:
+              attn_bias=None, dropout_p: float = 0.0, backend: str = 'sdpa') -> torch.Tensor:
     """softmax(scale·q·kᵀ + bias)·v → (B, H, L, c).
 
-    attn_bias: None, an additive float mask or a boolean keep-mask broadcastable to (B, H, L, S).
+    attn_bias: None, an additive float mask or a boolean keep-mask broadcastable to (B, H, L, S), or a
+    `BlockCausal` (S = L: by groups of scales with the fast paths on, else its dense mask).
     A backend that does not apply to the call (no CUDA, a mask flash-attn cannot take, float32 for
     flash-attn) falls back to SDPA.
     """
+    if isinstance(attn_bias, BlockCausal):
+        if SWITCH.on and backend != 'math':
+            return _block_causal_attention(q_BHLc, k_BHSc, v_BHSc, scale, attn_bias, dropout_p, backend)
+        attn_bias = attn_bias.bias
     if backend == 'math':
         return _math_attention(q_BHLc, k_BHSc, v_BHSc, scale, attn_bias, dropout_p)
     on_cuda = q_BHLc.is_cuda
@@ -133,7 +145,7 @@ def block_causal_groups(scale_lengths: Sequence[int], alone_from: int = 64) -> T
     return tuple(groups)
 
 
-def block_causal_attention(q_BHLc, k_BHLc, v_BHLc, scale: float, mask: BlockCausal, dropout_p: float, backend: str) -> torch.Tensor:
+def _block_causal_attention(q_BHLc, k_BHLc, v_BHLc, scale: float, mask: BlockCausal, dropout_p: float, backend: str) -> torch.Tensor:
     outs = []
     for qb, qe, ke, masked in mask.groups:
         bias = mask.bias[..., qb:qe, :ke] if masked else None

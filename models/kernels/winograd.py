@@ -10,7 +10,7 @@ the thresholds below.
 
 The result differs from a direct conv by float rounding only, about 2e-5 of the output's scale (the
 transforms add and subtract before multiplying): decoded images move by ~5e-5, far inside the reference
-data's 1e-3 image tolerance.
+data's 1e-3 image tolerance. The reference path is `conv.conv2d(x, weight, bias, padding=1)` (the direct conv).
 
 Letters: B batch, C/O input/output channels, h/w height/width.
 """
@@ -20,11 +20,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .cpu_context import compiling, cpu_autocast_enabled
-from .cpu_conv import Conv2d
+from .conv import Conv2d, conv2d
+from .switch import SWITCH, compiling, cpu_autocast_enabled
 
-__all__ = ['Conv3x3', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays', 'nnpack_available',
-           'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
+__all__ = ['Conv3x3', 'conv3x3', 'conv3x3_uses_winograd', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays',
+           'nnpack_available', 'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
 
 logger = logging.getLogger(__name__)
 
@@ -77,23 +77,24 @@ def winograd_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: to
         return F.conv2d(x_BChw, weight_OC33, bias_O, padding=1)
 
 
-class Conv3x3(Conv2d):
-    """nn.Conv2d(in, out, 3, stride=1, padding=1), same parameters and checkpoint keys.
+def conv3x3_uses_winograd(x_BChw: torch.Tensor, in_channels: int, out_channels: int, h: int, w: int) -> bool:
+    """Whether a 3×3 conv of `x` (at h×w: its own size, or the size it is upsampled to first) goes by Winograd."""
+    return SWITCH.on and winograd_pays(in_channels, out_channels, h, w) and winograd_applies(x_BChw)
 
-    Without autograd on the CPU in float32, wide convs on large maps go through `winograd_conv3x3`;
-    `winograd = False` (VQVAE.set_fast_paths) keeps oneDNN's direct conv everywhere.
-    """
+
+def conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: torch.Tensor = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1): by Winograd where it pays and applies, else the batch-invariant direct conv."""
+    O, C, h, w = weight_OC33.shape[0], weight_OC33.shape[1], x_BChw.shape[-2], x_BChw.shape[-1]
+    if conv3x3_uses_winograd(x_BChw, C, O, h, w):
+        return winograd_conv3x3(x_BChw, weight_OC33, bias_O)
+    return conv2d(x_BChw, weight_OC33, bias_O, padding=(1, 1))
+
+
+class Conv3x3(Conv2d):
+    """nn.Conv2d(in, out, 3, stride=1, padding=1), same parameters and checkpoint keys, computed by `conv3x3`."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.winograd = True
-
-    def uses_winograd(self, x_BChw: torch.Tensor, hw=None) -> bool:
-        """Whether this conv goes by Winograd for `x` (or for `x` resized to `hw` = (h, w), e.g. upsampled first)."""
-        return (self.winograd and winograd_pays(self.in_channels, self.out_channels, *(hw or x_BChw.shape[-2:]))
-                and winograd_applies(x_BChw))
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        if self.uses_winograd(x_BChw):
-            return winograd_conv3x3(x_BChw, self.weight, self.bias)
-        return super().forward(x_BChw)
+        return conv3x3(x_BChw, self.weight, self.bias)

@@ -1,0 +1,134 @@
+"""Linear layers and the transformer's MLP: oneDNN's matmul on the CPU, flash-attn's fused MLP on CUDA, F.linear as reference.
+
+oneDNN (fast path, CPU float32). PyTorch computes a float32 `F.linear` on the CPU with MKL (`addmm`: the bias is
+first broadcast into the output, then the GEMM adds to it). On this project's 2-core Zen 4 CPU that runs the
+transformer's shapes at 110-175 GFLOP/s; oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, which
+torch.compile's CPU backend calls) runs them at 165-207 GFLOP/s, adds the bias in its epilogue and can apply the
+FFN's GELU there too. The input gradient goes through oneDNN as well (1.1-1.3×); the weight gradient stays with
+MKL (as fast). Results differ from MKL's by float rounding (~1e-6 relative). Used for float32 on the CPU with
+autocast off (bf16/fp16 autocast, torch.compile and CUDA keep F.linear), when this PyTorch build has oneDNN and
+the fast paths are on (switch.py).
+
+flash-attn's fused MLP (CUDA, as in the reference): fc1, GELU and fc2 in one kernel when flash-attn's
+fused_dense extension is installed and the model was built with fused_if_available (the reference's own
+option, not this package's switch).
+
+Letters: N rows (all leading dimensions together), K input features, O output features.
+"""
+import functools
+import importlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .switch import SWITCH, compiling, cpu_autocast_enabled
+
+__all__ = ['Linear', 'linear', 'linear_reference', 'mlp_gelu', 'onednn_applies', 'onednn_available', 'fused_mlp_func',
+           'ACTIVATIONS']
+
+ACTIVATIONS = (None, 'gelu_tanh')
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    """Whether oneDNN's linear runs here (PyTorch built with oneDNN, an x86 or ARM CPU it supports)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        x, w = torch.ones(2, 3, device='cpu'), torch.ones(4, 3, device='cpu')   # explicit: may run inside `with torch.device(...)`
+        return bool(torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], ''), F.linear(x, w)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def fused_mlp_func() -> Optional[Callable]:
+    """flash_attn.ops.fused_dense.fused_mlp_func if installed and importable, else None."""
+    try:
+        return importlib.import_module('flash_attn.ops.fused_dense').fused_mlp_func
+    except Exception:  # flash-attn without its fused_dense extension, or not installed
+        return None
+
+
+def onednn_applies(x: torch.Tensor) -> bool:
+    """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, not under torch.compile, oneDNN present."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not cpu_autocast_enabled() and not compiling()
+            and onednn_available())
+
+
+def linear_reference(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor] = None,
+                     act: Optional[str] = None) -> torch.Tensor:
+    """The plain path: F.linear, then GELU (tanh approximation) for act='gelu_tanh'."""
+    y = F.linear(x, weight_OK, bias_O)
+    return F.gelu(y, approximate='tanh') if act == 'gelu_tanh' else y
+
+
+def _onednn_linear(x_NK: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor], gelu_tanh: bool = False) -> torch.Tensor:
+    if gelu_tanh:
+        return torch.ops.mkldnn._linear_pointwise(x_NK, weight_OK, bias_O, 'gelu', [], 'tanh')
+    return torch.ops.mkldnn._linear_pointwise(x_NK, weight_OK, bias_O, 'none', [], '')
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NK, weight_OK, bias_O):
+        ctx.save_for_backward(x_NK, weight_OK)
+        ctx.has_bias = bias_O is not None
+        return _onednn_linear(x_NK, weight_OK, bias_O)
+
+    @staticmethod
+    def backward(ctx, grad_NO):
+        x_NK, weight_OK = ctx.saved_tensors
+        grad_NO = grad_NO.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad_NO, weight_OK.t().contiguous(), None)   # (N, O) @ (O, K)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_NO.t().mm(x_NK)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_NO.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor] = None,
+           act: Optional[str] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), then `act` (None or 'gelu_tanh'), through oneDNN where it applies.
+
+    x (..., K) → (..., O). Without autograd the GELU is fused into the matmul.
+    """
+    gelu_tanh = act is not None
+    if gelu_tanh and act != 'gelu_tanh':
+        raise ValueError(f'linear: act={act!r} is not one of {ACTIVATIONS}')
+    if not (SWITCH.on and onednn_applies(x) and weight_OK.dtype == torch.float32 and weight_OK.is_contiguous() and x.numel() > 0):
+        y = F.linear(x, weight_OK, bias_O)   # linear_reference, inline: this is every CUDA call's path
+        return F.gelu(y, approximate='tanh') if gelu_tanh else y
+    x_NK = x.reshape(-1, x.shape[-1])
+    if not x_NK.is_contiguous():
+        x_NK = x_NK.contiguous()
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight_OK.requires_grad or (bias_O is not None and bias_O.requires_grad))
+    if not grad:
+        y_NO = _onednn_linear(x_NK, weight_OK, bias_O, gelu_tanh)
+    else:
+        y_NO = _OneDNNLinear.apply(x_NK, weight_OK, bias_O)
+        if gelu_tanh:
+            y_NO = F.gelu(y_NO, approximate='tanh')
+    return y_NO.view(*x.shape[:-1], weight_OK.shape[0])
+
+
+def mlp_gelu(x_BLC: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, fused_if_available: bool, training: bool) -> torch.Tensor:
+    """fc2(GELU_tanh(fc1(x))): flash-attn's fused MLP on CUDA where installed and allowed, else two `linear` calls."""
+    fused = fused_mlp_func() if (fused_if_available and x_BLC.is_cuda) else None
+    if fused is not None:
+        return fused(x=x_BLC, weight1=fc1.weight, weight2=fc2.weight, bias1=fc1.bias, bias2=fc2.bias,
+                     activation='gelu_approx', save_pre_act=training, return_residual=False, checkpoint_lvl=0,
+                     heuristic=0, process_group=None)
+    return fc2(linear(x_BLC, fc1.weight, fc1.bias, act='gelu_tanh'))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint keys) computed by `linear`: oneDNN for float32 on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,69 @@
+"""Memory layout and working set of the tokenizer's inference: channels-last or NCHW activations, in-place residual
+adds, images in groups under a byte budget. Each has the reference's plain behaviour as its switched-off path
+(switch.py): the layout the caller gave, `shortcut + h`, the whole batch at once.
+
+Letters: B batch, C channels, h/w height/width, H/W image height/width.
+"""
+from typing import Callable
+
+import torch
+
+from .switch import SWITCH
+from .winograd import WINOGRAD_MIN_CHANNELS, winograd_applies
+
+__all__ = ['CHANNELS_LAST_MIN_WIDTH', 'CPU_CHUNK_BYTES', 'channels_last_pays', 'to_conv_layout', 'residual_add',
+           'images_per_group', 'in_image_groups']
+
+CHANNELS_LAST_MIN_WIDTH = 64
+
+# In inference without autograd on the CPU, images go through the encoder and the decoder in groups whose
+# full-resolution activation stays under this many bytes (one 256-px image for the published tokenizer): the
+# same speed as one batch for oneDNN's convs (4.7 s to encode 4 images at 256 px, either way), the batch size
+# NNPACK's Winograd convs want (winograd.py), a quarter of the working memory, and each image's tokens and
+# pixels no longer depend on the other images of its batch. On CUDA the batch goes through whole, as in the reference.
+CPU_CHUNK_BYTES = 64 * 2 ** 20
+
+
+def channels_last_pays(ch: int) -> bool:
+    """Channels-last convs pay off for wide tokenizers (published ch=160 on a CPU: 1.12-1.16x for the encoder,
+    1.21-1.24x for the decoder); at ch=32 they made bf16 training 2.3x slower on a CPU (oneDNN reorders
+    dominate), so narrow tokenizers keep NCHW."""
+    return ch >= CHANNELS_LAST_MIN_WIDTH
+
+
+def to_conv_layout(x_BChw: torch.Tensor, ch: int, channels_last: bool) -> torch.Tensor:
+    """The encoder's or decoder's input (base width `ch`) in the memory layout its convs run fastest on: NCHW where
+    the wide ones go by Winograd (NNPACK reads NCHW), else channels-last where the net asks for it (`channels_last`,
+    see channels_last_pays); unchanged with the fast paths off."""
+    if not SWITCH.on:
+        return x_BChw
+    if ch >= WINOGRAD_MIN_CHANNELS and winograd_applies(x_BChw):
+        return x_BChw.contiguous()
+    if channels_last:
+        return x_BChw.contiguous(memory_format=torch.channels_last)
+    return x_BChw
+
+
+def residual_add(shortcut: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """shortcut + h; without autograd written into `h` (a fresh activation the caller owns): the same values, one
+    full-size activation fewer alive at a time."""
+    if SWITCH.on and not torch.is_grad_enabled():
+        return h.add_(shortcut)
+    return shortcut + h
+
+
+def images_per_group(x_BChw: torch.Tensor, ch: int, H: int, W: int) -> int:
+    """How many images go through a net of base width `ch` at once for output side H×W: the whole batch unless
+    CPU inference with the fast paths on, then as many as keep a full-resolution activation under CPU_CHUNK_BYTES."""
+    B = x_BChw.shape[0]
+    if not SWITCH.on or x_BChw.device.type != 'cpu' or torch.is_grad_enabled():
+        return B
+    return max(1, CPU_CHUNK_BYTES // (ch * H * W * x_BChw.element_size()))
+
+
+def in_image_groups(fn: Callable[[torch.Tensor], torch.Tensor], x_BChw: torch.Tensor, ch: int, H: int, W: int) -> torch.Tensor:
+    """fn(x) for a batch-independent fn, computed on groups of images (images_per_group) and concatenated."""
+    n = images_per_group(x_BChw, ch, H, W)
+    if n >= x_BChw.shape[0]:
+        return fn(x_BChw)
+    return torch.cat([fn(chunk) for chunk in x_BChw.split(n)])

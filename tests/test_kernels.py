@@ -1,0 +1,170 @@
+"""models.kernels: one switch for every fast path, each fast path equal to its reference path, the choices logged once."""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import build_tiny
+from models import VQVAE, kernels
+from models.kernels import attention_dispatch, choices, conv, matmul, memory, upsample
+
+
+def test_one_switch_process_wide_and_restored_by_the_context_manager():
+    vae, var = build_tiny()
+    assert kernels.fast_paths_enabled()                 # on by default
+    with kernels.fast_paths(False):
+        assert not kernels.fast_paths_enabled()
+        with kernels.fast_paths(True):
+            assert kernels.fast_paths_enabled()
+        assert not kernels.fast_paths_enabled()
+    assert kernels.fast_paths_enabled()
+    with pytest.raises(RuntimeError), kernels.fast_paths(False):
+        raise RuntimeError('a failing block')
+    assert kernels.fast_paths_enabled()                 # restored after an error too
+    assert var.set_fast_paths(False) is var and not kernels.fast_paths_enabled()   # the models' wrappers flip the same switch
+    assert vae.set_fast_paths(True) is vae and kernels.fast_paths_enabled()
+    with pytest.raises(TypeError, match='True or False'):
+        kernels.set_fast_paths('off')
+
+
+def test_the_switch_reaches_modules_by_what_they_compute_not_by_their_attributes():
+    """No module is looked up by attribute name: a Dropout (which has `inplace`) is left alone, and layers built
+    after the switch, or outside VAR and VQVAE, follow it."""
+    vae = VQVAE(vocab_size=16, z_channels=8, ch=32, dropout=0.1, v_patch_nums=(1, 2), test_mode=False)
+    dropouts = [m for m in vae.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and not any(m.inplace for m in dropouts)
+    for enabled in (True, False, True):
+        vae.set_fast_paths(enabled)
+        assert not any(m.inplace for m in dropouts), 'set_fast_paths must not make the dropouts in-place'
+    if not matmul.onednn_available():
+        pytest.skip('this PyTorch build has no oneDNN for this CPU')
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    lin = nn.Sequential(kernels.Linear(8, 4))
+    x = torch.randn(3, 8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matmul, '_onednn_linear', lambda *a: calls.append(1) or real(*a[:3], 'none', [], ''))
+        with torch.no_grad():
+            lin(x)
+            with kernels.fast_paths(False):
+                lin2 = kernels.Linear(8, 4)
+                lin(x), lin2(x)
+    assert calls == [1]
+
+
+def test_batch_invariant_conv_is_on_whatever_the_switch():
+    """A reproducibility guarantee, not a speed path: image 0 alone and in a batch give the same bits, switch on or off."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 8, 9, 9), torch.randn(16, 8, 3, 3) * 0.2, torch.randn(16)
+    ref = conv.conv2d_reference(x.double(), w.double(), b.double(), padding=1)
+    for enabled in (True, False):
+        with torch.no_grad(), kernels.fast_paths(enabled):
+            one, two = conv.conv2d(x[:1], w, b, padding=(1, 1)), conv.conv2d(x, w, b, padding=(1, 1))
+        assert torch.equal(one[0], two[0]) or not conv.onednn_conv_available()
+        assert (two.double() - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_polyphase_upsampling_equals_its_reference_and_is_switched_off(memory_format, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=memory_format)
+    w, b = torch.randn(16, 16, 3, 3) * 0.1, torch.randn(16)
+    phases = []
+    real = upsample.phase_kernels
+    monkeypatch.setattr(upsample, 'phase_kernels', lambda w: phases.append(1) or real(w))
+    fast = kernels.upsample2x_conv3x3(x, w, b)
+    ref = upsample.upsample2x_conv3x3_reference(x, w, b)
+    assert phases == [1] and fast.shape == ref.shape == (2, 16, 10, 14)
+    assert (fast - ref).abs().max() < 1e-5 and not torch.equal(fast, ref)   # another algorithm, the same numbers
+    with kernels.fast_paths(False):
+        assert torch.equal(kernels.upsample2x_conv3x3(x, w, b), ref) and phases == [1]
+
+
+def test_residual_add_in_place_only_without_autograd_and_with_the_switch_on():
+    shortcut, h = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    want = shortcut + h
+    with torch.no_grad():
+        h1 = h.clone()
+        assert kernels.residual_add(shortcut, h1) is h1 and torch.equal(h1, want)
+        h2 = h.clone()
+        with kernels.fast_paths(False):
+            out = kernels.residual_add(shortcut, h2)
+        assert out is not h2 and torch.equal(h2, h) and torch.equal(out, want)
+    h3 = h.clone().requires_grad_()
+    out = kernels.residual_add(shortcut, h3)
+    assert out is not h3 and torch.equal(out, want) and out.requires_grad
+
+
+def test_conv_layout_and_image_groups_follow_the_switch(monkeypatch):
+    x = torch.randn(5, 3, 8, 8)
+    assert kernels.to_conv_layout(x, 32, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+    assert kernels.to_conv_layout(x, 32, channels_last=False) is x
+    monkeypatch.setattr(memory, 'CPU_CHUNK_BYTES', 2 * 4 * 8 * 8 * 4)   # two images of width 4 at 8×8 per group
+    sizes = []
+
+    def fn(x_BChw):
+        sizes.append(x_BChw.shape[0])
+        return x_BChw * 2
+    with torch.no_grad():
+        out = kernels.in_image_groups(fn, x, 4, 8, 8)
+        assert sizes == [2, 2, 1] and torch.equal(out, x * 2)
+        sizes.clear()
+        with kernels.fast_paths(False):
+            assert kernels.to_conv_layout(x, 32, channels_last=True) is x
+            kernels.in_image_groups(fn, x, 4, 8, 8)
+        assert sizes == [5]
+    sizes.clear()
+    kernels.in_image_groups(fn, x, 4, 8, 8)   # autograd on: the whole batch
+    assert sizes == [5]
+
+
+@pytest.mark.parametrize('backend', ['sdpa', 'math'])
+def test_block_causal_attention_by_groups_equals_the_dense_mask(backend, monkeypatch):
+    torch.manual_seed(0)
+    lengths = [1, 4, 16, 64, 81]
+    L = sum(lengths)
+    scale_of = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    bias = torch.where(scale_of[:, None] >= scale_of[None, :], 0., -torch.inf).view(1, 1, L, L)
+    spec = kernels.BlockCausal(kernels.block_causal_groups(lengths), bias)
+    q, k, v = (torch.randn(2, 3, L, 8) for _ in range(3))
+    grouped = []
+    real = attention_dispatch._block_causal_attention
+    monkeypatch.setattr(attention_dispatch, '_block_causal_attention', lambda *a: grouped.append(1) or real(*a))
+    fast = kernels.attention(q, k, v, 0.3, spec, backend=backend)
+    dense = kernels.attention(q, k, v, 0.3, bias, backend=backend)
+    assert grouped == ([1] if backend != 'math' else [])   # 'math' is the reference: always the dense mask
+    assert (fast - dense).abs().max() < 1e-5
+    with kernels.fast_paths(False):
+        plain = kernels.attention(q, k, v, 0.3, spec, backend=backend)
+    assert len(grouped) == (1 if backend != 'math' else 0) and torch.equal(plain, dense)
+
+
+def test_kernel_choices_are_logged_once_with_their_reasons(monkeypatch, caplog):
+    monkeypatch.setitem(choices._logged, 'done', False)
+    with caplog.at_level(logging.INFO, logger='models.kernels'):
+        build_tiny()
+        build_tiny()
+    records = [r for r in caplog.records if r.name == 'models.kernels' and 'fast kernels' in r.getMessage()]
+    assert len(records) == 1
+    text = records[0].getMessage()
+    for name in ('oneDNN linear', 'Winograd 3x3 conv', 'polyphase upsampling', 'channels-last', 'in-place residual adds',
+                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv'):
+        assert name in text
+    want = 'oneDNN linear: on (float32 CPU' if matmul.onednn_available() else 'oneDNN linear: off (this PyTorch build'
+    assert want in text
+    with kernels.fast_paths(False):
+        assert all('on (' not in line or 'batch-invariant' in line for line in kernels.describe_choices())
+
+
+def test_availability_probes_run_on_the_cpu_inside_a_device_context():
+    """The first model may be built under `with torch.device('meta')` (build_vae_var): the probes must not be fooled."""
+    had = matmul.onednn_available(), conv.onednn_conv_available()
+    try:
+        matmul.onednn_available.cache_clear()
+        conv.onednn_conv_available.cache_clear()
+        with torch.device('meta'):
+            assert (matmul.onednn_available(), conv.onednn_conv_available()) == had
+    finally:
+        matmul.onednn_available.cache_clear()
+        conv.onednn_conv_available.cache_clear()
