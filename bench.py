@@ -57,9 +57,9 @@ def _amp(device: torch.device, dtype: str):
 
 
 def build(args, device):
-    from models import build_vae_var
+    from models import PATCH_NUMS_256, PATCH_NUMS_512, build_vae_var
     torch.manual_seed(0)
-    patch_nums = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}[args.reso]
+    patch_nums = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}[args.reso]
     vae, var = build_vae_var(device=device, patch_nums=patch_nums, depth=args.depth, shared_aln=args.depth >= 36)
     fast = args.mode == 'fast'
     vae.set_fast_paths(fast)

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import dist
-from models import VQVAE
-from utils.arg_util import ExtractArgs, parse_extract_args
+from models import VQVAE, build_vqvae
+from utils.arg_util import ExtractArgs, parse_extract_args, vqvae_config_from_flags
 from utils.cli import run_main
 from utils.data import ImageFolderDataset, check_data_path
 from utils.hub import resolve_checkpoint
@@ -99,9 +99,7 @@ def main(args: ExtractArgs) -> str:
         return args.tokens_path
 
     classes, train_samples, val_samples = check_data_path(args.data_path)
-    with torch.device(device):
-        vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.vae_ch, share_quant_resi=args.share_quant_resi,
-                    v_patch_nums=args.patch_nums, test_mode=True)
+    vae = build_vqvae(vqvae_config_from_flags(args), device)
     path = resolve_checkpoint(args.vae_ckpt) if dist.is_local_master() else None
     dist.barrier()
     path = path or resolve_checkpoint(args.vae_ckpt)

@@ -10,12 +10,12 @@ utils/arg_util.py (`var_config_from_flags` and its three siblings), nowhere else
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 
 __all__ = ['ConfigError', 'PATCH_NUMS_256', 'PATCH_NUMS_512', 'PUBLISHED_DEPTHS', 'VQVAEConfig', 'VARConfig',
-           'build_vqvae', 'build_var', 'vae_var_kwargs']
+           'build_vqvae', 'build_var', 'vae_var_kwargs', 'configs_to_dict', 'configs_from_dict']
 
 # the side of every scale's token map: 10 scales for 256 px and for 512 px images (the tokenizer downsamples by 16)
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -24,20 +24,28 @@ PUBLISHED_DEPTHS = (16, 20, 24, 30, 36)   # var_d{depth}.pth in FoundationVision
 
 
 class ConfigError(ValueError):
-    """A model config with an unknown or missing key, or a value that cannot build a model; the message names it."""
+    """A model config with an unknown or missing key, or a value that cannot build a model; the message names it.
+
+    field and reason: the field whose value is wrong and what it must be (for naming the CLI flag instead).
+    """
+
+    def __init__(self, message: str, field: Optional[str] = None, reason: str = ''):
+        super().__init__(message)
+        self.field, self.reason = field, reason
 
 
 def _check_patch_nums(owner: str, patch_nums) -> Tuple[int, ...]:
     pn = tuple(patch_nums) if isinstance(patch_nums, (list, tuple)) else None
     if not pn or any(type(p) is not int or p < 1 for p in pn) or list(pn) != sorted(set(pn)):
-        raise ConfigError(f'{owner}.patch_nums={patch_nums!r} must list increasing positive integer sides, e.g. {PATCH_NUMS_256}')
+        reason = f'must list increasing positive integer sides, e.g. {PATCH_NUMS_256}'
+        raise ConfigError(f'{owner}.patch_nums={patch_nums!r} {reason}', 'patch_nums', reason)
     return pn
 
 
 def _check_field(owner: str, f: dataclasses.Field, value) -> None:
     want = {int: (int,), float: (int, float), bool: (bool,)}.get(f.type)
     if want is not None and (type(value) not in want or (f.type is not bool and isinstance(value, bool))):
-        raise ConfigError(f'{owner}.{f.name}={value!r} must be {f.type.__name__}')
+        raise ConfigError(f'{owner}.{f.name}={value!r} must be {f.type.__name__}', f.name, f'must be {f.type.__name__}')
 
 
 C = TypeVar('C', bound='_Config')
@@ -77,7 +85,7 @@ class _Config:
 
 def _require(owner: str, name: str, value, ok: bool, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f'{owner}.{name}={value!r}: {allowed}')
+        raise ConfigError(f'{owner}.{name}={value!r}: {allowed}', name, allowed)
 
 
 @dataclass(frozen=True)
@@ -176,3 +184,16 @@ def vae_var_kwargs(vqvae: VQVAEConfig, var: VARConfig) -> Dict[str, Any]:
         raise ConfigError(f'the tokenizer\'s patch_nums {vqvae.patch_nums} differ from the VAR\'s {var.patch_nums}')
     return dict(patch_nums=var.patch_nums, V=vqvae.V, Cvae=vqvae.Cvae, ch=vqvae.ch, share_quant_resi=vqvae.share_quant_resi,
                 num_classes=var.num_classes, depth=var.depth, shared_aln=var.shared_aln, attn_l2_norm=var.attn_l2_norm)
+
+
+def configs_to_dict(vqvae: VQVAEConfig, var: VARConfig) -> Dict[str, Dict[str, Any]]:
+    """What a checkpoint stores under 'model_config': {'vqvae': {...}, 'var': {...}}."""
+    return {'vqvae': vqvae.to_dict(), 'var': var.to_dict()}
+
+
+def configs_from_dict(d: Mapping[str, Any]) -> Tuple[VQVAEConfig, VARConfig]:
+    """The two configs of a checkpoint's 'model_config' (configs_to_dict's layout, strictly)."""
+    if not isinstance(d, Mapping) or set(d) != {'vqvae', 'var'}:
+        got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
+        raise ConfigError(f"model_config must have exactly the keys ['var', 'vqvae'], got {got}")
+    return VQVAEConfig.from_dict(d['vqvae']), VARConfig.from_dict(d['var'])
