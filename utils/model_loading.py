@@ -1,7 +1,7 @@
 """Build the tokenizer and VAR for sampling from a trainer checkpoint, plain state dicts, or the published files."""
+import dataclasses
 import hashlib
 import logging
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Collection, Dict, Mapping, Tuple
