@@ -1,4 +1,4 @@
-"""VAR models: the multi-scale VQVAE tokenizer, the VAR transformer, their builder and the pieces of sampling."""
+"""VAR models: the multi-scale VQVAE tokenizer, the VAR transformer, their configs and builders, and the pieces of sampling."""
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -11,8 +11,9 @@ from .state_dict import CheckpointMismatchError
 from .var import VAR
 from .vqvae import VQVAE
 
-__all__ = ['build_vae_var', 'VQVAEConfig', 'VARConfig', 'build_vqvae', 'build_var', 'PATCH_NUMS_256', 'PATCH_NUMS_512', 'VQVAE', 'VAR', 'VectorQuantizer2', 'make_edit_mask', 'CheckpointMismatchError',
-           'sample_next_scale', 'LinearGuidance', 'TopKTopP', 'GumbelSmoothing', 'KeepInputTokens', 'ScaleDraw', 'TokenDraw']
+__all__ = ['build_vae_var', 'VQVAEConfig', 'VARConfig', 'build_vqvae', 'build_var', 'PATCH_NUMS_256', 'PATCH_NUMS_512',
+           'VQVAE', 'VAR', 'VectorQuantizer2', 'make_edit_mask', 'CheckpointMismatchError', 'sample_next_scale',
+           'LinearGuidance', 'TopKTopP', 'GumbelSmoothing', 'KeepInputTokens', 'ScaleDraw', 'TokenDraw']
 
 
 def build_vae_var(
