@@ -54,7 +54,6 @@ import torch
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-PATCH_NUMS = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}   # per --reso
 
 
 def _sync(device: torch.device) -> None:
@@ -84,9 +83,10 @@ def _amp(device: torch.device, dtype: str):
 
 
 def build(args, device):
-    from models import build_vae_var
+    from models import PATCH_NUMS_256, PATCH_NUMS_512, build_vae_var
     torch.manual_seed(0)
-    vae, var = build_vae_var(device=device, patch_nums=PATCH_NUMS[args.reso], depth=args.depth, shared_aln=args.depth >= 36)
+    patch_nums = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}[args.reso]
+    vae, var = build_vae_var(device=device, patch_nums=patch_nums, depth=args.depth, shared_aln=args.depth >= 36)
     fast = args.mode == 'fast'
     vae.set_fast_paths(fast)
     var.set_fast_paths(fast)
@@ -334,7 +334,8 @@ QUICK_SIZES = dict(depth=2, bs=2, patch_nums=(1, 2, 3, 4), ch=32, Cvae=8)   # 64
 def side_sizes(args) -> Dict:
     if args.quick:
         return dict(QUICK_SIZES)
-    return dict(depth=args.depth, bs=args.bs, patch_nums=PATCH_NUMS[args.reso])
+    from models import PATCH_NUMS_256, PATCH_NUMS_512
+    return dict(depth=args.depth, bs=args.bs, patch_nums={256: PATCH_NUMS_256, 512: PATCH_NUMS_512}[args.reso])
 
 
 def _build_kwargs(sizes: Dict) -> Dict:

@@ -87,12 +87,13 @@ def main(argv: Sequence[str] = None) -> str:
                       '--wp=1', '--wpe=0.1', '--hflip=1', f'--seed={a.seed}', '--val_every_ep=100'])
 
     # 5. samples: one row per class
-    from models import build_vae_var
-    ck = torch.load(osp.join(var_dir, 'ar-ckpt-last.pth'), map_location='cpu', weights_only=True)
-    targs = ck['args']
-    vae, var = build_vae_var(device='cpu', patch_nums=targs['patch_nums'], V=targs['vocab_size'], Cvae=targs['z_channels'],
-                             ch=targs['vae_ch'], share_quant_resi=targs['share_quant_resi'], num_classes=targs['num_classes'],
-                             depth=targs['depth'], shared_aln=targs['saln'], attn_l2_norm=targs['anorm'])
+    from models import build_var, build_vqvae
+    from utils.model_loading import checkpoint_configs
+    ck_path = osp.join(var_dir, 'ar-ckpt-last.pth')
+    ck = torch.load(ck_path, map_location='cpu', weights_only=True)
+    vqvae_cfg, var_cfg = checkpoint_configs(ck_path, ck)
+    vae = build_vqvae(vqvae_cfg, 'cpu')
+    var = build_var(var_cfg, vae)
     vae.load_state_dict(ck['trainer']['vae_local'], strict=True)
     var.load_state_dict(ck['trainer']['var_wo_ddp'], strict=True)
     vae.eval()

@@ -30,7 +30,7 @@ from torchvision.transforms import InterpolationMode
 
 import dist
 from models.helpers import EDIT_MODES, make_edit_mask
-from utils.arg_util import FlagError, ModelFlags, parse_dataclass, parse_patch_nums
+from utils.arg_util import FlagError, ModelFlags, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
 from utils.cli import UserError, run_main
 from utils.data import normalize_01_into_pm1
 from utils.imgs import IMAGE_READ_ERRORS, load_rgb, save_png_atomic, to_uint8_BHW3
@@ -72,11 +72,7 @@ def check_flags(args: EditArgs) -> None:
         parse_box(args.box)
     if args.mode == 'class' and args.class_id < 0:
         raise FlagError('--mode=class needs the target --class_id')
-    for flag in ('num_classes', 'vocab_size', 'depth', 'z_channels', 'vae_ch'):
-        if getattr(args, flag) < 1:
-            raise FlagError(f'--{flag}={getattr(args, flag)} must be >= 1')
-    if args.pn:
-        parse_patch_nums(args.pn)
+    vqvae_config_from_flags(args), var_config_from_flags(args)   # the model flags' ranges
     check_sampling_ranges(args, args.num_classes, args.vocab_size, from_checkpoint=False)
     if not (0 < args.top_p <= 1):
         raise FlagError(f'--top_p={args.top_p:g} is outside (0, 1]: the share of probability mass to sample from (1: no nucleus filtering)')

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import dist
-from models import VQVAE
-from utils.arg_util import ExtractArgs, parse_extract_args
+from models import VQVAE, build_vqvae
+from utils.arg_util import ExtractArgs, parse_extract_args, vqvae_config_from_flags
 from utils.cli import run_main
 from utils.data import ImageFolderDataset, check_data_path, pil_loader
 from utils.hub import resolve_checkpoint
@@ -253,9 +253,7 @@ def main(args: ExtractArgs) -> str:
         logger.info('%s is complete already (same images, transform and tokenizer)', args.tokens_path)
         return args.tokens_path
 
-    with torch.device(device):
-        vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.vae_ch, share_quant_resi=args.share_quant_resi,
-                    v_patch_nums=args.patch_nums, test_mode=True)
+    vae = build_vqvae(vqvae_config_from_flags(args), device)
     vae.load_state_dict(state, strict=True)
     vae.eval()
     t0 = time.time()

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import dist
-from utils.arg_util import FlagError, ModelFlags, parse_dataclass, parse_patch_nums
+from utils.arg_util import FlagError, ModelFlags, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
 from utils.ckpt import remove_stale_temps, write_bytes_atomic
 from utils.cli import run_main
 from utils.imgs import IMAGE_READ_ERRORS, save_png_atomic, to_uint8_BHW3
@@ -80,8 +80,7 @@ def check_flags(args: SampleArgs) -> None:
         raise FlagError(f'--cfg={args.cfg} must be a finite number (1.5 is the reference\'s FID setting)')
     if args.fp16 not in (0, 1, 2):
         raise FlagError(f'--fp16={args.fp16}: use 0 (float32), 1 (float16 autocast) or 2 (bfloat16 autocast)')
-    if args.pn:
-        parse_patch_nums(args.pn)
+    vqvae_config_from_flags(args), var_config_from_flags(args)   # the model flags' ranges
     if not args.out.rstrip('/'):
         raise FlagError(f'--out={args.out!r} must name a folder')
 

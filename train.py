@@ -17,11 +17,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dist
-from models import VQVAE, build_vae_var
+from models import VQVAE, build_var, build_vqvae
 from models.pretrained import hub_push_problem
 from trainer import VARTrainer
 from utils.amp_opt import AmpOptimizer, build_adamw
-from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args
+from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args, var_config_from_flags, vqvae_config_from_flags
 from utils.cli import run_main
 from utils.data import build_dataset
 from utils.hub import resolve_checkpoint
@@ -160,12 +160,9 @@ def main(args: Args) -> Dict[str, float]:
 
     # ------------------------------------------------------------------ build models
     torch.manual_seed(args.seed)   # the same initial weights on every process and in every rerun
-    vae_local, var_wo_ddp = build_vae_var(
-        device=device, patch_nums=args.patch_nums, V=args.vocab_size, Cvae=args.z_channels, ch=args.vae_ch,
-        share_quant_resi=args.share_quant_resi, num_classes=args.num_classes, depth=args.depth, shared_aln=args.saln,
-        attn_l2_norm=args.anorm, flash_if_available=args.fuse, fused_if_available=args.fuse,
-        init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini,
-    )
+    vae_local = build_vqvae(vqvae_config_from_flags(args), device)
+    var_wo_ddp = build_var(var_config_from_flags(args), vae_local, flash_if_available=args.fuse, fused_if_available=args.fuse,
+                           init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini)
     logger.info('tokenizer weights: %s', load_vae(vae_local, args.vae_ckpt))
     if token_batches:
         from utils.token_data import TokensError, tokenizer_fingerprint
@@ -210,6 +207,7 @@ def main(args: Args) -> Dict[str, float]:
 
     def checkpoint_state(ep_next: int, it_next: int) -> Dict:
         return {'epoch': ep_next, 'iter': it_next, 'trainer': trainer.state_dict(), 'args': args.state_dict(), 'best': dict(best),
+                'model_config': args.model_config(),   # the tokenizer's and the VAR's configs (models/config.py)
                 # where the data stream stands, and how every random draw after it is seeded
                 'sampler': {'epoch': ep_next, 'iter': it_next, 'glb_batch_size': args.glb_batch_size, 'seed': args.same_seed_for_all_ranks},
                 'rng': {'seed': args.seed, 'rule': 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration; '

@@ -19,11 +19,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import dist
-from models import VQVAE
+from models import VQVAE, build_vqvae
 from models.state_dict import CheckpointMismatchError
 from models.discriminator import PatchDiscriminator
 from utils.amp_opt import AmpOptimizer, build_adamw
-from utils.arg_util import VAE_MODEL_KEYS, VAEArgs, parse_vae_args
+from utils.arg_util import VAE_MODEL_KEYS, VAEArgs, parse_vae_args, vqvae_config_from_flags
 from utils.ckpt import save_atomic, verify_checksum
 from utils.cli import UserError, run_main
 from utils.data import build_dataset
@@ -43,10 +43,7 @@ EXPORT_SAFETENSORS = 'vae.safetensors'   # the same weights; vae.pth is still wr
 
 
 def build_vae(args: VAEArgs, device: torch.device) -> VQVAE:
-    with torch.device(device):
-        vae = VQVAE(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.vae_ch, beta=args.beta, using_znorm=args.using_znorm,
-                    quant_resi=args.quant_resi, share_quant_resi=args.share_quant_resi, v_patch_nums=args.patch_nums, test_mode=False)
-    return vae
+    return build_vqvae(vqvae_config_from_flags(args), device, test_mode=False, beta=args.beta)
 
 
 def export_weights(vae: VQVAE, out_dir: str) -> None:

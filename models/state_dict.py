@@ -1,31 +1,34 @@
 """Readable checks of a state dict against a model, and recognition of the published VAR checkpoints."""
+import dataclasses
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['CheckpointMismatchError', 'check_state_dict', 'PUBLISHED', 'PATCH_NUMS_256', 'PATCH_NUMS_512', 'published_build_kwargs']
+from .config import PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED_DEPTHS, VARConfig, VQVAEConfig, vae_var_kwargs
 
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+__all__ = ['CheckpointMismatchError', 'check_state_dict', 'PUBLISHED', 'PATCH_NUMS_256', 'PATCH_NUMS_512', 'published_build_kwargs',
+           'published_configs']
 
-# file name in the Hugging Face repo FoundationVision/var → (kind, build_vae_var arguments)
+# file name in the Hugging Face repo FoundationVision/var → (kind, the build_vae_var arguments that differ between the files)
+_TOKENIZER = VQVAEConfig()
 PUBLISHED: Dict[str, Tuple[str, dict]] = {
-    'vae_ch160v4096z32.pth': ('vae', dict(V=4096, Cvae=32, ch=160, share_quant_resi=4)),
-    'var_d16.pth': ('var', dict(depth=16, shared_aln=False, patch_nums=PATCH_NUMS_256)),
-    'var_d20.pth': ('var', dict(depth=20, shared_aln=False, patch_nums=PATCH_NUMS_256)),
-    'var_d24.pth': ('var', dict(depth=24, shared_aln=False, patch_nums=PATCH_NUMS_256)),
-    'var_d30.pth': ('var', dict(depth=30, shared_aln=False, patch_nums=PATCH_NUMS_256)),
-    'var_d36.pth': ('var', dict(depth=36, shared_aln=True, patch_nums=PATCH_NUMS_512)),
+    'vae_ch160v4096z32.pth': ('vae', dict(V=_TOKENIZER.V, Cvae=_TOKENIZER.Cvae, ch=_TOKENIZER.ch, share_quant_resi=_TOKENIZER.share_quant_resi)),
+    **{f'var_d{d}.pth': ('var', dict(depth=c.depth, shared_aln=c.shared_aln, patch_nums=c.patch_nums))
+       for d in PUBLISHED_DEPTHS for c in [VARConfig.published(d)]},
 }
+
+
+def published_configs(filename: str) -> Tuple[VQVAEConfig, VARConfig]:
+    """(tokenizer, VAR) configs of a published file; the tokenizer file goes with the 256 px d16."""
+    kind, kw = PUBLISHED[filename]
+    var = VARConfig.published(kw['depth'] if kind == 'var' else 16)
+    return dataclasses.replace(_TOKENIZER, patch_nums=var.patch_nums), var
 
 
 def published_build_kwargs(filename: str) -> dict:
     """build_vae_var arguments (besides device) of a published file, tokenizer and 1000 classes included."""
-    kind, kw = PUBLISHED[filename]
-    out = dict(V=4096, Cvae=32, ch=160, share_quant_resi=4, num_classes=1000, patch_nums=PATCH_NUMS_256)
-    out.update(kw)
-    return out
+    return vae_var_kwargs(*published_configs(filename))
 
 
 class CheckpointMismatchError(RuntimeError):

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from .config import PATCH_NUMS_256
 from .kernels import BACKENDS, BlockCausal, Linear, block_causal_groups, choose_backend, describe_backends
 from .pretrained import HubMixin
 from . import sampling
@@ -34,7 +35,7 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         num_classes=1000, depth=16, embed_dim=1024, num_heads=16, mlp_ratio=4., drop_rate=0., attn_drop_rate=0., drop_path_rate=0.,
         norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1,
         attn_l2_norm=False,
-        patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),   # 10 steps by default
+        patch_nums=PATCH_NUMS_256,   # 10 steps by default
         flash_if_available=True, fused_if_available=True,
     ):
         super().__init__()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, TINY_TRAIN_FLAGS, build_tiny, run_script, script_env
+from conftest import TINY, TINY_TRAIN_FLAGS, build_tiny, run_script, script_env
 
 TINY_BUILD = dict(TINY, flash_if_available=False, fused_if_available=False)   # build_vae_var arguments of the tiny models
 

@@ -5,11 +5,13 @@ import logging
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar, Union, get_args, get_origin
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union, get_args, get_origin
 
+from models.config import PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED_DEPTHS, ConfigError, VARConfig, VQVAEConfig, configs_to_dict
 from utils.cli import UserError
 
-__all__ = ['ModelFlags', 'derive_scales', 'derive_batch', 'FlagError', 'Args', 'parse_args', 'VAEArgs', 'parse_vae_args', 'VAE_MODEL_KEYS', 'ExtractArgs', 'parse_extract_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS']
+__all__ = ['ModelFlags', 'derive_scales', 'derive_batch', 'FlagError', 'Args', 'parse_args', 'VAEArgs', 'parse_vae_args', 'VAE_MODEL_KEYS', 'ExtractArgs', 'parse_extract_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS',
+           'VQVAE_FLAGS', 'VAR_FLAGS', 'vqvae_config_from_flags', 'flags_from_vqvae_config', 'var_config_from_flags', 'flags_from_var_config']
 
 logger = logging.getLogger(__name__)
 
@@ -17,9 +19,14 @@ logger = logging.getLogger(__name__)
 class FlagError(UserError, ValueError):
     """A command-line flag with a value that cannot work; the message names the flag."""
 
+def pn_flag(patch_nums: Sequence[int]) -> str:
+    """The --pn value of a scale list: its sides joined by '_'."""
+    return '_'.join(str(p) for p in patch_nums)
+
+
 PN_SHORTCUTS = {
-    '256': '1_2_3_4_5_6_8_10_13_16',
-    '512': '1_2_3_4_6_9_13_18_24_32',
+    '256': pn_flag(PATCH_NUMS_256),
+    '512': pn_flag(PATCH_NUMS_512),
     '1024': '1_2_3_4_5_7_9_12_16_21_27_36_48_64',
 }
 
@@ -40,7 +47,7 @@ def parse_patch_nums(pn: str) -> Tuple[int, ...]:
     try:
         patch_nums = tuple(int(p) for p in pn.replace('-', '_').split('_'))
     except ValueError:
-        raise FlagError(f'--pn={pn!r} must be 256, 512, 1024 or sides joined by "_", e.g. 1_2_3_4_5_6_8_10_13_16') from None
+        raise FlagError(f'--pn={pn!r} must be 256, 512, 1024 or sides joined by "_", e.g. {PN_SHORTCUTS["256"]}') from None
     if not patch_nums or any(p < 1 for p in patch_nums) or list(patch_nums) != sorted(set(patch_nums)):
         raise FlagError(f'--pn={pn!r} must list increasing positive sides')
     return patch_nums
@@ -123,8 +130,87 @@ def check_train_flags(args: 'Args') -> None:
     _check('vis_every_ep', args.vis_every_ep, args.vis_every_ep >= -1, 'must be >= 1 epochs, 0 (a tenth of the run) or -1 (never)')
 
 
+# ------------------------------------------------------------------ flags <-> model configs (models/config.py)
+# The one translation between the CLI flag names and the configs' field names. A script that lacks one of these
+# flags (--quant_resi and --using_znorm are train_vae.py's only) builds with the config's default for it.
+VQVAE_FLAGS = {'vocab_size': 'V', 'z_channels': 'Cvae', 'vae_ch': 'ch', 'share_quant_resi': 'share_quant_resi',
+               'quant_resi': 'quant_resi', 'using_znorm': 'using_znorm', 'pn': 'patch_nums'}
+VAR_FLAGS = {'depth': 'depth', 'num_classes': 'num_classes', 'saln': 'shared_aln', 'anorm': 'attn_l2_norm', 'pn': 'patch_nums'}
+_ABSENT = object()
+
+
+def _flag(args, name: str):
+    """A flag's value on a flags object, or in the args dict of a checkpoint; _ABSENT when it has no such flag."""
+    return args.get(name, _ABSENT) if isinstance(args, Mapping) else getattr(args, name, _ABSENT)
+
+
+def _published_patch_nums(args) -> Tuple[int, ...]:
+    """The scales when --pn is empty (sample.py, edit.py): the published ones of --depth (512 px for d36)."""
+    return PATCH_NUMS_512 if _flag(args, 'depth') == 36 else PATCH_NUMS_256
+
+
+def _patch_nums(args) -> Tuple[int, ...]:
+    """The scales: `patch_nums` where recorded (finalized args, a checkpoint's args), else --pn parsed, else as published."""
+    recorded = _flag(args, 'patch_nums')
+    if recorded not in (_ABSENT, None) and len(recorded):
+        return tuple(recorded)
+    pn = _flag(args, 'pn')
+    return parse_patch_nums(pn) if pn not in (_ABSENT, None, '') else _published_patch_nums(args)
+
+
+def _config_from_flags(base, table: Mapping[str, str], args):
+    values = {}
+    for flag, name in table.items():
+        v = _flag(args, flag)
+        if flag == 'pn':
+            v = _patch_nums(args)
+        if v is not _ABSENT and v is not None:   # None: as published (--saln of sample.py and edit.py)
+            values[name] = v
+    try:
+        return dataclasses.replace(base, **values)
+    except ConfigError as e:
+        flag = next((f for f, field in table.items() if field == e.field), None)
+        if flag is None:
+            raise FlagError(str(e)) from None
+        raise FlagError(f'--{flag}={_flag(args, flag)}: {e.reason}') from None
+
+
+def vqvae_config_from_flags(args) -> VQVAEConfig:
+    """The tokenizer of the flags (--vocab_size --z_channels --vae_ch --share_quant_resi --pn [--quant_resi --using_znorm]).
+
+    args: a flags dataclass (or namespace), or the args dict of a checkpoint.
+    """
+    return _config_from_flags(VQVAEConfig(), VQVAE_FLAGS, args)
+
+
+def var_config_from_flags(args) -> VARConfig:
+    """The VAR of the flags (--depth --num_classes --saln --anorm --pn); --pn '' and --saln None: as published for --depth."""
+    depth = _flag(args, 'depth')
+    base = VARConfig.published(depth) if depth in PUBLISHED_DEPTHS else VARConfig()
+    return _config_from_flags(base, VAR_FLAGS, args)
+
+
+def _flags_from_config(cfg, table: Mapping[str, str]) -> Dict[str, Any]:
+    return {flag: pn_flag(cfg.patch_nums) if flag == 'pn' else getattr(cfg, field) for flag, field in table.items()}
+
+
+def flags_from_vqvae_config(cfg: VQVAEConfig) -> Dict[str, Any]:
+    """{flag name: value} of a tokenizer config (--pn as sides joined by '_')."""
+    return _flags_from_config(cfg, VQVAE_FLAGS)
+
+
+def flags_from_var_config(cfg: VARConfig) -> Dict[str, Any]:
+    """{flag name: value} of a VAR config (--pn as sides joined by '_')."""
+    return _flags_from_config(cfg, VAR_FLAGS)
+
+
+def _args_keys(table: Mapping[str, str]) -> Tuple[str, ...]:
+    return tuple('patch_nums' if flag == 'pn' else flag for flag in table)   # args keep the parsed scales as patch_nums
+
+
 # the flags that define the model: a checkpoint made with other values cannot be resumed
-MODEL_KEYS = ('depth', 'saln', 'anorm', 'patch_nums', 'patch_size', 'num_classes', 'vocab_size', 'z_channels', 'vae_ch', 'share_quant_resi')
+MODEL_KEYS = tuple(dict.fromkeys(_args_keys(VAR_FLAGS) + ('patch_size',)
+                                  + tuple(k for k in _args_keys(VQVAE_FLAGS) if k not in ('quant_resi', 'using_znorm'))))
 
 
 @dataclass
@@ -178,7 +264,7 @@ class Args(TokenizerShape):
     anorm: bool = True      # whether to use L2 normalized attention
     fuse: bool = True       # whether to use fused ops (flash-attn, xformers, fused MLP) when installed
     # data
-    pn: str = '1_2_3_4_5_6_8_10_13_16'
+    pn: str = PN_SHORTCUTS['256']
     patch_size: int = 16
     mid_reso: float = 1.125  # aug: first resize the short side to mid_reso * final size, then crop
     hflip: bool = False     # augmentation: horizontal flip
@@ -236,7 +322,8 @@ class Args(TokenizerShape):
         return self
 
     def model_config(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in MODEL_KEYS}
+        """What a checkpoint stores under 'model_config': the tokenizer's and the VAR's configs as dicts."""
+        return configs_to_dict(vqvae_config_from_flags(self), var_config_from_flags(self))
 
     def state_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,7 +369,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Args:
     return parse_dataclass(Args, argv, description='Train VAR (torchrun or plain python).')
 
 
-VAE_MODEL_KEYS = ('vocab_size', 'z_channels', 'vae_ch', 'share_quant_resi', 'patch_nums', 'using_znorm', 'quant_resi')
+VAE_MODEL_KEYS = _args_keys(VQVAE_FLAGS)
 
 
 @dataclass
@@ -296,7 +383,7 @@ class VAEArgs(TokenizerShape):
     quant_resi: float = 0.5
     using_znorm: bool = False
     beta: float = 0.25           # commitment weight inside the vq loss
-    pn: str = '1_2_3_4_5_6_8_10_13_16'
+    pn: str = PN_SHORTCUTS['256']
     patch_size: int = 16
     # data
     mid_reso: float = 1.125
@@ -374,7 +461,7 @@ class ExtractArgs(TokenizerShape):
     data_path: str = '/path/to/imagenet'
     tokens_path: str = 'local_tokens'
     vae_ckpt: str = 'vae_ch160v4096z32.pth'
-    pn: str = '1_2_3_4_5_6_8_10_13_16'
+    pn: str = PN_SHORTCUTS['256']
     patch_size: int = 16
     mid_reso: float = 1.125   # images: short side resized to mid_reso x the final size, then centre-cropped
     bs: int = 64              # images per process and batch

@@ -1,4 +1,5 @@
 """Build the tokenizer and VAR for sampling from a trainer checkpoint, plain state dicts, or the published files."""
+import dataclasses
 import hashlib
 import logging
 import os
@@ -8,30 +9,33 @@ from typing import Collection, Dict, Mapping, Tuple
 import torch
 import torch.nn as nn
 
-from models import VAR, VQVAE, build_vae_var
-from models.state_dict import PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED, published_build_kwargs
-from utils.arg_util import FlagError, ModelFlags, parse_patch_nums
+from models import VAR, VQVAE
+from models.config import ConfigError, VARConfig, VQVAEConfig, build_var, build_vqvae, configs_from_dict, vae_var_kwargs
+from models.state_dict import PUBLISHED
+from utils.arg_util import (VAR_FLAGS, VQVAE_FLAGS, FlagError, ModelFlags, flags_from_var_config, flags_from_vqvae_config,
+                            var_config_from_flags, vqvae_config_from_flags)
 from utils.cli import UserError
 from utils.hub import resolve_checkpoint
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 
-__all__ = ['SamplingWeights', 'read_weights', 'build_from_weights', 'load_for_sampling', 'state_fingerprint']
+__all__ = ['SamplingWeights', 'checkpoint_configs', 'read_weights', 'build_from_weights', 'load_for_sampling', 'state_fingerprint']
 
 logger = logging.getLogger(__name__)
-
-# model flag → key of a train.py checkpoint's args (the checkpoint defines the model; an explicit flag must agree)
-_CKPT_ARG_OF_FLAG = {'depth': 'depth', 'pn': 'patch_nums', 'saln': 'saln', 'anorm': 'anorm', 'vocab_size': 'vocab_size',
-                     'z_channels': 'z_channels', 'vae_ch': 'vae_ch', 'share_quant_resi': 'share_quant_resi'}
-
 
 @dataclass
 class SamplingWeights:
     """What the weight files say, before any model is built."""
-    kw: Dict             # build_vae_var arguments (besides device and kernels)
+    vqvae: VQVAEConfig
+    var: VARConfig
     var_state: Mapping[str, torch.Tensor]
     vae_state: Mapping[str, torch.Tensor]
     source: str          # where the VAR weights come from, for the log
     vae_source: str      # where the tokenizer's come from
+
+    @property
+    def kw(self) -> Dict:
+        """The build_vae_var arguments (besides device and kernels) of the two configs."""
+        return vae_var_kwargs(self.vqvae, self.var)
 
 
 def _load(path: str):
@@ -44,21 +48,13 @@ def _vae_state(obj):
     return obj
 
 
-def _flag_value(flags: ModelFlags, name: str):
-    return tuple(parse_patch_nums(flags.pn)) if name == 'pn' else getattr(flags, name)
-
-
-def _check_flags_against_trainer_args(path: str, a: Mapping, flags: ModelFlags, given: Collection[str]) -> None:
-    """Model flags given on the command line must agree with the checkpoint's args, which define the model."""
-    diffs = []
-    for flag, key in _CKPT_ARG_OF_FLAG.items():
-        if flag not in given or key not in a:
-            continue
-        mine, theirs = _flag_value(flags, flag), a[key]
-        theirs = tuple(theirs) if flag == 'pn' else theirs
-        if mine != theirs:
-            shown = '_'.join(map(str, theirs)) if flag == 'pn' else theirs
-            diffs.append(f'--{flag}={getattr(flags, flag)} (the checkpoint: {shown})')
+def _check_flags_against_checkpoint(path: str, vqvae: VQVAEConfig, var: VARConfig, flags: ModelFlags, given: Collection[str]) -> None:
+    """Model flags given on the command line must agree with the checkpoint, which defines the model
+    (--num_classes of sample.py and edit.py is how many classes to sample, not the model's)."""
+    theirs = {**flags_from_vqvae_config(vqvae), **flags_from_var_config(var)}
+    mine = {**flags_from_vqvae_config(vqvae_config_from_flags(flags)), **flags_from_var_config(var_config_from_flags(flags))}
+    diffs = [f'--{flag}={getattr(flags, flag)} (the checkpoint: {theirs[flag]})'
+             for flag in theirs if flag in given and flag != 'num_classes' and mine[flag] != theirs[flag]]
     if diffs:
         raise FlagError(f'{path} is a train.py checkpoint whose args define the model, and these flags disagree with it: '
                         f'{"; ".join(diffs)}. Drop them (the checkpoint\'s values are used), or pass the checkpoint you meant')
@@ -67,15 +63,20 @@ def _check_flags_against_trainer_args(path: str, a: Mapping, flags: ModelFlags, 
                         f'(vae_local), which is the one it was trained with; drop --vae_ckpt')
 
 
-def _trainer_build_kwargs(path: str, a: Mapping) -> Dict:
-    need = ('patch_nums', 'vocab_size', 'z_channels', 'vae_ch', 'share_quant_resi', 'num_classes', 'depth', 'saln', 'anorm')
-    missing = [k for k in need if k not in a]
-    if missing:
-        raise UserError(f'{path}: its args lack {", ".join(missing)}, which define the model; it was not written by this '
-                        f'project\'s train.py (resume it with train.py first, which infers and records them)')
-    return dict(patch_nums=tuple(a['patch_nums']), V=a['vocab_size'], Cvae=a['z_channels'], ch=a['vae_ch'],
-                share_quant_resi=a['share_quant_resi'], num_classes=a['num_classes'], depth=a['depth'], shared_aln=a['saln'],
-                attn_l2_norm=a['anorm'])
+def checkpoint_configs(path: str, ckpt: Mapping) -> Tuple[VQVAEConfig, VARConfig]:
+    """(tokenizer, VAR) configs of a train.py checkpoint: its 'model_config', or in the older layout its args' model flags."""
+    try:
+        if 'model_config' in ckpt:
+            return configs_from_dict(ckpt['model_config'])
+        a = ckpt.get('args') or {}
+        need = [f for f in dict.fromkeys((*VQVAE_FLAGS, *VAR_FLAGS)) if f not in ('quant_resi', 'using_znorm', 'pn')]
+        missing = [k for k in need if k not in a] + ([] if 'patch_nums' in a or 'pn' in a else ['patch_nums'])
+        if missing:
+            raise UserError(f'{path}: its args lack {", ".join(missing)}, which define the model; it was not written by this '
+                            f'project\'s train.py (resume it with train.py first, which infers and records them)')
+        return vqvae_config_from_flags(a), var_config_from_flags(a)
+    except (ConfigError, FlagError) as e:
+        raise UserError(f'{path}: its model configuration cannot build a model: {e}') from None
 
 
 def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeights:
@@ -112,9 +113,8 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
         if is_reference_ckpt(trainer_ckpt):   # written by the reference's train.py: its args lack the model's shape
             for note in complete_reference_args(trainer_ckpt):
                 logger.info('%s: a checkpoint of the reference trainer; inferred %s', var_ckpt, note)
-        a = trainer_ckpt.get('args') or {}
-        _check_flags_against_trainer_args(var_ckpt, a, flags, given)
-        kw = _trainer_build_kwargs(var_ckpt, a)
+        vqvae_cfg, var_cfg = checkpoint_configs(var_ckpt, trainer_ckpt)
+        _check_flags_against_checkpoint(var_ckpt, vqvae_cfg, var_cfg, flags, given)
         if ema and 'var_ema' not in trainer_ckpt['trainer']:
             raise UserError(f'--ema: {var_ckpt} has no EMA weights (it was trained without --ema)')
         var_state = trainer_ckpt['trainer']['var_ema' if ema else 'var_wo_ddp']
@@ -123,26 +123,23 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
                   f'iteration {trainer_ckpt.get("iter")})')
         vae_source = f'{var_ckpt} (vae_local)'
     else:
-        published = published_build_kwargs(f'var_d{depth}.pth') if f'var_d{depth}.pth' in PUBLISHED and not var_ckpt else {}
-        patch_nums = parse_patch_nums(flags.pn) if flags.pn else published.get('patch_nums', PATCH_NUMS_512 if depth == 36 else PATCH_NUMS_256)
         emb = var_state.get('class_emb.weight') if isinstance(var_state, Mapping) else None
         num_classes = emb.shape[0] - 1 if isinstance(emb, torch.Tensor) and emb.ndim == 2 else flags.num_classes   # its last row: no class
-        kw = dict(patch_nums=tuple(patch_nums), V=flags.vocab_size, Cvae=flags.z_channels, ch=flags.vae_ch,
-                  share_quant_resi=flags.share_quant_resi, num_classes=num_classes, depth=depth,
-                  shared_aln=published.get('shared_aln', depth == 36) if flags.saln is None else flags.saln, attn_l2_norm=flags.anorm)
+        vqvae_cfg, var_cfg = vqvae_config_from_flags(flags), dataclasses.replace(var_config_from_flags(flags), num_classes=num_classes)
         vae_state = _vae_state(_load(resolve_checkpoint(vae_ckpt)))
         source, vae_source = var_ckpt or f'var_d{depth}.pth', vae_ckpt
-    return SamplingWeights(kw=kw, var_state=var_state, vae_state=vae_state, source=source, vae_source=vae_source)
+    return SamplingWeights(vqvae=vqvae_cfg, var=var_cfg, var_state=var_state, vae_state=vae_state, source=source, vae_source=vae_source)
 
 
 def build_from_weights(device: torch.device, flags: ModelFlags, w: SamplingWeights) -> Tuple[VQVAE, VAR]:
-    """(tokenizer, VAR) built from `w.kw`, the state dicts loaded strictly, in eval mode on `device`."""
-    vae, var = build_vae_var(device=device, flash_if_available=flags.fuse, fused_if_available=flags.fuse, **w.kw)
+    """(tokenizer, VAR) built from the configs of `w`, the state dicts loaded strictly, in eval mode on `device`."""
+    vae = build_vqvae(w.vqvae, device)
+    var = build_var(w.var, vae, device, flash_if_available=flags.fuse, fused_if_available=flags.fuse)
     vae.load_state_dict(w.vae_state, strict=True)
     var.load_state_dict(w.var_state, strict=True)
     vae.eval()
     var.eval()
-    logger.info('VAR d%d from %s; %d classes, scales %s', w.kw['depth'], w.source, w.kw['num_classes'], w.kw['patch_nums'])
+    logger.info('VAR d%d from %s; %d classes, scales %s', w.var.depth, w.source, w.var.num_classes, w.var.patch_nums)
     return vae, var
 
 
