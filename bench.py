@@ -291,30 +291,12 @@ def describe_machine(info: Dict) -> str:
 
 
 def fast_path_lines() -> List[str]:
-    """Which fast path this code takes on this machine, and why (what models/ decides on)."""
-    from models.attention import choose_backend, describe_backends
-    from models.basic_vae import CHANNELS_LAST_MIN_WIDTH
-    from models.cpu_linear import onednn_available
-    from models.vqvae import CPU_CHUNK_BYTES
-    from models.winograd import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_HW, nnpack_available
-    side = int(WINOGRAD_MIN_HW ** 0.5)
-    linear = ('oneDNN matmul with the bias (and the FFN GELU without autograd) fused (models/cpu_linear.py): '
-              'this PyTorch has oneDNN and its linear runs on this CPU' if onednn_available() else
-              "F.linear (MKL): oneDNN's linear does not run here")
-    conv = (f'NNPACK Winograd F(6x6,3x3) for 3x3 convs with >= {WINOGRAD_MIN_CHANNELS} channels on maps of >= {side}x{side}, '
-            'float32 inference only (models/winograd.py): NNPACK initialises on this CPU; oneDNN direct conv for the rest'
-            if nnpack_available() else 'oneDNN direct conv everywhere: NNPACK is not available in this PyTorch build or CPU')
-    return [
-        f'float32 linear layers on the CPU: {linear}',
-        f'tokenizer 3x3 convs: {conv}',
-        f'tokenizer layout: channels-last activations for tokenizers of >= {CHANNELS_LAST_MIN_WIDTH} channels where Winograd '
-        f'does not apply (models/basic_vae.py); CPU inference encodes and decodes in groups of images whose full-resolution '
-        f'activations fit {CPU_CHUNK_BYTES >> 20} MiB (models/vqvae.py)',
-        f'attention: {describe_backends(choose_backend(True))}; teacher forcing by groups of scales instead of one dense '
-        'L x L mask (models/attention.py)',
-        'these thresholds were measured on a 2-core AMD Zen 4; they are not chosen by ISA feature (AVX-512, AMX) or core count',
-        'CPU autocast (bf16/fp16) and torch.compile switch the oneDNN linear and Winograd paths off, autograd the Winograd path '
-        '(models/cpu_context.py): the training step tokenises without autograd, so its encoder may use Winograd',
+    """Which fast path this code takes on this machine, and why (models/kernels decides; see describe_choices)."""
+    from models.kernels import describe_choices
+    from models.kernels.choices import describe_attention
+    return describe_choices() + [
+        describe_attention(),
+        'the thresholds were measured on a 2-core AMD Zen 4; they are not chosen by ISA feature (AVX-512, AMX) or core count',
     ]
 
 

@@ -176,7 +176,8 @@ def main(args: VAEArgs) -> Dict[str, float]:
     def checkpoint_state(ep_next: int, it_next: int) -> Dict:
         return {'epoch': ep_next, 'iter': it_next, 'trainer': trainer.state_dict(), 'args': args.state_dict(), 'best': dict(best),
                 'sampler': {'epoch': ep_next, 'iter': it_next, 'glb_batch_size': args.glb_batch_size, 'seed': args.same_seed_for_all_ranks},
-                'rng': {'seed': args.seed, 'rule': 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration'}}
+                'rng': {'seed': args.seed, 'rule': 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration'},
+                'model_config': {'vqvae': vqvae_config_from_flags(args).to_dict()}}   # models/config.py
 
     writer = CheckpointWriter(out_dir, LAST, PREV, BEST, checkpoint_state, {'vae': vae_wo_ddp, **({'disc': disc_wo_ddp} if use_disc else {})},
                               iters_train, args.ckpt_every_min, args.ckpt_every_it, guard=guard)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from models.cpu_linear import onednn_available
-from models.winograd import nnpack_available
+from models.kernels import describe_choices
 
 
 @pytest.mark.benchmark
@@ -81,8 +80,6 @@ def test_cpu_reports_the_machine_and_the_fast_paths_chosen():
     head, *paths = res.stdout.strip().splitlines()
     assert head.startswith('CPU: ') and all(f'{flag} ' in head for flag in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'))
     assert f'torch {torch.__version__}' in head and ' threads' in head
-    assert [p.split(':')[0] for p in paths[:4]] == ['- float32 linear layers on the CPU', '- tokenizer 3x3 convs', '- tokenizer layout',
-                                                    '- attention']
-    linear = 'oneDNN matmul' if onednn_available() else 'F.linear (MKL)'
-    conv = 'NNPACK Winograd' if nnpack_available() else 'oneDNN direct conv everywhere'
-    assert linear in paths[0] and conv in paths[1]
+    expected = describe_choices()
+    assert [p[2:] for p in paths[:len(expected)]] == expected, 'the kernels chosen, as models.kernels describes them'
+    assert paths[len(expected)].startswith('- attention: ')

@@ -10,7 +10,7 @@ from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
 from .switch import SWITCH
 from .winograd import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_HW, nnpack_available
 
-__all__ = ['describe_choices', 'log_choices_once']
+__all__ = ['describe_choices', 'describe_attention', 'log_choices_once']
 
 logger = logging.getLogger('models.kernels')
 
@@ -45,6 +45,12 @@ def describe_choices() -> List[str]:
                                     'on (CUDA, models built with fused_if_available)' if fused_mlp_func() is not None else
                                     'off (flash-attn fused_dense not installed; linear + GELU)'),
     ]
+
+
+def describe_attention() -> str:
+    """The attention backend a model built with flash_if_available=True takes here."""
+    from .attention_dispatch import choose_backend, describe_backends
+    return f'attention: {describe_backends(choose_backend(True))}'
 
 
 def log_choices_once() -> None:
