@@ -31,8 +31,9 @@ import dist
 from models import VQVAE, build_vqvae
 from utils.arg_util import ExtractArgs, parse_extract_args, vqvae_config_from_flags
 from utils.cli import run_main
-from utils.data import ImageFolderDataset, check_data_path, pil_loader
+from utils.data import ImageFolderDataset, check_data_path
 from utils.hub import resolve_checkpoint
+from utils.imgs import IMAGE_READ_ERRORS, load_rgb
 from utils.log import setup_logging
 from utils.token_data import TokensError, describe_differences, images_fingerprint, token_dtype, tokenizer_fingerprint
 from utils.weights import load_weights
@@ -50,8 +51,8 @@ class StrictImages(ImageFolderDataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            img = pil_loader(path)
-        except Exception as e:   # truncated, corrupt or not an image
+            img = load_rgb(path)   # the data sets' one loader (every PIL mode, EXIF orientation)
+        except IMAGE_READ_ERRORS as e:   # truncated, corrupt or not an image
             return torch.zeros(3, self.final_reso, self.final_reso), label, f'{type(e).__name__}: {e}'
         return self.transform(img, None), label, ''
 
