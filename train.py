@@ -104,10 +104,12 @@ def draw_sample_grid(trainer: VARTrainer, args: Args, tb: TensorboardLogger, ep_
     """Samples of fixed classes and seeds from the EMA weights (the trained ones without --ema), to tensorboard; the grid."""
     t0 = time.time()
     with ema_weights(trainer.var_wo_ddp, trainer.ema) as var:
-        if not all(bool(torch.isfinite(p).all()) for p in var.parameters()):
-            logger.warning('[ep %d] no tensorboard sample grid: the weights are not finite', ep_done)
+        try:   # a picture for tensorboard must not take the run (and its end-of-epoch checkpoint) down
+            grid = sample_grid(var, fixed_classes(args.num_classes), seed=args.seed, amp_ctx=trainer.var_opt.amp_ctx)
+        except RuntimeError as e:   # diverged weights: "probability tensor contains either inf, nan or element < 0"
+            logger.warning('[ep %d] no tensorboard sample grid: sampling failed (%s); the weights may have diverged',
+                           ep_done, str(e).splitlines()[0])
             return None
-        grid = sample_grid(var, fixed_classes(args.num_classes), seed=args.seed, amp_ctx=trainer.var_opt.amp_ctx)
     tb.image('AR_samples/fixed_classes_and_seeds', ep_done, grid)
     logger.info('[ep %d] tensorboard sample grid (%s weights): %.2fs', ep_done, 'EMA' if trainer.ema else 'trained', time.time() - t0)
     return grid
