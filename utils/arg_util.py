@@ -343,21 +343,45 @@ def _field_type(tp):
     return tp
 
 
+class _FlagParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a bad value, a missing argument) are one line on stderr and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (--help lists the flags)\n')
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """One dataclass field as one argument: metadata may give 'help', 'choices', 'metavar' and 'positional'.
+
+    A flag without a default is required; a bool flag also takes a bare --name (= true).
+    """
+    kw = {k: f.metadata[k] for k in ('help', 'choices', 'metavar') if k in f.metadata}
+    tp = _field_type(f.type)
+    if f.metadata.get('positional'):
+        parser.add_argument(f.name, type=tp, **kw)
+        return
+    if f.default is not dataclasses.MISSING:
+        kw['default'] = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        kw['default'] = f.default_factory()
+    else:
+        kw['required'] = True
+    if tp is bool:
+        parser.add_argument(f'--{f.name}', type=str2bool, nargs='?', const=True, **kw)
+    else:
+        parser.add_argument(f'--{f.name}', type=tp, **kw)
+
+
 def parse_dataclass(cls: Type[T], argv: Optional[Sequence[str]] = None, description: str = '') -> T:
     """Parse --name=value / --name value flags into a dataclass; bool flags also take a bare --name.
 
-    Unknown flags are an error. Fields with metadata {'derived': True} are not flags.
+    Unknown flags are an error (one line, exit code 2). Fields with metadata {'derived': True} are not flags;
+    {'positional': True} makes a field a positional argument, in field order (see _add_field for the rest).
     """
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _FlagParser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        if f.metadata.get('derived'):
-            continue
-        tp = _field_type(f.type)
-        if tp is bool:
-            parser.add_argument(f'--{f.name}', type=str2bool, nargs='?', const=True, default=f.default)
-        else:
-            parser.add_argument(f'--{f.name}', type=tp, default=f.default)
+        if not f.metadata.get('derived'):
+            _add_field(parser, f)
     ns = parser.parse_args(argv)
     out = cls(**vars(ns))
     if any(f.name == 'cmd' for f in dataclasses.fields(cls)):
