@@ -22,7 +22,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from utils.arg_util import parse_dataclass
+from utils.flags import parse_dataclass
 
 REPO = osp.dirname(osp.abspath(__file__))
 

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from utils.arg_util import parse_dataclass
+from utils.flags import parse_dataclass
 from utils.cli import UserError, run_main
 from utils.log import setup_logging
 from utils.misc import open_npz_arr0, read_npz_manifest

@@ -163,7 +163,7 @@ class SummaryArgs:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     sys.path.insert(0, REPO)   # run as tools/gpu_check_summary.py: the project's modules are one folder up
-    from utils.arg_util import parse_dataclass
+    from utils.flags import parse_dataclass
     a = parse_dataclass(SummaryArgs, argv, description=__doc__.splitlines()[0])
     try:
         rc = summarise(a.work, a.out, a.device, a.seconds)

@@ -24,7 +24,7 @@ class NotebookArgs:
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     sys.path.insert(0, REPO)   # run as tools/make_demo_notebook.py: the project's modules are one folder up
-    from utils.arg_util import parse_dataclass
+    from utils.flags import parse_dataclass
     a = parse_dataclass(NotebookArgs, argv, description=__doc__.splitlines()[0])
     nb = nbf.v4.new_notebook()
     nb.metadata['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}

@@ -15,6 +15,8 @@ from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
+from utils.flags import parse_dataclass
+
 __all__ = ['SHAPES', 'COLOURS', 'class_names', 'render', 'make_shapes_dataset']
 
 SHAPES = ('circle', 'hbar', 'vbar', 'triangle', 'cross', 'square')  # the first three differ even when blurred (aspect ratio)
@@ -124,7 +126,6 @@ class ToyDataArgs:
 
 
 def main(argv: Sequence[str] = None) -> None:
-    from utils.arg_util import parse_dataclass   # here, so that importing the dataset generator stays light (no torch)
     a = parse_dataclass(ToyDataArgs, argv, description=__doc__.splitlines()[0])
     classes = make_shapes_dataset(a.root, a.train_per_class, a.val_per_class, a.size, a.n_shapes, a.n_colours, a.seed,
                                   bool(a.gradient), a.min_r, a.max_r, a.bg_jitter)
