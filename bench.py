@@ -36,7 +36,6 @@ Training steps run as train.py's do: the trainer's AmpOptimizer set-up (--dtype=
 fused AdamW where available, gradient clipping at 2. On CUDA, peak memory is torch's peak allocation, and
 float32 is IEEE float32 unless --tf32 (TensorFloat32 matmuls and convolutions, train.py's default there).
 """
-import argparse
 import inspect
 import json
 import os
@@ -48,10 +47,13 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from utils.flags import parse_dataclass   # the standard library only: `bench.py side` imports `models` from --impl after it
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -539,32 +541,47 @@ def check_args(args) -> None:
             raise UserError(f'--device={args.device}: compare --reference measures on the CPU only (use --device=cpu)')
 
 
+@dataclass
+class BenchArgs:
+    """Flags of bench.py: the subcommand first, then its flags (one set for all subcommands; check_args refuses the mixes
+    that cannot work)."""
+    what: str = field(metadata={'positional': True, 'choices': ('train', 'sample', 'compare', 'cpu', 'side'),
+                                'help': 'train, sample: time one of them; compare: a table of timed runs (see --reference); '
+                                        'cpu: the fast paths this CPU gets; side: one measuring process (internal)'})
+    depth: int = 8
+    bs: int = 4
+    reso: int = field(default=256, metadata={'choices': (256, 512)})
+    dtype: str = field(default='fp32', metadata={'choices': ('fp32', 'bf16', 'fp16')})
+    mode: str = field(default='fast', metadata={'choices': ('fast', 'baseline')})
+    tokens: bool = field(default=False, metadata={'help': 'train from pre-extracted tokens (no tokenisation in the step)'})
+    grad_ckpt: bool = False
+    steps: Optional[int] = field(default=None, metadata={
+        'help': 'timed steps per process after one warm-up (default 3; compare --reference: 1)'})
+    device: Optional[str] = field(default=None, metadata={
+        'help': 'default: cuda where available, else cpu (compare --reference: cpu only)'})
+    save_images: str = ''
+    out_dir: str = field(default=os.path.join(REPO, 'local_output', 'bench'),
+                         metadata={'help': 'compare: where compare.json and the sampled images go'})
+    repeat: int = field(default=3, metadata={'help': 'compare: runs of each measurement, interleaved; the table gives medians'})
+    quick: bool = field(default=False, metadata={'help': 'compare: a tiny configuration, to check the script'})
+    json: bool = field(default=False, metadata={'help': 'print one JSON line (used by compare)'})
+    tf32: bool = field(default=False, metadata={
+        'help': 'CUDA: TensorFloat32 for float32 matmuls and convolutions (off: IEEE float32)'})
+    reference: Optional[str] = field(default=None, metadata={
+        'metavar': 'DIR', 'help': 'compare: time the reference implementation in DIR (a work tree of FoundationVision/VAR) '
+                                  'against this code, instead of this code against its --mode=baseline'})
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)),
+                         metadata={'help': 'compare --reference: torch threads of every process'})
+    impl: str = field(default='', metadata={
+        'help': 'side: the implementation to import `models` from (internal, used by compare --reference)'})
+    row: str = field(default='train_live', metadata={'choices': [r for r, _ in ROWS], 'help': 'side: what to measure (internal)'})
+    sizes: str = field(default='{}', metadata={'help': 'side: the model sizes as JSON (internal)'})
+    weights: str = field(default='', metadata={'help': 'side: the shared state dicts (internal)'})
+    command: str = field(default='', metadata={'derived': True})   # the command line, kept in compare's JSON
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('what', choices=('train', 'sample', 'compare', 'cpu', 'side'))
-    p.add_argument('--depth', type=int, default=8)
-    p.add_argument('--bs', type=int, default=4)
-    p.add_argument('--reso', type=int, default=256, choices=(256, 512))
-    p.add_argument('--dtype', default='fp32', choices=('fp32', 'bf16', 'fp16'))
-    p.add_argument('--mode', default='fast', choices=('fast', 'baseline'))
-    p.add_argument('--tokens', action='store_true', help='train from pre-extracted tokens (no tokenisation in the step)')
-    p.add_argument('--grad_ckpt', action='store_true')
-    p.add_argument('--steps', type=int, default=None, help='timed steps per process after one warm-up (default 3; compare --reference: 1)')
-    p.add_argument('--device', default=None, help='default: cuda where available, else cpu (compare --reference: cpu only)')
-    p.add_argument('--save_images', default='')
-    p.add_argument('--out_dir', default=os.path.join(REPO, 'local_output', 'bench'), help='compare: where compare.json and the sampled images go')
-    p.add_argument('--repeat', type=int, default=3, help='compare: runs of each measurement, interleaved; the table gives medians')
-    p.add_argument('--quick', action='store_true', help='compare: a tiny configuration, to check the script')
-    p.add_argument('--json', action='store_true', help='print one JSON line (used by compare)')
-    p.add_argument('--tf32', action='store_true', help='CUDA: TensorFloat32 for float32 matmuls and convolutions (off: IEEE float32)')
-    p.add_argument('--reference', default=None, metavar='DIR', help='compare: time the reference implementation in DIR (a work tree of '
-                   'FoundationVision/VAR) against this code, instead of this code against its --mode=baseline')
-    p.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)), help='compare --reference: torch threads of every process')
-    p.add_argument('--impl', default='', help='side: the implementation to import `models` from (internal, used by compare --reference)')
-    p.add_argument('--row', default='train_live', choices=[r for r, _ in ROWS], help='side: what to measure (internal)')
-    p.add_argument('--sizes', default='{}', help='side: the model sizes as JSON (internal)')
-    p.add_argument('--weights', default='', help='side: the shared state dicts (internal)')
-    args = p.parse_args(argv)
+    args = parse_dataclass(BenchArgs, argv, description=__doc__.splitlines()[0])
     args.command = ' '.join(['python bench.py', *(sys.argv[1:] if argv is None else argv)])
     if args.steps is None:
         args.steps = 1 if args.reference is not None or args.what == 'side' else 3

@@ -10,7 +10,6 @@
 It ends with one line `class fidelity X.XX (chance Y.YY), grid: PATH`. Every stage reuses what a
 previous run finished (the training scripts resume), so a second run is quick.
 """
-import argparse
 import json
 import logging
 import os
@@ -18,9 +17,12 @@ import os.path as osp
 import subprocess
 import sys
 import time
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import List, Sequence, Tuple
 
 import torch
+
+from utils.flags import parse_dataclass
 
 REPO = osp.dirname(osp.abspath(__file__))
 
@@ -48,35 +50,33 @@ def run_stage(name: str, argv: Sequence[str]) -> None:
     logger.info('[%s] done in %.0fs', name, time.time() - t)
 
 
-def main(argv: Sequence[str] = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--out', default='demo_output', help='folder for the dataset, checkpoints and the grid')
-    p.add_argument('--quick', action='store_true', help='a seconds-long run with tiny models (for the tests)')
-    p.add_argument('--seed', type=int, default=0)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='[%(asctime)s] %(message)s', datefmt='%H:%M:%S', stream=sys.stdout)
-    cfg = CONFIGS['quick' if a.quick else 'full']
-    out = osp.abspath(a.out)
-    os.makedirs(out, exist_ok=True)
-    t0 = time.time()
-    tok_flags = [f'--{k}={v}' for k, v in TOKENIZER.items()]
+@dataclass
+class DemoArgs:
+    """Flags of demo.py."""
+    out: str = field(default='demo_output', metadata={'help': 'folder for the dataset, checkpoints and the grid'})
+    quick: bool = field(default=False, metadata={'help': 'a seconds-long run with tiny models (for the tests)'})
+    seed: int = 0
 
-    # 1. data
+
+def make_data(out: str, cfg: dict, seed: int) -> Tuple[str, List[str]]:
+    """1. the built-in shapes dataset in OUT/data; its class folders in sorted order."""
     from utils.toy_data import make_shapes_dataset
     data = osp.join(out, 'data')
     classes = make_shapes_dataset(data, train_per_class=cfg['train_per_class'], val_per_class=cfg['val_per_class'], size=64,
-                                  n_shapes=3, n_colours=2, seed=a.seed, gradient=False, min_r=0.25, max_r=0.4, bg_jitter=60)
+                                  n_shapes=3, n_colours=2, seed=seed, gradient=False, min_r=0.25, max_r=0.4, bg_jitter=60)
     classes = sorted(classes)   # label i is the i-th class folder in sorted order, as the training scripts read them
     logger.info('[data] %d classes in %s: %s', len(classes), data, ', '.join(classes))
+    return data, classes
 
-    # 2. tokenizer
+
+def train_models(out: str, data: str, cfg: dict, seed: int) -> str:
+    """2. the tokenizer, 3. the token maps, 4. the VAR, each a script in a subprocess; the VAR's output folder."""
+    tok_flags = [f'--{k}={v}' for k, v in TOKENIZER.items()]
     vae_dir = osp.join(out, 'vae')
     run_stage('tokenizer', ['train_vae.py', f'--data_path={data}', f'--local_out_dir_path={vae_dir}', *tok_flags,
                             f'--bs={cfg["vae_bs"]}', f'--ep={cfg["vae_ep"]}', '--lr=1e-3', '--wp=0.3', '--wpe=0.3', '--fp16=2',
-                            '--mid_reso=1', '--lpips_weight=0', '--disc_start=-1', '--reinit_dead=50', f'--seed={a.seed}',
+                            '--mid_reso=1', '--lpips_weight=0', '--disc_start=-1', '--reinit_dead=50', f'--seed={seed}',
                             '--val_every_ep=100'])
-
-    # 3. tokens, 4. VAR
     tok_dir = osp.join(out, 'tokens')
     vae_ckpt = osp.join(vae_dir, 'vae.pth')
     run_stage('tokens', ['extract_tokens.py', f'--data_path={data}', f'--vae_ckpt={vae_ckpt}', f'--tokens_path={tok_dir}', *tok_flags,
@@ -84,9 +84,12 @@ def main(argv: Sequence[str] = None) -> str:
     var_dir = osp.join(out, 'var')
     run_stage('VAR', ['train.py', f'--tokens_path={tok_dir}', f'--vae_ckpt={vae_ckpt}', f'--local_out_dir_path={var_dir}',
                       *tok_flags, f'--depth={cfg["depth"]}', f'--bs={cfg["var_bs"]}', f'--ep={cfg["var_ep"]}', '--tblr=2e-3', '--fp16=2',
-                      '--wp=1', '--wpe=0.1', '--hflip=1', f'--seed={a.seed}', '--val_every_ep=100'])
+                      '--wp=1', '--wpe=0.1', '--hflip=1', f'--seed={seed}', '--val_every_ep=100'])
+    return var_dir
 
-    # 5. samples: one row per class
+
+def sample_grid(out: str, var_dir: str, classes: List[str], cfg: dict, seed: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """5. samples of every class from the trained VAR, and OUT/grid.png with one row per class: (samples, labels, grid path)."""
     from models import build_var, build_vqvae
     from utils.model_loading import checkpoint_configs
     ck_path = osp.join(var_dir, 'ar-ckpt-last.pth')
@@ -102,27 +105,31 @@ def main(argv: Sequence[str] = None) -> str:
     labels = torch.arange(len(classes)).repeat_interleave(n_check)
     t = time.time()
     with torch.inference_mode():
-        samples = var.autoregressive_infer_cfg(B=len(labels), label_B=labels, g_seed=a.seed, **SAMPLING)
+        samples = var.autoregressive_infer_cfg(B=len(labels), label_B=labels, g_seed=seed, **SAMPLING)
     from utils.imgs import save_grid
     shown = torch.cat([samples[i * n_check:i * n_check + n] for i in range(len(classes))])
     grid_path = save_grid(shown, nrow=n, path=osp.join(out, 'grid.png'), scale=2)
     logger.info('[samples] %d images (%d per class) in %.1fs; the grid shows %d per class: %s', len(labels), n_check, time.time() - t,
                 n, grid_path)
+    return samples, labels, grid_path
 
-    # 6. the check: a classifier trained on the real images
+
+def check_samples(out: str, data: str, classes: List[str], cfg: dict, seed: int, samples: torch.Tensor, labels: torch.Tensor,
+                  grid_path: str, t0: float) -> str:
+    """6. the check: a classifier trained on the real images labels the samples; OUT/result.json and the final line."""
     from utils.classifier import SmallClassifier, predict, train_classifier
     from utils.data import build_dataset
     clf_path = osp.join(out, 'classifier.pth')
-    _, train_set, val_set, _ = build_dataset(data, final_reso=64, mid_reso=1.0, seed=a.seed)
+    _, train_set, val_set, _ = build_dataset(data, final_reso=64, mid_reso=1.0, seed=seed)
     clf = SmallClassifier(len(classes))
-    stamp = {'classes': classes, 'epochs': cfg['clf_ep'], 'bs': cfg['clf_bs'], 'n_train': len(train_set), 'seed': a.seed}
+    stamp = {'classes': classes, 'epochs': cfg['clf_ep'], 'bs': cfg['clf_bs'], 'n_train': len(train_set), 'seed': seed}
     if osp.isfile(clf_path) and torch.load(clf_path, weights_only=True).get('stamp') == stamp:
         saved = torch.load(clf_path, weights_only=True)
         clf.load_state_dict(saved['model'])
         val_acc = saved['val_acc']
     else:
         t = time.time()
-        clf, val_acc = train_classifier(train_set, val_set, len(classes), epochs=cfg['clf_ep'], bs=cfg['clf_bs'], seed=a.seed)
+        clf, val_acc = train_classifier(train_set, val_set, len(classes), epochs=cfg['clf_ep'], bs=cfg['clf_bs'], seed=seed)
         torch.save({'model': clf.state_dict(), 'val_acc': val_acc, 'stamp': stamp}, clf_path + '.tmp')
         os.replace(clf_path + '.tmp', clf_path)
         logger.info('[classifier] trained in %.0fs', time.time() - t)
@@ -134,7 +141,20 @@ def main(argv: Sequence[str] = None) -> str:
         json.dump({'class_fidelity': fidelity, 'chance': 1 / len(classes), 'per_class': per_class, 'classifier_val_acc': val_acc,
                    'grid': grid_path, 'sampling': SAMPLING, 'seconds': round(time.time() - t0, 1)}, f, indent=1)
     logger.info('[check] per class: %s; total %.0fs', per_class, time.time() - t0)
-    line = f'class fidelity {fidelity:.2f} (chance {1 / len(classes):.2f}), grid: {grid_path}'
+    return f'class fidelity {fidelity:.2f} (chance {1 / len(classes):.2f}), grid: {grid_path}'
+
+
+def main(argv: Sequence[str] = None) -> str:
+    a = parse_dataclass(DemoArgs, argv, description=__doc__.splitlines()[0])
+    logging.basicConfig(level=logging.INFO, format='[%(asctime)s] %(message)s', datefmt='%H:%M:%S', stream=sys.stdout)
+    cfg = CONFIGS['quick' if a.quick else 'full']
+    out = osp.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    data, classes = make_data(out, cfg, a.seed)
+    var_dir = train_models(out, data, cfg, a.seed)
+    samples, labels, grid_path = sample_grid(out, var_dir, classes, cfg, a.seed)
+    line = check_samples(out, data, classes, cfg, a.seed, samples, labels, grid_path, t0)
     print(line, flush=True)
     return line
 

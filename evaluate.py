@@ -10,7 +10,6 @@ into the torch hub cache; offline, the error says what to fetch), read with torc
 FID uses the 2048-d pool features, IS the 1008 logits (10 splits), precision and recall the pool
 features with k = 3 neighbours. Every flag and both files are checked before the network is loaded.
 """
-import argparse
 import io
 import json
 import logging
@@ -18,11 +17,13 @@ import os
 import sys
 import time
 import zipfile
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from utils.flags import parse_dataclass
 from utils.cli import UserError, run_main
 from utils.log import setup_logging
 from utils.misc import open_npz_arr0, read_npz_manifest
@@ -208,17 +209,21 @@ def print_sample_manifest(sample_npz: str) -> None:
     print(f'  ({json.dumps(manifest.get("info", {}), sort_keys=True)})')
 
 
+@dataclass
+class EvaluateArgs:
+    """Flags of evaluate.py."""
+    ref_npz: str = field(metadata={'positional': True, 'help': 'reference batch, e.g. VIRTUAL_imagenet256_labeled.npz'})
+    sample_npz: str = field(metadata={'positional': True, 'help': 'samples, e.g. the npz written by sample.py'})
+    inception_weights: str = field(default='', metadata={'help': f'local copy of {INCEPTION_URL}'})
+    bs: int = 100
+    splits: int = field(default=10, metadata={'help': 'Inception Score splits'})
+    k: int = field(default=3, metadata={'help': 'neighbours for precision and recall'})
+    device: Optional[str] = None
+    out_json: str = field(default='', metadata={'help': 'append the metrics as one JSON line to this file'})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument('ref_npz', help='reference batch, e.g. VIRTUAL_imagenet256_labeled.npz')
-    p.add_argument('sample_npz', help='samples, e.g. the npz written by sample.py')
-    p.add_argument('--inception_weights', default='', help=f'local copy of {INCEPTION_URL}')
-    p.add_argument('--bs', type=int, default=100)
-    p.add_argument('--splits', type=int, default=10, help='Inception Score splits')
-    p.add_argument('--k', type=int, default=3, help='neighbours for precision and recall')
-    p.add_argument('--device', default=None)
-    p.add_argument('--out_json', default='', help='append the metrics as one JSON line to this file')
-    a = p.parse_args(argv)
+    a = parse_dataclass(EvaluateArgs, argv, description=__doc__.splitlines()[0])
     if a.out_json and not os.path.isdir(os.path.dirname(os.path.abspath(a.out_json))):
         raise EvaluationInputError(f'--out_json={a.out_json}: the folder {os.path.dirname(os.path.abspath(a.out_json))} does not exist')
     setup_logging(0)

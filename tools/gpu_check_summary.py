@@ -6,15 +6,16 @@ WORK holds steps.tsv (name, exit status or not_run, seconds, budget; one step a 
 bench step (bench.py's --json line) and missing.txt; OUT holds junit.xml of the tests. Nothing here may
 stop the summary: a part that cannot be read is recorded as an error. Exit status 0 when every step passed.
 """
-import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED = ('images_per_sec', 'peak_memory_gb', 'peak_memory_reserved_gb', 'final_loss', 'seconds', 'device_name')
 
 
@@ -151,13 +152,19 @@ def summarise(work: str, out: str, device: str, seconds: int) -> int:
     return 0 if ok else 1
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--work', required=True)
-    p.add_argument('--out', required=True)
-    p.add_argument('--device', default='cuda')
-    p.add_argument('--seconds', type=int, default=0)
-    a = p.parse_args()
+@dataclass
+class SummaryArgs:
+    """Flags of tools/gpu_check_summary.py (all given by tools/gpu_check.sh)."""
+    work: str
+    out: str
+    device: str = 'cuda'
+    seconds: int = 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    sys.path.insert(0, REPO)   # run as tools/gpu_check_summary.py: the project's modules are one folder up
+    from utils.flags import parse_dataclass
+    a = parse_dataclass(SummaryArgs, argv, description=__doc__.splitlines()[0])
     try:
         rc = summarise(a.work, a.out, a.device, a.seconds)
     except Exception:   # gpu_check.sh prints its own one-line summary for exit status > 1

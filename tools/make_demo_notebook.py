@@ -5,19 +5,27 @@
 
 The output is the same on every run (cell ids follow the cell order), so the committed notebook is exactly what this writes.
 """
-import argparse
 import os
+import sys
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import nbformat as nbf
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'demo_sample.ipynb')
 
 
+@dataclass
+class NotebookArgs:
+    """Flags of tools/make_demo_notebook.py."""
+    out: str = field(default=NOTEBOOK, metadata={'help': 'where to write the notebook'})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--out', default=NOTEBOOK, help='where to write the notebook')
-    a = p.parse_args(argv)
+    sys.path.insert(0, REPO)   # run as tools/make_demo_notebook.py: the project's modules are one folder up
+    from utils.flags import parse_dataclass
+    a = parse_dataclass(NotebookArgs, argv, description=__doc__.splitlines()[0])
     nb = nbf.v4.new_notebook()
     nb.metadata['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}
     nb.metadata['language_info'] = {'name': 'python'}

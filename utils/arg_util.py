@@ -1,14 +1,13 @@
 """Command-line flags of train.py: the reference's names, defaults and derived values, parsed strictly."""
-import argparse
 import dataclasses
 import logging
 import re
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union, get_args, get_origin
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from models.config import PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED_DEPTHS, ConfigError, VARConfig, VQVAEConfig, configs_to_dict
 from utils.cli import UserError
+from utils.flags import parse_dataclass, str2bool   # the one flag parser of every script, re-exported here
 
 __all__ = ['ModelFlags', 'derive_scales', 'derive_batch', 'FlagError', 'Args', 'parse_args', 'VAEArgs', 'parse_vae_args', 'VAE_MODEL_KEYS', 'ExtractArgs', 'parse_extract_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS',
            'VQVAE_FLAGS', 'VAR_FLAGS', 'vqvae_config_from_flags', 'flags_from_vqvae_config', 'var_config_from_flags', 'flags_from_var_config']
@@ -29,17 +28,6 @@ PN_SHORTCUTS = {
     '512': pn_flag(PATCH_NUMS_512),
     '1024': '1_2_3_4_5_7_9_12_16_21_27_36_48_64',
 }
-
-
-def str2bool(v: Union[str, bool]) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ('1', 'true', 'yes', 'y', 'on'):
-        return True
-    if s in ('0', 'false', 'no', 'n', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected a boolean (1/0, true/false), got {v!r}')
 
 
 def parse_patch_nums(pn: str) -> Tuple[int, ...]:
@@ -331,38 +319,6 @@ class Args(TokenizerShape):
     @property
     def tb_name(self) -> str:
         return re.sub(r'[^\w\-+,.]', '_', f'tb-VARd{self.depth}__pn{self.pn}__b{self.bs}ep{self.ep}{self.sche[:4]}lr{self.tblr:g}wd{self.twd:g}')
-
-
-T = TypeVar('T')
-
-
-def _field_type(tp):
-    if get_origin(tp) is Union:
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        return inner[0]
-    return tp
-
-
-def parse_dataclass(cls: Type[T], argv: Optional[Sequence[str]] = None, description: str = '') -> T:
-    """Parse --name=value / --name value flags into a dataclass; bool flags also take a bare --name.
-
-    Unknown flags are an error. Fields with metadata {'derived': True} are not flags.
-    """
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get('derived'):
-            continue
-        tp = _field_type(f.type)
-        if tp is bool:
-            parser.add_argument(f'--{f.name}', type=str2bool, nargs='?', const=True, default=f.default)
-        else:
-            parser.add_argument(f'--{f.name}', type=tp, default=f.default)
-    ns = parser.parse_args(argv)
-    out = cls(**vars(ns))
-    if any(f.name == 'cmd' for f in dataclasses.fields(cls)):
-        out.cmd = ' '.join(sys.argv[1:] if argv is None else argv)
-    return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Args:

@@ -5,15 +5,17 @@ varied backgrounds, positions and sizes. Nothing is downloaded; the same argumen
 
     python -m utils.toy_data data/shapes --train_per_class 200 --val_per_class 20 --size 64
 """
-import argparse
 import json
 import math
 import os
 import os.path as osp
 import random
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
+
+from utils.flags import parse_dataclass
 
 __all__ = ['SHAPES', 'COLOURS', 'class_names', 'render', 'make_shapes_dataset']
 
@@ -107,20 +109,24 @@ def make_shapes_dataset(root: str, train_per_class: int = 200, val_per_class: in
     return classes
 
 
+@dataclass
+class ToyDataArgs:
+    """Flags of `python -m utils.toy_data`."""
+    root: str = field(metadata={'positional': True, 'help': 'the folder to write: ROOT/train and ROOT/val, one folder per class'})
+    train_per_class: int = 200
+    val_per_class: int = 20
+    size: int = 64
+    n_shapes: int = 3
+    n_colours: int = 2
+    seed: int = 0
+    gradient: int = field(default=1, metadata={'help': '1: gradient backgrounds, 0: solid ones'})
+    min_r: float = 0.2
+    max_r: float = 0.34
+    bg_jitter: int = field(default=95, metadata={'help': 'how far (per channel) backgrounds vary below 245'})
+
+
 def main(argv: Sequence[str] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('root')
-    p.add_argument('--train_per_class', type=int, default=200)
-    p.add_argument('--val_per_class', type=int, default=20)
-    p.add_argument('--size', type=int, default=64)
-    p.add_argument('--n_shapes', type=int, default=3)
-    p.add_argument('--n_colours', type=int, default=2)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--gradient', type=int, default=1, help='1: gradient backgrounds, 0: solid ones')
-    p.add_argument('--min_r', type=float, default=0.2)
-    p.add_argument('--max_r', type=float, default=0.34)
-    p.add_argument('--bg_jitter', type=int, default=95, help='how far (per channel) backgrounds vary below 245')
-    a = p.parse_args(argv)
+    a = parse_dataclass(ToyDataArgs, argv, description=__doc__.splitlines()[0])
     classes = make_shapes_dataset(a.root, a.train_per_class, a.val_per_class, a.size, a.n_shapes, a.n_colours, a.seed,
                                   bool(a.gradient), a.min_r, a.max_r, a.bg_jitter)
     print(f'{len(classes)} classes in {a.root}: {", ".join(classes)}')
