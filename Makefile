@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
+TEST_WORKERS ?= 2   # pytest-xdist processes; the suite runs its scripts with one thread each
 
 .PHONY: venv test demo bench clean gpu-check gpu-wheels
 
@@ -14,7 +15,7 @@ $(STAMP): requirements.txt
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -m "not benchmark"
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not benchmark"
 
 demo: $(STAMP)
 	$(PYTHON) demo.py --out demo_output
