@@ -38,7 +38,7 @@ class TrainingTask:
     """What a trainer tells the loop. Every hook but train_step and evaluate has a do-nothing default."""
     pbar_desc = 'train'
     rng_rule = 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration'
-    best: Dict[str, float] = {}   # the best validation values so far, stored in the checkpoints
+    best: Dict[str, float]   # the best validation values so far (set by the task), stored in the checkpoints
 
     def describe(self, iters_train: int) -> str:
         """The log line that starts the training."""
@@ -111,6 +111,8 @@ class _Epoch:
 
 
 class _Loop:
+    """One run of the loop: its guard, checkpoint writer, progress bar and data stream."""
+
     def __init__(self, args, task: TrainingTask, out_dir: str, names: CheckpointNames, train_set, ld_train: DataLoader,
                  iters_train: int, plan: IterationPlan, tb: TensorboardLogger):
         self.args, self.task, self.train_set = args, task, train_set
@@ -201,7 +203,7 @@ class _Loop:
 
 
 def run_training(args, task: TrainingTask, out_dir: str, names: CheckpointNames, train_set, ld_train: DataLoader, iters_train: int,
-          start_ep: int, start_it: int) -> Dict[str, float]:
+                 start_ep: int, start_it: int) -> Dict[str, float]:
     """Train `task` from (start_ep, start_it) to args.ep epochs; the last epoch's averaged and validation metrics ({} when the
     run had already finished)."""
     tb = TensorboardLogger(osp.join(out_dir, args.tb_name), enabled=dist.is_master())
