@@ -1,8 +1,12 @@
-"""One VAR training step (tokenise, teacher-forced forward, weighted cross-entropy, AMP backward) and evaluation.
+"""One VAR training step (tokenise, teacher-forced forward, weighted cross-entropy, AMP backward) and evaluation;
+`VARTask`, VAR's side of the training loop in utils/engine.py.
 
 Letters: B batch, L tokens of all scales, l tokens of one scale, V vocabulary.
 """
 import contextlib
+import logging
+import math
+import os.path as osp
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -12,10 +16,17 @@ import torch.nn as nn
 import dist
 from models import VAR, VQVAE
 from utils.amp_opt import AmpOptimizer
-from utils.lr_control import match_saved_groups
+from utils.engine import TrainingTask
+from utils.lr_control import lr_wd_annealing, match_saved_groups
 from utils.progressive import ProgressiveSchedule
+from utils.tb import TensorboardLogger
+from utils.vis import ema_weights, fixed_classes, sample_grid, vis_epochs_due
 
-__all__ = ['VARTrainer', 'EMA']
+__all__ = ['VARTrainer', 'EMA', 'VARTask']
+
+logger = logging.getLogger('train')
+
+PRETRAINED = 'pretrained'   # save_pretrained's folder of the final model
 
 
 class EMA:
@@ -202,3 +213,121 @@ class VARTrainer:
                 self.ema = EMA(var_wo_ddp, self.ema.decay)
         self.progressive.load_state_dict(state.get('config', {}))
 
+
+
+class VARTask(TrainingTask):
+    """VAR in the training loop (utils/engine.py): learning-rate schedule, per-scale metrics, validation (best: the lowest
+    loss on the last scale), a tensorboard sample grid every --vis_every_ep epochs, save_pretrained/push_to_hub at the end."""
+    pbar_desc = 'train'
+    rng_rule = ('torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration; '
+                'augmentation seeded by (seed, epoch, index)')
+
+    def __init__(self, trainer: VARTrainer, args, out_dir: str, ld_val, token_batches: bool):
+        self.trainer, self.args, self.out_dir, self.ld_val, self.token_batches = trainer, args, out_dir, ld_val, token_batches
+        self.best = {'vL_tail': math.inf, 'vL_mean': math.inf, 'vacc_tail': -1.0, 'vacc_mean': -1.0}
+        self.lr_wd = (0.0, 0.0, 0.0, 0.0)   # min/max learning rate, min/max weight decay of the last step
+        self.val_images_sec = (0, 0.0)
+        self.grid = None                     # the last tensorboard sample grid, for the model card
+
+    def describe(self, iters_train: int) -> str:
+        a = self.args
+        return (f'training: {a.ep} epochs x {iters_train} iterations, global batch {a.bs} ({a.batch_size} per process, '
+                f'{a.ac} accumulation steps), lr {a.tlr:.3g}')
+
+    def modules(self) -> Dict[str, nn.Module]:
+        return {'var': self.trainer.var_wo_ddp}
+
+    def model_config(self) -> Dict:
+        return self.args.model_config()   # the tokenizer's and the VAR's configs (models/config.py)
+
+    def state_dict(self) -> Dict:
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, ckpt: Dict) -> None:
+        """Resume from a train.py checkpoint (the tokenizer's weights come from --vae_ckpt, not from it)."""
+        self.trainer.load_state_dict(ckpt['trainer'], strict=True, skip_vae=True)
+        self.best.update(ckpt.get('best', {}))
+
+    def train_step(self, g_it: int, stepping: bool, batch, plan) -> Dict[str, object]:
+        a, tr = self.args, self.trainer
+        data, label_B = batch
+        label_B = label_B.to(tr.device, non_blocking=True)
+        self.lr_wd = lr_wd_annealing(a.sche, tr.var_opt.optimizer, a.tlr, a.twd, a.twde, g_it, plan.wp_it, plan.max_it, wp0=a.wp0, wpe=a.wpe)
+        if self.token_batches:
+            gt_BL = data.to(tr.device, non_blocking=True)
+            return tr.train_step(g_it, stepping, label_B, gt_idx_Bl=[gt_BL[:, bg:ed] for bg, ed in tr.begin_ends])
+        return tr.train_step(g_it, stepping, label_B, inp_B3HW=data.to(tr.device, non_blocking=True))
+
+    def log_iter(self, g_it: int, out: Dict[str, object], tb: TensorboardLogger, imgs_per_sec: float,
+                 skipped_steps: int) -> Tuple[Dict[str, float], Dict[str, str]]:
+        m = self.trainer.scale_metrics(out['logits_BLV'], out['gt_BL'])
+        min_tlr, max_tlr, min_twd, max_twd = self.lr_wd
+        tb.update('AR_iter_loss', g_it, **m)
+        tb.update('AR_opt', g_it, lr_max=max_tlr, lr_min=min_tlr, wd_max=max_twd, wd_min=min_twd,
+                  grad_norm=out['grad_norm'], loss_scale_log2=out['scale_log2'], skipped_steps=skipped_steps)
+        tb.update('AR_speed', g_it, images_per_sec=imgs_per_sec)
+        tb.update('AR_iter_schedule', g_it, prog_si=out['prog_si'], prog_wp=out['prog_wp'])
+        ep_scalars = {k: m[k] for k in ('L_mean', 'L_tail', 'acc_mean', 'acc_tail') if k in m}
+        return ep_scalars, dict(loss=f'{m["L_mean"]:.3f}', acc=f'{m["acc_mean"]:.1f}', lr=f'{max_tlr:.2e}')
+
+    def epoch_fields(self, skipped_steps: int, skipped_images: int) -> Dict:
+        return {'tlr': self.lr_wd[1], 'twd': self.lr_wd[3], **super().epoch_fields(skipped_steps, skipped_images)}
+
+    def evaluate(self, ep_done: int) -> Tuple[Dict[str, float], bool]:
+        vL_mean, vL_tail, vacc_mean, vacc_tail, tot, cost = self.trainer.eval_ep(self.ld_val, token_batches=self.token_batches)
+        best, self.val_images_sec = self.best, (tot, cost)
+        improved = vL_tail < best['vL_tail']
+        best.update(vL_tail=min(best['vL_tail'], vL_tail), vL_mean=min(best['vL_mean'], vL_mean),
+                    vacc_tail=max(best['vacc_tail'], vacc_tail), vacc_mean=max(best['vacc_mean'], vacc_mean))
+        return dict(vL_mean=vL_mean, vL_tail=vL_tail, vacc_mean=vacc_mean, vacc_tail=vacc_tail), improved
+
+    def report_eval(self, ep_done: int, metrics: Dict[str, float], tb: TensorboardLogger) -> Dict:
+        tot, cost = self.val_images_sec
+        logger.info('[ep %d] val (%d images, %.1fs): loss %.4f, last scale %.4f, acc %.2f%%, last scale %.2f%%',
+                    ep_done, tot, cost, metrics['vL_mean'], metrics['vL_tail'], metrics['vacc_mean'], metrics['vacc_tail'])
+        tb.update('AR_ep_loss', ep_done, **metrics)
+        return {**{k: round(v, 5) for k, v in metrics.items()}, 'val_images': tot, 'best_vL_tail': round(self.best['vL_tail'], 5)}
+
+    def report_epoch(self, ep_done: int, stats: Dict[str, float], sec: float, remain: float) -> None:
+        logger.info('[ep %d/%d] loss %.4f acc %.2f%% | %.1fs/epoch, %.2f h left', ep_done, self.args.ep, stats.get('L_mean', float('nan')),
+                    stats.get('acc_mean', float('nan')), sec, remain / 3600)
+
+    def end_epoch(self, ep_done: int, stats: Dict[str, float], remain: float, tb: TensorboardLogger) -> None:
+        tb.update('AR_ep_loss', ep_done, **stats)
+        tb.update('AR_z_burnout', ep_done, rest_hours=remain / 3600)
+        if dist.is_master() and vis_epochs_due(ep_done, self.args.ep, self.args.vis_every_ep):
+            self.grid = self.draw_sample_grid(tb, ep_done)
+
+    def draw_sample_grid(self, tb: TensorboardLogger, ep_done: int):
+        """Samples of fixed classes and seeds from the EMA weights (the trained ones without --ema), to tensorboard; the grid."""
+        t0, tr = time.time(), self.trainer
+        with ema_weights(tr.var_wo_ddp, tr.ema) as var:
+            try:   # a picture for tensorboard must not take the run (and its end-of-epoch checkpoint) down
+                grid = sample_grid(var, fixed_classes(self.args.num_classes), seed=self.args.seed, amp_ctx=tr.var_opt.amp_ctx)
+            except RuntimeError as e:   # diverged weights: "probability tensor contains either inf, nan or element < 0"
+                logger.warning('[ep %d] no tensorboard sample grid: sampling failed (%s); the weights may have diverged',
+                               ep_done, str(e).splitlines()[0])
+                return None
+        tb.image('AR_samples/fixed_classes_and_seeds', ep_done, grid)
+        logger.info('[ep %d] tensorboard sample grid (%s weights): %.2fs', ep_done, 'EMA' if tr.ema else 'trained', time.time() - t0)
+        return grid
+
+    def finish(self) -> None:
+        logger.info('finished %d epochs; checkpoints in %s', self.args.ep, self.out_dir)
+
+    def publish(self, metrics: Dict[str, float]) -> None:
+        """save_pretrained into out_dir/pretrained and/or push_to_hub the final model (its EMA weights with --ema), with a model card."""
+        args, tr = self.args, self.trainer
+        if not (args.save_pretrained or args.push_to_hub):
+            return
+        card = dict(command=f'train.py {args.cmd}', dataset=args.tokens_path or args.data_path, epochs=args.ep, metrics=dict(metrics),
+                    weights=f'EMA of the trained weights (decay {args.ema:g})' if tr.ema else 'the trained weights (no EMA)',
+                    sample_grid=self.grid)
+        with ema_weights(tr.var_wo_ddp, tr.ema) as var:
+            if args.save_pretrained:
+                folder = osp.join(self.out_dir, PRETRAINED)
+                var.save_pretrained(folder, model_card_kwargs=card)
+                logger.info('final model saved with save_pretrained: %s (VAR.from_pretrained or models.load_pretrained reads it)', folder)
+            if args.push_to_hub:
+                url = var.push_to_hub(args.push_to_hub, model_card_kwargs=card, commit_message=f'train.py: {args.ep} epochs')
+                logger.info('final model pushed to the Hugging Face repo %s: %s', args.push_to_hub, url)

@@ -1,10 +1,14 @@
-"""One tokenizer training step (reconstruction, multi-scale vq, perceptual and adversarial losses) and its evaluation.
+"""One tokenizer training step (reconstruction, multi-scale vq, perceptual and adversarial losses) and its evaluation;
+`VQVAETask`, the tokenizer's side of the training loop in utils/engine.py.
 
 Letters: B batch, C = Cvae latent channels, H/W image side, h/w latent side, V vocabulary, SN scales.
 """
 import contextlib
+import logging
+import math
+import os.path as osp
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,9 +18,36 @@ import dist
 from models import VQVAE
 from models.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
 from utils.amp_opt import AmpOptimizer
+from utils.arg_util import vqvae_config_from_flags
+from utils.ckpt import save_atomic
+from utils.engine import TrainingTask
+from utils.lr_control import lr_wd_annealing
 from utils.metrics import psnr, ssim
+from utils.tb import TensorboardLogger
+from utils.vis import reconstruction_grids
+from utils.weights import save_weights
 
-__all__ = ['VQVAETrainer']
+__all__ = ['VQVAETrainer', 'VQVAETask', 'export_weights']
+
+logger = logging.getLogger('train_vae')
+
+EXPORT, EXPORT_SAFETENSORS = 'vae.pth', 'vae.safetensors'   # the same weights; vae.pth is still written for one release, then only this
+
+
+def export_weights(vae: VQVAE, out_dir: str) -> None:
+    """The tokenizer's weights as plain files for train.py --vae_ckpt: vae.safetensors, and vae.pth for one more release."""
+    state = vae.state_dict()
+    save_weights(state, osp.join(out_dir, EXPORT_SAFETENSORS))
+    save_atomic(state, osp.join(out_dir, EXPORT))
+
+
+def log_reconstructions(tb: TensorboardLogger, vae: VQVAE, val_set, step: int, device: torch.device, amp_ctx, n: int = 4) -> None:
+    """The first n val images beside their reconstructions, from all scales and from every prefix of scales, to tensorboard."""
+    t0 = time.time()
+    inp_B3HW = torch.stack([val_set[i][0] for i in range(min(n, len(val_set)))]).to(device)
+    for name, grid in reconstruction_grids(vae, inp_B3HW, amp_ctx).items():
+        tb.image(f'VAE_reconstructions/{name}', step, grid)
+    logger.info('[ep %d] tensorboard reconstructions of %d val images: %.2fs', step, len(inp_B3HW), time.time() - t0)
 
 
 class VQVAETrainer:
@@ -161,3 +192,90 @@ class VQVAETrainer:
         cfg = sd.get('config', {})
         self.n_reinit = cfg.get('n_reinit', 0)
         self.vae_wo_ddp.quantize.record_hit = cfg.get('record_hit', 0)
+
+
+class VQVAETask(TrainingTask):
+    """The tokenizer in the training loop (utils/engine.py): learning-rate schedules, dead-code re-initialisation, codebook usage,
+    validation (best: the highest PSNR) with reconstruction grids, and the exported vae.safetensors / vae.pth."""
+    pbar_desc = 'train_vae'
+
+    def __init__(self, trainer: VQVAETrainer, args, out_dir: str, val_set, ld_val):
+        self.trainer, self.args, self.out_dir, self.val_set, self.ld_val = trainer, args, out_dir, val_set, ld_val
+        self.best = {'psnr': -math.inf}
+        self.positions = args.batch_size * args.patch_nums[-1] ** 2
+
+    def describe(self, iters_train: int) -> str:
+        a, tr = self.args, self.trainer
+        return (f'training: {a.ep} epochs x {iters_train} iterations, global batch {a.bs} ({a.batch_size} per process), lr {a.lr:.3g}, '
+                f'losses: {a.rec_loss}' + (' + lpips' if tr.lpips is not None else '')
+                + (f' + adversarial from iteration {a.disc_start}' if tr.disc is not None else ''))
+
+    def modules(self) -> Dict[str, nn.Module]:
+        tr = self.trainer
+        return {'vae': tr.vae_wo_ddp, **({'disc': tr.disc_wo_ddp} if tr.disc_wo_ddp is not None else {})}
+
+    def model_config(self) -> Dict:
+        return {'vqvae': vqvae_config_from_flags(self.args).to_dict()}   # models/config.py
+
+    def state_dict(self) -> Dict:
+        return self.trainer.state_dict()
+
+    def load_state_dict(self, ckpt: Dict) -> None:
+        self.trainer.load_state_dict(ckpt['trainer'])
+        self.best.update(ckpt.get('best', {}))
+
+    def train_step(self, g_it: int, stepping: bool, batch, plan) -> Dict[str, object]:
+        a, tr = self.args, self.trainer
+        inp_B3HW = batch[0].to(tr.device, non_blocking=True)
+        lr_wd_annealing(a.sche, tr.vae_opt.optimizer, a.lr, a.wd, a.wd, g_it, plan.wp_it, plan.max_it, wp0=a.wp0, wpe=a.wpe)
+        if tr.disc_opt is not None:
+            lr_wd_annealing(a.sche, tr.disc_opt.optimizer, a.disc_lr, a.wd, a.wd, g_it, plan.wp_it, plan.max_it, wp0=a.wp0, wpe=a.wpe)
+        out = tr.train_step(g_it, stepping, inp_B3HW)
+        if stepping and a.reinit_dead > 0 and (g_it + 1) % a.reinit_dead == 0:
+            n = tr.reinit_dead_codes(inp_B3HW)
+            if n:
+                logger.info('iteration %d: re-initialised %d unused codebook entries', g_it, n)
+        return out
+
+    def log_iter(self, g_it: int, out: Dict[str, object], tb: TensorboardLogger, imgs_per_sec: float,
+                 skipped_steps: int) -> Tuple[Dict[str, float], Dict[str, str]]:
+        tr, patch_nums = self.trainer, self.args.patch_nums
+        scalars = {k: float(out[k]) for k in ('loss', 'rec_loss', 'vq_loss', 'lpips', 'g_loss', 'd_loss', 'd_weight') if k in out}
+        usages = tr.vae_wo_ddp.quantize.usages_percent(self.positions)
+        tb.update('VAE_iter_loss', g_it, **scalars)
+        tb.update('VAE_codebook_usage', g_it, **{f'scale_{pn}': u for pn, u in zip(patch_nums, usages)}, reinitialised=tr.n_reinit)
+        tb.update('VAE_opt', g_it, lr=tr.vae_opt.optimizer.param_groups[0]['lr'], grad_norm=out['grad_norm'],
+                  loss_scale_log2=out['scale_log2'], skipped_steps=skipped_steps)
+        tb.update('VAE_speed', g_it, images_per_sec=imgs_per_sec)
+        return scalars, dict(rec=f'{scalars["rec_loss"]:.4f}', vq=f'{scalars["vq_loss"]:.4f}', use=f'{sum(usages) / len(usages):.0f}%')
+
+    def epoch_fields(self, skipped_steps: int, skipped_images: int) -> Dict:
+        return {**super().epoch_fields(skipped_steps, skipped_images), 'reinitialised': self.trainer.n_reinit}
+
+    def evaluate(self, ep_done: int) -> Tuple[Dict[str, float], bool]:
+        metrics = self.trainer.evaluate(self.ld_val)
+        improved = metrics['psnr'] > self.best['psnr']
+        self.best['psnr'] = max(self.best['psnr'], metrics['psnr'])
+        return metrics, improved
+
+    def report_eval(self, ep_done: int, metrics: Dict[str, float], tb: TensorboardLogger) -> Dict:
+        logger.info('[ep %d] val: PSNR %.2f dB, SSIM %.4f, L1 %.4f; codebook usage %s', ep_done, metrics['psnr'], metrics['ssim'],
+                    metrics['l1'], ', '.join(f'{pn}: {metrics[f"usage_{pn}"]:.1f}%' for pn in self.args.patch_nums))
+        tb.update('VAE_val', ep_done, **{k: v for k, v in metrics.items() if k not in ('images', 'sec')})
+        if dist.is_master():
+            log_reconstructions(tb, self.trainer.vae_wo_ddp, self.val_set, ep_done, self.trainer.device, self.trainer.vae_opt.amp_ctx)
+        return {k: round(v, 5) for k, v in metrics.items()}
+
+    def report_epoch(self, ep_done: int, stats: Dict[str, float], sec: float, remain: float) -> None:
+        logger.info('[ep %d/%d] rec %.4f vq %.4f | %.1fs/epoch', ep_done, self.args.ep, stats.get('rec_loss', math.nan),
+                    stats.get('vq_loss', math.nan), sec)
+
+    def after_epoch_checkpoint(self, stepped: bool) -> None:
+        if stepped and dist.is_local_master():
+            export_weights(self.trainer.vae_wo_ddp, self.out_dir)
+
+    def finish(self) -> None:
+        if dist.is_local_master():
+            export_weights(self.trainer.vae_wo_ddp, self.out_dir)
+        logger.info('finished %d epochs; tokenizer weights for train.py --vae_ckpt: %s (and %s, for one more release)', self.args.ep,
+                    osp.join(self.out_dir, EXPORT_SAFETENSORS), EXPORT)
