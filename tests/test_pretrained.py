@@ -230,16 +230,25 @@ def same_pngs(a: Path, b: Path):
         assert (a / n).read_bytes() == (b / n).read_bytes(), n
 
 
-def test_sample_py_reads_a_save_pretrained_folder_as_its_pth_files(saved, tmp_path):
-    sample(tmp_path / 'pth', f'--var_ckpt={saved / "var.pth"}', f'--vae_ckpt={saved / "vae.pth"}', *TINY_MODEL_FLAGS)
+@pytest.fixture(scope='module')
+def pth_set(saved, tmp_path_factory):
+    """sample.py's images of the .pth files."""
+    out = tmp_path_factory.mktemp('pth_set') / 'pth'
+    sample(out, f'--var_ckpt={saved / "var.pth"}', f'--vae_ckpt={saved / "vae.pth"}', *TINY_MODEL_FLAGS)
+    return out
+
+
+def test_sample_py_reads_a_save_pretrained_folder_as_its_pth_files(saved, pth_set, tmp_path):
     sample(tmp_path / 'folder', f'--var_ckpt={saved / "pretrained"}')    # the folder's config.json defines the model
-    same_pngs(tmp_path / 'pth', tmp_path / 'folder')
-    pth, folder = (json.loads((tmp_path / n / 'manifest.json').read_text()) for n in ('pth', 'folder'))
+    same_pngs(pth_set, tmp_path / 'folder')
+    pth, folder = (json.loads((d / 'manifest.json').read_text()) for d in (pth_set, tmp_path / 'folder'))
     assert folder['pixels'] == pth['pixels']          # same configs, same sha256 of the weights
     assert folder['info']['var_weights'].startswith(str(saved / 'pretrained'))
-    # a .safetensors tokenizer through --vae_ckpt gives the same pictures
+
+
+def test_sample_py_reads_a_safetensors_tokenizer(saved, pth_set, tmp_path):
     sample(tmp_path / 'st', f'--var_ckpt={saved / "var.pth"}', f'--vae_ckpt={saved / "vae.safetensors"}', *TINY_MODEL_FLAGS)
-    same_pngs(tmp_path / 'pth', tmp_path / 'st')
+    same_pngs(pth_set, tmp_path / 'st')
 
 
 def test_sample_py_refuses_flags_that_disagree_with_a_folder_and_unreachable_repos(saved, tmp_path):
@@ -265,3 +274,6 @@ def test_edit_py_reads_a_save_pretrained_folder(saved, shapes_data, tmp_path):
                 f'--out={tmp_path / "pth.png"}'])
     run_script([*common, f'--var_ckpt={saved / "pretrained"}', f'--out={tmp_path / "folder.png"}'])
     assert (tmp_path / 'pth.png').read_bytes() == (tmp_path / 'folder.png').read_bytes()
+    res = run_script([*common, f'--var_ckpt={saved / "pretrained"}', '--vae_ch=64', f'--out={tmp_path / "x.png"}'], check=False)
+    assert res.returncode != 0 and 'Traceback' not in res.stderr, res.stderr[-3000:]
+    assert '--vae_ch=64 (the checkpoint: 32)' in res.stderr and not (tmp_path / 'x.png').exists()

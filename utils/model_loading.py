@@ -4,7 +4,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Collection, Dict, Mapping, Tuple
+from typing import Collection, Dict, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from utils.hub import CheckpointUnavailableError, resolve_checkpoint
 from utils.weights import load_tokenizer_state, load_weights
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 
-__all__ = ['SamplingWeights', 'checkpoint_configs', 'read_weights', 'build_from_weights', 'load_for_sampling', 'state_fingerprint']
+__all__ = ['SamplingWeights', 'given_flags', 'checkpoint_configs', 'read_weights', 'build_from_weights', 'load_for_sampling', 'state_fingerprint']
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ class SamplingWeights:
 def _load(path: str):
     """A weights file (.safetensors or .pth) or a train.py checkpoint, read without running code."""
     return load_weights(path)
+
+
+def given_flags(argv: Sequence[str]) -> Tuple[str, ...]:
+    """Names of the flags on a command line (`--name=value`, `--name value` or a bare `--name`): those that define the
+    model must agree with weights that carry their own configuration (read_weights' `given`)."""
+    return tuple(sorted({a[2:].split('=', 1)[0] for a in argv if a.startswith('--') and len(a) > 2}))
 
 
 def _check_flags_against_checkpoint(path: str, vqvae: VQVAEConfig, var: VARConfig, flags: ModelFlags, given: Collection[str],
