@@ -258,7 +258,8 @@ def test_sample_py_refuses_flags_that_disagree_with_a_folder_and_unreachable_rep
             assert p in res.stderr, f'{p!r} not in:\n{res.stderr[-3000:]}'
         assert not list(tmp_path.glob('out/*.png'))
     folder = f'--var_ckpt={saved / "pretrained"}'
-    refused(sample(tmp_path / 'out', folder, '--depth=3', check=False), 'config.json defines', '--depth=3 (the checkpoint: 2)')
+    refused(sample(tmp_path / 'out', folder, '--depth=3', check=False),
+            'save_pretrained folder whose config.json and vae/config.json define the model', '--depth=3 (the checkpoint: 2)')
     refused(sample(tmp_path / 'out', folder, f'--vae_ckpt={saved / "vae.pth"}', check=False), 'drop --vae_ckpt')
     refused(sample(tmp_path / 'out', folder, '--ema=1', check=False), '--ema')
     refused(sample(tmp_path / 'out', f'--var_ckpt={saved}', check=False), 'has no config.json')

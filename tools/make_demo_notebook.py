@@ -30,7 +30,8 @@ with the settings of the reference notebook (seed 0, cfg 4, top-k 900, top-p 0.9
 
 Environment variables point it at other files (the tests use tiny local checkpoints this way):
 `VAR_NB_DEPTH`, `VAR_NB_VAE_CKPT`, `VAR_NB_VAR_CKPT` (a file, a folder written by `save_pretrained`, or a Hub repo id),
-`VAR_NB_BUILD` (JSON of extra `build_vae_var` arguments), `VAR_NB_CLASS_LABELS` (comma-separated), `VAR_NB_SAVE` (a path to also save the grid as PNG)."""))
+`VAR_NB_BUILD` (JSON of extra `build_vae_var` arguments), `VAR_NB_CLASS_LABELS` (comma-separated),
+`VAR_NB_SAVE` (a path to also save the grid as PNG)."""))
     cells.append(nbf.v4.new_code_cell("""import json, os, random, sys
 
 import numpy as np

@@ -20,7 +20,8 @@ from utils.hub import CheckpointUnavailableError, resolve_checkpoint
 from utils.weights import load_tokenizer_state, load_weights
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 
-__all__ = ['SamplingWeights', 'given_flags', 'checkpoint_configs', 'read_weights', 'build_from_weights', 'load_for_sampling', 'state_fingerprint']
+__all__ = ['SamplingWeights', 'given_flags', 'checkpoint_configs', 'read_weights', 'build_from_weights', 'load_for_sampling',
+           'state_fingerprint']
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,6 @@ class SamplingWeights:
         return vae_var_kwargs(self.vqvae, self.var)
 
 
-def _load(path: str):
-    """A weights file (.safetensors or .pth) or a train.py checkpoint, read without running code."""
-    return load_weights(path)
-
-
 def given_flags(argv: Sequence[str]) -> Tuple[str, ...]:
     """Names of the flags on a command line (`--name=value`, `--name value` or a bare `--name`): those that define the
     model must agree with weights that carry their own configuration (read_weights' `given`)."""
@@ -52,7 +48,7 @@ def given_flags(argv: Sequence[str]) -> Tuple[str, ...]:
 
 
 def _check_flags_against_checkpoint(path: str, vqvae: VQVAEConfig, var: VARConfig, flags: ModelFlags, given: Collection[str],
-                                    what: str = 'a train.py checkpoint whose args define') -> None:
+                                    what: str = 'a train.py checkpoint', defined_by: str = 'args') -> None:
     """Model flags given on the command line must agree with the checkpoint (or save_pretrained folder), which defines
     the model (--num_classes of sample.py and edit.py is how many classes to sample, not the model's)."""
     theirs = {**flags_from_vqvae_config(vqvae), **flags_from_var_config(var)}
@@ -60,10 +56,10 @@ def _check_flags_against_checkpoint(path: str, vqvae: VQVAEConfig, var: VARConfi
     diffs = [f'--{flag}={getattr(flags, flag)} (the checkpoint: {theirs[flag]})'
              for flag in theirs if flag in given and flag != 'num_classes' and mine[flag] != theirs[flag]]
     if diffs:
-        raise FlagError(f'{path} is {what} the model, and these flags disagree with it: '
+        raise FlagError(f'{path} is {what} whose {defined_by} define the model, and these flags disagree with it: '
                         f'{"; ".join(diffs)}. Drop them (its values are used), or pass the weights you meant')
     if 'vae_ckpt' in given:
-        raise FlagError(f'--vae_ckpt={flags.vae_ckpt}: {path} is {what.split(" whose")[0]} that carries its own tokenizer, '
+        raise FlagError(f'--vae_ckpt={flags.vae_ckpt}: {path} is {what} that carries its own tokenizer, '
                         f'which is the one it was trained with; drop --vae_ckpt')
 
 
@@ -100,7 +96,7 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
             hint = (f'; for the published {os.path.basename(var_ckpt)} leave --var_ckpt empty and pass --depth'
                     if os.path.basename(var_ckpt) in PUBLISHED else '')
             raise UserError(f'--var_ckpt={var_ckpt}: no such file{hint}')
-        obj = _load(var_ckpt)
+        obj = load_weights(var_ckpt)
         if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict) and 'var_wo_ddp' in obj['trainer']:
             trainer_ckpt = obj
         elif ema:
@@ -113,7 +109,7 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
             raise UserError(f'there is no published VAR of depth {depth}: use --depth 16, 20, 24, 30 or 36, or --var_ckpt')
         if ema:
             raise UserError('--ema picks the EMA weights of a train.py checkpoint; the published files have none')
-        var_state = _load(resolve_checkpoint(name))
+        var_state = load_weights(resolve_checkpoint(name))
 
     if trainer_ckpt is not None:
         if is_reference_ckpt(trainer_ckpt):   # written by the reference's train.py: its args lack the model's shape
@@ -150,9 +146,9 @@ def _read_saved_folder(flags: ModelFlags, given: Collection[str]) -> SamplingWei
     except CheckpointUnavailableError as e:
         raise CheckpointUnavailableError(f'--var_ckpt={var_ckpt} is no local file or folder, so it was taken as a Hugging Face '
                                          f'repo id: {e}') from None
-    _check_flags_against_checkpoint(var_ckpt, vqvae_cfg, var_cfg, flags, given, what='a save_pretrained folder whose config.json defines'
-                                    if local else 'a Hugging Face repo whose config.json defines')
     where = 'folder' if local else 'Hugging Face repo'
+    _check_flags_against_checkpoint(var_ckpt, vqvae_cfg, var_cfg, flags, given, defined_by='config.json and vae/config.json',
+                                    what='a save_pretrained folder' if local else 'a Hugging Face repo written by save_pretrained')
     return SamplingWeights(vqvae=vqvae_cfg, var=var_cfg, var_state=load_weights(var_file), vae_state=load_weights(vae_file),
                            source=f'{var_ckpt} ({where})', vae_source=f'{var_ckpt}/vae ({where})')
 
