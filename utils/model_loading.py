@@ -83,7 +83,8 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
     """Read the weight files (no model is built): build arguments, state dicts and their source.
 
     flags.var_ckpt: a train.py checkpoint (ar-ckpt-*.pth: its args define the model, its `vae_local` the
-    tokenizer, --ema picks `var_ema`), a plain VAR state dict (built from the flags), or '' for the
+    tokenizer, --ema picks `var_ema`), a folder written by save_pretrained or a Hub repo id pushed by this project (its
+    config.json and vae/ define both models), a plain VAR state dict (.pth or .safetensors, built from the flags), or '' for the
     published var_d{depth}.pth (local file of that name, else downloaded from FoundationVision/var).
     given: the flags named on the command line; those that define the model must agree with a train.py checkpoint.
     """
