@@ -90,17 +90,9 @@ def train_models(out: str, data: str, cfg: dict, seed: int) -> str:
 
 def sample_grid(out: str, var_dir: str, classes: List[str], cfg: dict, seed: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """5. samples of every class from the trained VAR, and OUT/grid.png with one row per class: (samples, labels, grid path)."""
-    from models import build_var, build_vqvae
-    from utils.model_loading import checkpoint_configs
-    ck_path = osp.join(var_dir, 'ar-ckpt-last.pth')
-    ck = torch.load(ck_path, map_location='cpu', weights_only=True)
-    vqvae_cfg, var_cfg = checkpoint_configs(ck_path, ck)
-    vae = build_vqvae(vqvae_cfg, 'cpu')
-    var = build_var(var_cfg, vae)
-    vae.load_state_dict(ck['trainer']['vae_local'], strict=True)
-    var.load_state_dict(ck['trainer']['var_wo_ddp'], strict=True)
-    vae.eval()
-    var.eval()
+    from utils.arg_util import ModelFlags
+    from utils.model_loading import load_for_sampling   # as sample.py reads a train.py checkpoint: its configs, its vae_local
+    vae, var, _ = load_for_sampling(torch.device('cpu'), ModelFlags(var_ckpt=osp.join(var_dir, 'ar-ckpt-last.pth')))
     n, n_check = cfg['per_class'], cfg['check_per_class']
     labels = torch.arange(len(classes)).repeat_interleave(n_check)
     t = time.time()

@@ -19,7 +19,7 @@ import math
 import os
 import os.path as osp
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import PIL.Image
@@ -35,7 +35,7 @@ from utils.cli import UserError, run_main
 from utils.data import normalize_01_into_pm1
 from utils.imgs import IMAGE_READ_ERRORS, load_rgb, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
-from utils.model_loading import load_for_sampling
+from utils.model_loading import given_flags, load_for_sampling
 
 logger = logging.getLogger('edit')
 
@@ -58,6 +58,7 @@ class EditArgs(ModelFlags):
     seed: int = 0
     save_recon: bool = False             # also write the tokenizer's reconstruction of the input (<stem>_recon.png)
     cmd: str = field(default='', metadata={'derived': True})
+    given: Tuple[str, ...] = field(default=(), metadata={'derived': True})   # the flags named on the command line
 
 
 def check_flags(args: EditArgs) -> None:
@@ -177,7 +178,7 @@ def main(args: EditArgs) -> List[str]:
     mask = read_mask(args.mask, image.size) if args.mask else None
     device = dist.initialize()
     setup_logging(0)
-    vae, var, _ = load_for_sampling(device, args)
+    vae, var, _ = load_for_sampling(device, args, args.given)
     check_sampling_ranges(args, var.num_classes, var.V, from_checkpoint=True)
     size, pn = vae.img_size, var.patch_nums[-1]
     keep_hw = keep_mask(args, mask, size, pn).to(device)
@@ -207,7 +208,10 @@ def main(args: EditArgs) -> List[str]:
 
 
 def parse_edit_args(argv: Optional[List[str]] = None) -> EditArgs:
-    return parse_dataclass(EditArgs, argv, description=__doc__.splitlines()[0])
+    import sys
+    args = parse_dataclass(EditArgs, argv, description=__doc__.splitlines()[0])
+    args.given = given_flags(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 if __name__ == '__main__':

@@ -32,11 +32,10 @@ from models import VQVAE, build_vqvae
 from utils.arg_util import ExtractArgs, parse_extract_args, vqvae_config_from_flags
 from utils.cli import run_main
 from utils.data import ImageFolderDataset, check_data_path
-from utils.hub import resolve_checkpoint
 from utils.imgs import IMAGE_READ_ERRORS, load_rgb
 from utils.log import setup_logging
 from utils.token_data import TokensError, describe_differences, images_fingerprint, token_dtype, tokenizer_fingerprint
-from utils.weights import load_weights
+from utils.weights import load_tokenizer_state
 
 logger = logging.getLogger('extract_tokens')
 
@@ -232,12 +231,7 @@ def main(args: ExtractArgs) -> str:
     # what the tokens are made of: the images (listed, not read), the transform, the tokenizer's weights
     classes, train_samples, val_samples = check_data_path(args.data_path)
     splits = (('train', train_samples, 2), ('val', val_samples, 1))
-    path = resolve_checkpoint(args.vae_ckpt) if dist.is_local_master() else None
-    dist.barrier()
-    path = path or resolve_checkpoint(args.vae_ckpt)
-    state = load_weights(path)   # .safetensors, or a .pth state dict / train_vae.py checkpoint
-    if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
-        state = state['trainer']['vae_wo_ddp']
+    state, path = load_tokenizer_state(args.vae_ckpt)   # .safetensors, .pth, a train_vae.py checkpoint or the published name
     L = sum(pn * pn for pn in args.patch_nums)
     dtype = token_dtype(args.vocab_size)
     config = {'patch_nums': list(args.patch_nums), 'vocab_size': args.vocab_size, 'tokenizer': tokenizer_fingerprint(state),

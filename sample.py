@@ -35,7 +35,7 @@ from utils.imgs import IMAGE_READ_ERRORS, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
 from utils.misc import (SampleFolderError, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0, read_npz_manifest,
                         sample_png_name)
-from utils.model_loading import SamplingWeights, build_from_weights, read_weights, state_fingerprint
+from utils.model_loading import SamplingWeights, build_from_weights, given_flags, read_weights, state_fingerprint
 from utils.run import TEST_KILL_ENV
 
 logger = logging.getLogger('sample')
@@ -294,11 +294,6 @@ def main(args: SampleArgs) -> str:
         logger.info('%s: arr_0 (%d, %d, %d, 3) uint8 and the manifest in %.0fs', path, N, vae.img_size, vae.img_size, time.time() - t)
     dist.barrier()
     return out + '.npz'
-
-
-def given_flags(argv: Sequence[str]) -> Tuple[str, ...]:
-    """Names of the flags on a command line (`--name=value`, `--name value` or a bare `--name`)."""
-    return tuple(sorted({a[2:].split('=', 1)[0] for a in argv if a.startswith('--') and len(a) > 2}))
 
 
 def parse_sample_args(argv: Optional[List[str]] = None) -> SampleArgs:

@@ -22,12 +22,11 @@ from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args, var_config_f
 from utils.cli import run_main
 from utils.data import build_dataset
 from utils.engine import CheckpointNames, run_training
-from utils.hub import resolve_checkpoint
 from utils.lr_control import filter_params
 from utils.progressive import ProgressiveSchedule
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 from utils.run import build_loaders, check_resume_config, resume, setup_run
-from utils.weights import load_weights
+from utils.weights import load_tokenizer_state
 
 logger = logging.getLogger('train')
 
@@ -46,14 +45,7 @@ def compile_model(m: torch.nn.Module, fast: int) -> torch.nn.Module:
 
 def load_vae(vae: VQVAE, ckpt_path: str) -> str:
     """Load tokenizer weights: a local file (a state dict or a train_vae.py checkpoint), else the published file from the Hub."""
-    if dist.is_local_master():
-        path = resolve_checkpoint(ckpt_path)   # downloads once per machine
-    dist.barrier()
-    if not dist.is_local_master():
-        path = resolve_checkpoint(ckpt_path)
-    state = load_weights(path)   # .safetensors, or a .pth state dict / train_vae.py checkpoint
-    if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
-        state = state['trainer']['vae_wo_ddp']   # a train_vae.py checkpoint
+    state, path = load_tokenizer_state(ckpt_path)
     vae.load_state_dict(state, strict=True)
     return path
 

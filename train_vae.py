@@ -21,14 +21,13 @@ from models.state_dict import CheckpointMismatchError
 from models.discriminator import PatchDiscriminator
 from utils.amp_opt import AmpOptimizer, build_adamw
 from utils.arg_util import VAE_MODEL_KEYS, VAEArgs, parse_vae_args, vqvae_config_from_flags
-from utils.ckpt import verify_checksum
 from utils.cli import UserError, run_main
 from utils.data import build_dataset
-from utils.hub import resolve_checkpoint
 from utils.engine import CheckpointNames, run_training
 from utils.lr_control import filter_params
 from utils.run import append_log, build_loaders, check_resume_config, resume, setup_run
 from vae_trainer import VQVAETask, VQVAETrainer
+from utils.weights import load_tokenizer_state
 
 logger = logging.getLogger('train_vae')
 
@@ -49,15 +48,7 @@ def validate_ckpt(ckpt: Dict) -> None:
 
 def load_weights(vae: VQVAE, path_or_name: str) -> str:
     """Start from a tokenizer state dict, a train_vae.py checkpoint or the published file."""
-    if dist.is_local_master():
-        path = resolve_checkpoint(path_or_name)
-    dist.barrier()
-    if not dist.is_local_master():
-        path = resolve_checkpoint(path_or_name)
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
-        verify_checksum(state, path)
-        state = state['trainer']['vae_wo_ddp']
+    state, path = load_tokenizer_state(path_or_name)
     try:
         vae.load_state_dict(state, strict=True)
     except CheckpointMismatchError as e:

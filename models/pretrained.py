@@ -24,7 +24,8 @@ from utils.weights import load_weights, save_weights
 from .state_dict import published_build_kwargs
 
 __all__ = ['HubMixin', 'load_pretrained', 'PretrainedError', 'HubPushError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'VAE_SUBFOLDER',
-           'GRID_NAME', 'PUBLISHED_VAE', 'PUBLISHED_DEPTHS', 'hub_push_problem']
+           'GRID_NAME', 'PUBLISHED_VAE', 'PUBLISHED_DEPTHS', 'hub_push_problem', 'configs_from_saved', 'saved_var_files',
+           'looks_like_repo_id']
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +253,80 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
         var = _build_and_load(VAR, var_meta._hub_config(), src.require(var_name, f'the published VAR d{depth}'), device, vae_local=vae)
         logger.info('VAR d%d from the published %s of %s', depth, var_name, src.name)
         return var
+
+
+# build arguments that do not change what a trained model computes in eval mode (training regularisers, the
+# commitment weight of the tokenizer's loss, frozen or not, which kernels run): not part of VQVAEConfig / VARConfig
+_EVAL_ONLY_ARGS = {'beta', 'test_mode', 'drop_rate', 'attn_drop_rate', 'drop_path_rate', 'cond_drop_rate', 'flash_if_available',
+                   'fused_if_available'}
+
+
+def configs_from_saved(vae_config: Dict[str, Any], var_config: Dict[str, Any], origin: str):
+    """(VQVAEConfig, VARConfig) of the build arguments that save_pretrained wrote (vae/config.json, config.json).
+
+    The configs are read off the arguments by name, then built on the meta device: every build argument that shapes
+    the model must come out as written, so an architecture the configs cannot express is refused, never approximated.
+    """
+    from .config import ConfigError, VARConfig, VQVAEConfig, build_var, build_vqvae
+    from .var import VAR
+    from .vqvae import VQVAE
+    _check_keys(VQVAE, vae_config, f'{origin}/{VAE_SUBFOLDER}/{CONFIG_NAME}')
+    _check_keys(VAR, var_config, f'{origin}/{CONFIG_NAME}')
+    vae_args = {**_init_defaults(VQVAE), **vae_config}
+    var_args = {**_init_defaults(VAR), **var_config}
+    try:
+        vqvae = VQVAEConfig(V=vae_args['vocab_size'], Cvae=vae_args['z_channels'], ch=vae_args['ch'],
+                            share_quant_resi=vae_args['share_quant_resi'], quant_resi=vae_args['quant_resi'],
+                            using_znorm=vae_args['using_znorm'], patch_nums=tuple(vae_args['v_patch_nums']))
+        var = VARConfig(depth=var_args['depth'], num_classes=var_args['num_classes'], shared_aln=var_args['shared_aln'],
+                        attn_l2_norm=var_args['attn_l2_norm'], patch_nums=tuple(var_args['patch_nums']))
+        vae_meta = build_vqvae(vqvae, 'meta')
+        var_meta = build_var(var, vae_meta, 'meta', flash_if_available=False, fused_if_available=False)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise PretrainedError(f'{origin}: its build arguments do not make a model ({e})') from None
+    for path, written, built in ((f'{VAE_SUBFOLDER}/{CONFIG_NAME}', vae_args, vae_meta._hub_config()),
+                                 (CONFIG_NAME, var_args, var_meta._hub_config())):
+        diffs = [f'{k}={written[k]!r} (the configs build {built[k]!r})' for k in sorted(built)
+                 if k not in _EVAL_ONLY_ARGS and _plain(written[k]) != _plain(built[k])]
+        if diffs:
+            raise PretrainedError(f'{origin}/{path}: {"; ".join(diffs)}: an architecture that VQVAEConfig / VARConfig cannot '
+                                  f'express, which sample.py and edit.py do not build; load it in Python with load_pretrained')
+    return vqvae, var
+
+
+def _init_defaults(cls) -> Dict[str, Any]:
+    import inspect
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def looks_like_repo_id(s: str) -> bool:
+    """`owner/name` that is not a local path nor a weight file's name: a Hugging Face repo id."""
+    import re
+    return (not os.path.exists(s) and re.fullmatch(r'[A-Za-z0-9][\w.-]*/[\w.-]+', s) is not None
+            and not s.endswith(('.pth', '.pt', '.bin', '.ckpt', '.safetensors')))
+
+
+def saved_var_files(name_or_path: str):
+    """What sample.py needs of a VAR folder or Hub repo written by save_pretrained, before building anything:
+    (VQVAEConfig, VARConfig, path of the tokenizer's weights, path of the VAR's weights)."""
+    src = _Source(name_or_path, {})
+    config_path = src.get(CONFIG_NAME)
+    if config_path is None:
+        hint = (f'; it has the published layout: pass --depth and the file {os.path.join(src.name, "var_d16.pth")} (say)'
+                if src.get(PUBLISHED_VAE) is not None else '')
+        raise PretrainedError(f'{src.name} has no {CONFIG_NAME}: it is not a folder written by save_pretrained '
+                              f'(or train.py --save_pretrained){hint}')
+    var_config = _read_config(config_path)
+    if 'depth' not in var_config:
+        raise PretrainedError(f'{src.name} holds a tokenizer (VQVAE), not a VAR: pass it as the tokenizer, or a VAR folder')
+    vae_config = _read_config(src.require(f'{VAE_SUBFOLDER}/{CONFIG_NAME}', 'the tokenizer of this VAR'))
+    vqvae, var = configs_from_saved(vae_config, var_config, src.name)
+    return (vqvae, var, src.require(f'{VAE_SUBFOLDER}/{WEIGHTS_NAME}', 'the tokenizer weights'),
+            src.require(WEIGHTS_NAME, 'the VAR weights'))
 
 
 def _write_folder(model: HubMixin, folder: str) -> None:

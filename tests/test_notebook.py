@@ -4,6 +4,7 @@ import json
 
 import nbformat
 import numpy as np
+import pytest
 import torch
 import torchvision
 from nbclient import NotebookClient
@@ -12,15 +13,22 @@ from PIL import Image
 from conftest import REPO, build_tiny, run_script
 
 
-def test_notebook_executes_and_shows_the_grid_of_the_reference_settings(tmp_path, monkeypatch):
+@pytest.mark.parametrize('layout', ['pth', 'save_pretrained'])
+def test_notebook_executes_and_shows_the_grid_of_the_reference_settings(tmp_path, monkeypatch, layout):
     vae, var = build_tiny(seed=8)
     torch.save(vae.state_dict(), tmp_path / 'vae.pth')
     torch.save(var.state_dict(), tmp_path / 'var.pth')
+    var.save_pretrained(tmp_path / 'pretrained')
     labels = [0, 0, 1, 1, 2, 2, 3, 4]
-    env = {'VAR_NB_DEPTH': '2', 'VAR_NB_VAE_CKPT': str(tmp_path / 'vae.pth'), 'VAR_NB_VAR_CKPT': str(tmp_path / 'var.pth'),
-           'VAR_NB_BUILD': json.dumps(dict(V=64, Cvae=8, ch=32, patch_nums=[1, 2, 3, 4], num_classes=5)),
-           'VAR_NB_CLASS_LABELS': ','.join(map(str, labels)), 'VAR_NB_SAVE': str(tmp_path / 'grid.png'), 'HF_HUB_OFFLINE': '1',
-           'OMP_NUM_THREADS': '1'}
+    if layout == 'pth':
+        env = {'VAR_NB_DEPTH': '2', 'VAR_NB_VAE_CKPT': str(tmp_path / 'vae.pth'), 'VAR_NB_VAR_CKPT': str(tmp_path / 'var.pth'),
+               'VAR_NB_BUILD': json.dumps(dict(V=64, Cvae=8, ch=32, patch_nums=[1, 2, 3, 4], num_classes=5))}
+    else:   # the folder's config.json defines the model: no depth, no build arguments
+        env = {'VAR_NB_VAR_CKPT': str(tmp_path / 'pretrained')}
+    env.update({'VAR_NB_CLASS_LABELS': ','.join(map(str, labels)), 'VAR_NB_SAVE': str(tmp_path / 'grid.png'), 'HF_HUB_OFFLINE': '1',
+                'OMP_NUM_THREADS': '1'})
+    for k in ('VAR_NB_DEPTH', 'VAR_NB_BUILD', 'VAR_NB_VAE_CKPT'):
+        monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     nb = nbformat.read(REPO / 'demo_sample.ipynb', as_version=4)

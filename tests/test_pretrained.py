@@ -199,3 +199,82 @@ def test_push_to_hub_flag_fails_before_training(shapes_data, tiny_vae_ckpt, tmp_
     assert 'HF_TOKEN' in err and 'Traceback' not in err
     assert not (out / 'ar-ckpt-last.pth').exists() and not (out / 'pretrained').exists()
     assert time.time() - t0 < 120
+
+
+# ---------------------------------------------------------------- sample.py, edit.py and the notebook read a saved folder
+TINY_MODEL_FLAGS = ['--depth=2', '--pn=1_2_3_4', '--vocab_size=64', '--z_channels=8', '--vae_ch=32']
+
+
+@pytest.fixture(scope='module')
+def saved(tmp_path_factory):
+    """A folder with the tiny models as .pth files, the tokenizer as .safetensors, and save_pretrained's folder 'pretrained'."""
+    from utils.weights import save_weights
+    d = tmp_path_factory.mktemp('saved')
+    vae, var = build_tiny(seed=31)
+    torch.save(vae.state_dict(), d / 'vae.pth')
+    torch.save(var.state_dict(), d / 'var.pth')
+    save_weights(vae.state_dict(), str(d / 'vae.safetensors'))
+    var.save_pretrained(d / 'pretrained')
+    return d
+
+
+def sample(out, *weights, check=True):
+    return run_script(['sample.py', *weights, f'--out={out}', '--num_classes=5', '--per_class=1', '--top_k=20', '--top_p=0.9'],
+                      check=check)
+
+
+def same_pngs(a: Path, b: Path):
+    names = sorted(p.name for p in a.glob('*.png'))
+    assert len(names) == 5 and names == sorted(p.name for p in b.glob('*.png'))
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+@pytest.fixture(scope='module')
+def pth_set(saved, tmp_path_factory):
+    """sample.py's images of the .pth files."""
+    out = tmp_path_factory.mktemp('pth_set') / 'pth'
+    sample(out, f'--var_ckpt={saved / "var.pth"}', f'--vae_ckpt={saved / "vae.pth"}', *TINY_MODEL_FLAGS)
+    return out
+
+
+def test_sample_py_reads_a_save_pretrained_folder_as_its_pth_files(saved, pth_set, tmp_path):
+    sample(tmp_path / 'folder', f'--var_ckpt={saved / "pretrained"}')    # the folder's config.json defines the model
+    same_pngs(pth_set, tmp_path / 'folder')
+    pth, folder = (json.loads((d / 'manifest.json').read_text()) for d in (pth_set, tmp_path / 'folder'))
+    assert folder['pixels'] == pth['pixels']          # same configs, same sha256 of the weights
+    assert folder['info']['var_weights'].startswith(str(saved / 'pretrained'))
+
+
+def test_sample_py_reads_a_safetensors_tokenizer(saved, pth_set, tmp_path):
+    sample(tmp_path / 'st', f'--var_ckpt={saved / "var.pth"}', f'--vae_ckpt={saved / "vae.safetensors"}', *TINY_MODEL_FLAGS)
+    same_pngs(pth_set, tmp_path / 'st')
+
+
+def test_sample_py_refuses_flags_that_disagree_with_a_folder_and_unreachable_repos(saved, tmp_path):
+    def refused(res, *phrases):
+        assert res.returncode != 0 and 'Traceback' not in res.stderr, res.stderr[-3000:]
+        for p in phrases:
+            assert p in res.stderr, f'{p!r} not in:\n{res.stderr[-3000:]}'
+        assert not list(tmp_path.glob('out/*.png'))
+    folder = f'--var_ckpt={saved / "pretrained"}'
+    refused(sample(tmp_path / 'out', folder, '--depth=3', check=False),
+            'save_pretrained folder whose config.json and vae/config.json define the model', '--depth=3 (the checkpoint: 2)')
+    refused(sample(tmp_path / 'out', folder, f'--vae_ckpt={saved / "vae.pth"}', check=False), 'drop --vae_ckpt')
+    refused(sample(tmp_path / 'out', folder, '--ema=1', check=False), '--ema')
+    refused(sample(tmp_path / 'out', f'--var_ckpt={saved}', check=False), 'has no config.json')
+    # not a local path: a Hub repo id, which offline names what to fetch
+    refused(sample(tmp_path / 'out', '--var_ckpt=someone/var-tiny', check=False),
+            'taken as a Hugging Face repo id', 'hf download someone/var-tiny config.json')
+
+
+def test_edit_py_reads_a_save_pretrained_folder(saved, shapes_data, tmp_path):
+    image = next((shapes_data / 'train').glob('*/00003.png'))
+    common = ['edit.py', f'--image={image}', '--box=0.25,0.25,0.75,0.75', '--class_id=1', '--cfg=3.0', '--top_k=20', '--top_p=0.95']
+    run_script([*common, f'--var_ckpt={saved / "var.pth"}', f'--vae_ckpt={saved / "vae.pth"}', *TINY_MODEL_FLAGS, '--num_classes=5',
+                f'--out={tmp_path / "pth.png"}'])
+    run_script([*common, f'--var_ckpt={saved / "pretrained"}', f'--out={tmp_path / "folder.png"}'])
+    assert (tmp_path / 'pth.png').read_bytes() == (tmp_path / 'folder.png').read_bytes()
+    res = run_script([*common, f'--var_ckpt={saved / "pretrained"}', '--vae_ch=64', f'--out={tmp_path / "x.png"}'], check=False)
+    assert res.returncode != 0 and 'Traceback' not in res.stderr, res.stderr[-3000:]
+    assert '--vae_ch=64 (the checkpoint: 32)' in res.stderr and not (tmp_path / 'x.png').exists()

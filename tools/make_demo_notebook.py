@@ -37,8 +37,9 @@ Builds the tokenizer and a VAR, gets the published weights of [`FoundationVision
 with the settings of the reference notebook (seed 0, cfg 4, top-k 900, top-p 0.95, classes 980, 437, 22, 562).
 
 Environment variables point it at other files (the tests use tiny local checkpoints this way):
-`VAR_NB_DEPTH`, `VAR_NB_VAE_CKPT`, `VAR_NB_VAR_CKPT`, `VAR_NB_BUILD` (JSON of extra `build_vae_var` arguments),
-`VAR_NB_CLASS_LABELS` (comma-separated), `VAR_NB_SAVE` (a path to also save the grid as PNG)."""))
+`VAR_NB_DEPTH`, `VAR_NB_VAE_CKPT`, `VAR_NB_VAR_CKPT` (a file, a folder written by `save_pretrained`, or a Hub repo id),
+`VAR_NB_BUILD` (JSON of extra `build_vae_var` arguments), `VAR_NB_CLASS_LABELS` (comma-separated),
+`VAR_NB_SAVE` (a path to also save the grid as PNG)."""))
     cells.append(nbf.v4.new_code_cell("""import json, os, random, sys
 
 import numpy as np
@@ -47,20 +48,26 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.abspath('.'))   # the repository root
-from models import build_vae_var
+from models import build_vae_var, load_pretrained
+from models.pretrained import looks_like_repo_id
 from models.state_dict import PUBLISHED, published_build_kwargs
 from utils.hub import resolve_checkpoint   # local path first, huggingface_hub second
+from utils.weights import load_tokenizer_state, load_weights   # .pth or .safetensors
 
 MODEL_DEPTH = int(os.environ.get('VAR_NB_DEPTH', 16))   # 16, 20, 24, 30 or 36 for the published models
 vae_ckpt = os.environ.get('VAR_NB_VAE_CKPT', 'vae_ch160v4096z32.pth')
-var_ckpt = os.environ.get('VAR_NB_VAR_CKPT', f'var_d{MODEL_DEPTH}.pth')
+var_ckpt = os.environ.get('VAR_NB_VAR_CKPT', f'var_d{MODEL_DEPTH}.pth')   # or a save_pretrained folder, or a Hub repo id
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
-build = published_build_kwargs(f'var_d{MODEL_DEPTH}.pth') if f'var_d{MODEL_DEPTH}.pth' in PUBLISHED else {}
-build.update(depth=MODEL_DEPTH, **json.loads(os.environ.get('VAR_NB_BUILD', '{}')))
-vae, var = build_vae_var(device=device, **build)
-vae.load_state_dict(torch.load(resolve_checkpoint(vae_ckpt), map_location='cpu', weights_only=True), strict=True)
-var.load_state_dict(torch.load(resolve_checkpoint(var_ckpt), map_location='cpu', weights_only=True), strict=True)
+if os.path.isdir(var_ckpt) or looks_like_repo_id(var_ckpt):   # its config.json defines the model; its vae/ the tokenizer
+    vae, var = load_pretrained(var_ckpt, device=device)
+    MODEL_DEPTH = var.depth
+else:
+    build = published_build_kwargs(f'var_d{MODEL_DEPTH}.pth') if f'var_d{MODEL_DEPTH}.pth' in PUBLISHED else {}
+    build.update(depth=MODEL_DEPTH, **json.loads(os.environ.get('VAR_NB_BUILD', '{}')))
+    vae, var = build_vae_var(device=device, **build)
+    vae.load_state_dict(load_tokenizer_state(vae_ckpt)[0], strict=True)
+    var.load_state_dict(load_weights(resolve_checkpoint(var_ckpt)), strict=True)
 vae.eval()
 var.eval()
 for p in vae.parameters(): p.requires_grad_(False)

@@ -4,21 +4,24 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Collection, Dict, Mapping, Tuple
+from typing import Collection, Dict, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from models import VAR, VQVAE
 from models.config import ConfigError, VARConfig, VQVAEConfig, build_var, build_vqvae, configs_from_dict, vae_var_kwargs
+from models.pretrained import looks_like_repo_id, saved_var_files
 from models.state_dict import PUBLISHED
 from utils.arg_util import (VAR_FLAGS, VQVAE_FLAGS, FlagError, ModelFlags, flags_from_var_config, flags_from_vqvae_config,
                             var_config_from_flags, vqvae_config_from_flags)
 from utils.cli import UserError
-from utils.hub import resolve_checkpoint
+from utils.hub import CheckpointUnavailableError, resolve_checkpoint
+from utils.weights import load_tokenizer_state, load_weights
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 
-__all__ = ['SamplingWeights', 'checkpoint_configs', 'read_weights', 'build_from_weights', 'load_for_sampling', 'state_fingerprint']
+__all__ = ['SamplingWeights', 'given_flags', 'checkpoint_configs', 'read_weights', 'build_from_weights', 'load_for_sampling',
+           'state_fingerprint']
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +41,26 @@ class SamplingWeights:
         return vae_var_kwargs(self.vqvae, self.var)
 
 
-def _load(path: str):
-    return torch.load(path, map_location='cpu', weights_only=True)
+def given_flags(argv: Sequence[str]) -> Tuple[str, ...]:
+    """Names of the flags on a command line (`--name=value`, `--name value` or a bare `--name`): those that define the
+    model must agree with weights that carry their own configuration (read_weights' `given`)."""
+    return tuple(sorted({a[2:].split('=', 1)[0] for a in argv if a.startswith('--') and len(a) > 2}))
 
 
-def _vae_state(obj):
-    if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict) and 'vae_wo_ddp' in obj['trainer']:
-        return obj['trainer']['vae_wo_ddp']   # a train_vae.py checkpoint
-    return obj
-
-
-def _check_flags_against_checkpoint(path: str, vqvae: VQVAEConfig, var: VARConfig, flags: ModelFlags, given: Collection[str]) -> None:
-    """Model flags given on the command line must agree with the checkpoint, which defines the model
-    (--num_classes of sample.py and edit.py is how many classes to sample, not the model's)."""
+def _check_flags_against_checkpoint(path: str, vqvae: VQVAEConfig, var: VARConfig, flags: ModelFlags, given: Collection[str],
+                                    what: str = 'a train.py checkpoint', defined_by: str = 'args') -> None:
+    """Model flags given on the command line must agree with the checkpoint (or save_pretrained folder), which defines
+    the model (--num_classes of sample.py and edit.py is how many classes to sample, not the model's)."""
     theirs = {**flags_from_vqvae_config(vqvae), **flags_from_var_config(var)}
     mine = {**flags_from_vqvae_config(vqvae_config_from_flags(flags)), **flags_from_var_config(var_config_from_flags(flags))}
     diffs = [f'--{flag}={getattr(flags, flag)} (the checkpoint: {theirs[flag]})'
              for flag in theirs if flag in given and flag != 'num_classes' and mine[flag] != theirs[flag]]
     if diffs:
-        raise FlagError(f'{path} is a train.py checkpoint whose args define the model, and these flags disagree with it: '
-                        f'{"; ".join(diffs)}. Drop them (the checkpoint\'s values are used), or pass the checkpoint you meant')
+        raise FlagError(f'{path} is {what} whose {defined_by} define the model, and these flags disagree with it: '
+                        f'{"; ".join(diffs)}. Drop them (its values are used), or pass the weights you meant')
     if 'vae_ckpt' in given:
-        raise FlagError(f'--vae_ckpt={flags.vae_ckpt}: {path} is a train.py checkpoint that carries its own tokenizer '
-                        f'(vae_local), which is the one it was trained with; drop --vae_ckpt')
+        raise FlagError(f'--vae_ckpt={flags.vae_ckpt}: {path} is {what} that carries its own tokenizer, '
+                        f'which is the one it was trained with; drop --vae_ckpt')
 
 
 def checkpoint_configs(path: str, ckpt: Mapping) -> Tuple[VQVAEConfig, VARConfig]:
@@ -83,18 +83,21 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
     """Read the weight files (no model is built): build arguments, state dicts and their source.
 
     flags.var_ckpt: a train.py checkpoint (ar-ckpt-*.pth: its args define the model, its `vae_local` the
-    tokenizer, --ema picks `var_ema`), a plain VAR state dict (built from the flags), or '' for the
+    tokenizer, --ema picks `var_ema`), a folder written by save_pretrained or a Hub repo id pushed by this project (its
+    config.json and vae/ define both models), a plain VAR state dict (.pth or .safetensors, built from the flags), or '' for the
     published var_d{depth}.pth (local file of that name, else downloaded from FoundationVision/var).
     given: the flags named on the command line; those that define the model must agree with a train.py checkpoint.
     """
     var_ckpt, vae_ckpt, depth, ema = flags.var_ckpt, flags.vae_ckpt, flags.depth, flags.ema
     trainer_ckpt = None
+    if var_ckpt and (os.path.isdir(var_ckpt) or looks_like_repo_id(var_ckpt)):
+        return _read_saved_folder(flags, given)
     if var_ckpt:
         if not os.path.isfile(var_ckpt):
             hint = (f'; for the published {os.path.basename(var_ckpt)} leave --var_ckpt empty and pass --depth'
                     if os.path.basename(var_ckpt) in PUBLISHED else '')
             raise UserError(f'--var_ckpt={var_ckpt}: no such file{hint}')
-        obj = _load(var_ckpt)
+        obj = load_weights(var_ckpt)
         if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict) and 'var_wo_ddp' in obj['trainer']:
             trainer_ckpt = obj
         elif ema:
@@ -107,7 +110,7 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
             raise UserError(f'there is no published VAR of depth {depth}: use --depth 16, 20, 24, 30 or 36, or --var_ckpt')
         if ema:
             raise UserError('--ema picks the EMA weights of a train.py checkpoint; the published files have none')
-        var_state = _load(resolve_checkpoint(name))
+        var_state = load_weights(resolve_checkpoint(name))
 
     if trainer_ckpt is not None:
         if is_reference_ckpt(trainer_ckpt):   # written by the reference's train.py: its args lack the model's shape
@@ -126,9 +129,29 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
         emb = var_state.get('class_emb.weight') if isinstance(var_state, Mapping) else None
         num_classes = emb.shape[0] - 1 if isinstance(emb, torch.Tensor) and emb.ndim == 2 else flags.num_classes   # its last row: no class
         vqvae_cfg, var_cfg = vqvae_config_from_flags(flags), dataclasses.replace(var_config_from_flags(flags), num_classes=num_classes)
-        vae_state = _vae_state(_load(resolve_checkpoint(vae_ckpt)))
+        vae_state, _ = load_tokenizer_state(vae_ckpt)
         source, vae_source = var_ckpt or f'var_d{depth}.pth', vae_ckpt
     return SamplingWeights(vqvae=vqvae_cfg, var=var_cfg, var_state=var_state, vae_state=vae_state, source=source, vae_source=vae_source)
+
+
+def _read_saved_folder(flags: ModelFlags, given: Collection[str]) -> SamplingWeights:
+    """The weights of a folder written by save_pretrained (or train.py --save_pretrained), or of a Hub repo pushed by
+    this project: its config.json and vae/config.json define the two models, vae/ holds the tokenizer."""
+    var_ckpt = flags.var_ckpt
+    if flags.ema:
+        raise UserError(f'--ema picks the EMA weights of a train.py checkpoint; {var_ckpt} holds one set of weights '
+                        f'(train.py --save_pretrained saves the EMA ones when it has them)')
+    local = os.path.isdir(var_ckpt)
+    try:
+        vqvae_cfg, var_cfg, vae_file, var_file = saved_var_files(var_ckpt)
+    except CheckpointUnavailableError as e:
+        raise CheckpointUnavailableError(f'--var_ckpt={var_ckpt} is no local file or folder, so it was taken as a Hugging Face '
+                                         f'repo id: {e}') from None
+    where = 'folder' if local else 'Hugging Face repo'
+    _check_flags_against_checkpoint(var_ckpt, vqvae_cfg, var_cfg, flags, given, defined_by='config.json and vae/config.json',
+                                    what='a save_pretrained folder' if local else 'a Hugging Face repo written by save_pretrained')
+    return SamplingWeights(vqvae=vqvae_cfg, var=var_cfg, var_state=load_weights(var_file), vae_state=load_weights(vae_file),
+                           source=f'{var_ckpt} ({where})', vae_source=f'{var_ckpt}/vae ({where})')
 
 
 def build_from_weights(device: torch.device, flags: ModelFlags, w: SamplingWeights) -> Tuple[VQVAE, VAR]:

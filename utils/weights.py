@@ -4,13 +4,13 @@ safetensors is the format this project writes for weights (loading it never runs
 the published files and for older exports. Training checkpoints are not plain weights: see utils/ckpt.py.
 """
 import os
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from utils.ckpt import _fsync_dir, _tmp_name
+from utils.ckpt import _fsync_dir, _tmp_name, verify_checksum
 
-__all__ = ['load_weights', 'save_weights', 'SAFETENSORS_SUFFIX']
+__all__ = ['load_weights', 'save_weights', 'load_tokenizer_state', 'SAFETENSORS_SUFFIX']
 
 SAFETENSORS_SUFFIX = '.safetensors'
 
@@ -21,6 +21,27 @@ def load_weights(path: str, device: str = 'cpu') -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         return load_file(str(path), device=str(device))
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_tokenizer_state(path_or_name: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(tokenizer state dict, local path it was read from): the one way every script reads tokenizer weights.
+
+    path_or_name: a .safetensors or .pth state dict, a train_vae.py checkpoint (its trainer's vae_wo_ddp, after
+    verifying its payload checksum), or the bare name of a published file, downloaded once per machine (by the local
+    master; the other processes wait for it) through utils.hub.resolve_checkpoint.
+    """
+    import dist
+    from utils.hub import resolve_checkpoint
+    if dist.is_local_master():
+        path = resolve_checkpoint(path_or_name)
+    dist.barrier()
+    if not dist.is_local_master():
+        path = resolve_checkpoint(path_or_name)
+    state = load_weights(path)
+    if isinstance(state, dict) and isinstance(state.get('trainer'), dict) and 'vae_wo_ddp' in state['trainer']:
+        verify_checksum(state, path)   # a train_vae.py checkpoint
+        state = state['trainer']['vae_wo_ddp']
+    return state, path
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
