@@ -22,15 +22,8 @@ class NotebookArgs:
     out: str = field(default=NOTEBOOK, metadata={'help': 'where to write the notebook'})
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    sys.path.insert(0, REPO)   # run as tools/make_demo_notebook.py: the project's modules are one folder up
-    from utils.flags import parse_dataclass
-    a = parse_dataclass(NotebookArgs, argv, description=__doc__.splitlines()[0])
-    nb = nbf.v4.new_notebook()
-    nb.metadata['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}
-    nb.metadata['language_info'] = {'name': 'python'}
-    cells = []
-    cells.append(nbf.v4.new_markdown_cell("""# VAR: sampling from the published checkpoints
+# the three cells of the notebook
+INTRO_MD = """# VAR: sampling from the published checkpoints
 
 Builds the tokenizer and a VAR, gets the published weights of [`FoundationVision/var`](https://huggingface.co/FoundationVision/var)
 (a local file of the same name first, else `huggingface_hub` downloads it once), and samples a class-conditional grid
@@ -39,8 +32,9 @@ with the settings of the reference notebook (seed 0, cfg 4, top-k 900, top-p 0.9
 Environment variables point it at other files (the tests use tiny local checkpoints this way):
 `VAR_NB_DEPTH`, `VAR_NB_VAE_CKPT`, `VAR_NB_VAR_CKPT` (a file, a folder written by `save_pretrained`, or a Hub repo id),
 `VAR_NB_BUILD` (JSON of extra `build_vae_var` arguments), `VAR_NB_CLASS_LABELS` (comma-separated),
-`VAR_NB_SAVE` (a path to also save the grid as PNG)."""))
-    cells.append(nbf.v4.new_code_cell("""import json, os, random, sys
+`VAR_NB_SAVE` (a path to also save the grid as PNG)."""
+
+BUILD_CODE = """import json, os, random, sys
 
 import numpy as np
 import PIL.Image as PImage
@@ -72,8 +66,9 @@ vae.eval()
 var.eval()
 for p in vae.parameters(): p.requires_grad_(False)
 for p in var.parameters(): p.requires_grad_(False)
-print(f'VAR d{MODEL_DEPTH} ready on {device}: {sum(p.numel() for p in var.parameters()) / 1e6:.1f}M parameters')"""))
-    cells.append(nbf.v4.new_code_cell("""# the reference notebook's settings
+print(f'VAR d{MODEL_DEPTH} ready on {device}: {sum(p.numel() for p in var.parameters()) / 1e6:.1f}M parameters')"""
+
+SAMPLE_CODE = """# the reference notebook's settings
 seed = 0
 cfg = 4
 class_labels = tuple(int(c) for c in os.environ.get('VAR_NB_CLASS_LABELS', '980,980,437,437,22,22,562,562').split(','))
@@ -101,7 +96,17 @@ chw = chw.permute(1, 2, 0).mul_(255).cpu().numpy()
 grid = PImage.fromarray(chw.astype(np.uint8))
 if os.environ.get('VAR_NB_SAVE'):
     grid.save(os.environ['VAR_NB_SAVE'])
-grid"""))
+grid"""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    sys.path.insert(0, REPO)   # run as tools/make_demo_notebook.py: the project's modules are one folder up
+    from utils.flags import parse_dataclass
+    a = parse_dataclass(NotebookArgs, argv, description=__doc__.splitlines()[0])
+    nb = nbf.v4.new_notebook()
+    nb.metadata['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}
+    nb.metadata['language_info'] = {'name': 'python'}
+    cells = [nbf.v4.new_markdown_cell(INTRO_MD), nbf.v4.new_code_cell(BUILD_CODE), nbf.v4.new_code_cell(SAMPLE_CODE)]
     for i, cell in enumerate(cells):
         cell['id'] = f'cell-{i}'
     nb.cells = cells
