@@ -478,12 +478,8 @@ def sanity_lines(tmp: str, runs: List[Dict]) -> Tuple[Dict, List[str]]:
 
 
 def _write_json_atomic(obj, path: str) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from utils.ckpt import write_bytes_atomic   # the parent process: this repository's utils
+    write_bytes_atomic(json.dumps(obj, indent=1).encode(), path)
 
 
 def measure_interleaved(args, reference: str, sizes: Dict, tmp: str) -> List[Dict]:

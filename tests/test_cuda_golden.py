@@ -10,27 +10,15 @@ teacher forcing in test_cuda_attention.py instead.
 import pytest
 import torch
 
-from conftest import reference_file
 from cuda_util import CUDA_MARKS, DEVICE, ieee_fp32
-from models import build_vae_var
-from test_golden import FEAT_TOL, IMG_TOL, assert_close
+from test_golden import FEAT_TOL, IMG_TOL, assert_close, load_golden
 
 pytestmark = CUDA_MARKS
 
 
 @pytest.fixture(scope='module')
 def golden_cuda():
-    g = torch.load(reference_file('golden_small.pt'), weights_only=False, map_location='cpu')
-    c = g['config']
-    vae, var = build_vae_var(
-        device=DEVICE, patch_nums=c['patch_nums'], V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'],
-        num_classes=c['num_classes'], depth=c['depth'], shared_aln=c['shared_aln'], attn_l2_norm=c['attn_l2_norm'],
-        flash_if_available=False, fused_if_available=False,
-    )
-    vae.load_state_dict(g['vae_state'], strict=True)
-    var.load_state_dict(g['var_state'], strict=True)
-    vae.eval()
-    var.eval()
+    g, vae, var = load_golden(DEVICE)
     with ieee_fp32():
         yield g, vae, var
 

@@ -9,12 +9,12 @@ FEAT_TOL = 1e-4
 IMG_TOL = 1e-3
 
 
-@pytest.fixture(scope='module')
-def golden():
+def load_golden(device):
+    """The golden file and its tokenizer and VAR built on `device`, loaded strictly, in eval mode."""
     g = torch.load(reference_file('golden_small.pt'), weights_only=False, map_location='cpu')
     c = g['config']
     vae, var = build_vae_var(
-        device='cpu', patch_nums=c['patch_nums'], V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'],
+        device=device, patch_nums=c['patch_nums'], V=c['V'], Cvae=c['Cvae'], ch=c['ch'], share_quant_resi=c['share_quant_resi'],
         num_classes=c['num_classes'], depth=c['depth'], shared_aln=c['shared_aln'], attn_l2_norm=c['attn_l2_norm'],
         flash_if_available=False, fused_if_available=False,
     )
@@ -23,6 +23,11 @@ def golden():
     vae.eval()
     var.eval()
     return g, vae, var
+
+
+@pytest.fixture(scope='module')
+def golden():
+    return load_golden('cpu')
 
 
 def assert_close(got, want, tol, what):

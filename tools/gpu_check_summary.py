@@ -101,12 +101,8 @@ def fmt_measurement(name: str, m: Dict) -> str:
 
 
 def write_json_atomic(obj, path: str) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from utils.ckpt import write_bytes_atomic   # the repository is on sys.path (main puts it there)
+    write_bytes_atomic(json.dumps(obj, indent=1).encode(), path)
 
 
 def summarise(work: str, out: str, device: str, seconds: int) -> int:
