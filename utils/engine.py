@@ -151,6 +151,7 @@ class _Loop:
         metrics = {**stats, **self.last_val}
         if dist.is_master():
             self.task.publish(metrics)
+        dist.barrier()   # the other processes wait for rank 0's export before they tear the process group down
         return metrics
 
     def iteration(self, ep: int, it: int, epoch: _Epoch) -> None:
