@@ -63,13 +63,12 @@ def _publish(tmp: str, path: str, prev_path: Optional[str]) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def save_atomic(obj, path: str, prev_path: Optional[str] = None) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename; a kill never leaves a partial file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _write_atomic(path: str, write: Callable, prev_path: Optional[str] = None) -> None:
+    """write(f) into a temporary file beside `path`, fsync, then rename (the replaced file becomes prev_path)."""
     tmp = _tmp_name(path)
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path, prev_path)
@@ -78,18 +77,15 @@ def save_atomic(obj, path: str, prev_path: Optional[str] = None) -> None:
             os.remove(tmp)
 
 
+def save_atomic(obj, path: str, prev_path: Optional[str] = None) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename; a kill never leaves a partial file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_atomic(path, lambda f: torch.save(obj, f), prev_path)
+
+
 def write_bytes_atomic(data: bytes, path: str) -> None:
     """Write `data` to a temporary file beside `path`, fsync, then rename, as save_atomic does for checkpoints."""
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path, None)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_atomic(path, lambda f: f.write(data))
 
 
 def copy_atomic(src: str, dst: str) -> None:
