@@ -97,7 +97,7 @@ def check_model_limits(args: SampleArgs, kw: Dict) -> None:
 # ------------------------------------------------------------------ manifest
 # key of manifest['pixels'] → how to name it to the user
 _NAMES = {'per_class': '--per_class', 'num_classes': '--num_classes', 'cfg': '--cfg', 'top_k': '--top_k', 'top_p': '--top_p',
-          'more_smooth': '--more_smooth', 'seed': '--seed', 'fp16': '--fp16', 'tf32': '--tf32', 'fuse': '--fuse', 'ema': '--ema',
+          'more_smooth': '--more_smooth', 'seed': '--seed', 'bs': '--bs', 'fp16': '--fp16', 'tf32': '--tf32', 'fuse': '--fuse', 'ema': '--ema',
           'device': 'device type', 'format': 'sample-set format', 'model': 'model build arguments', 'image_size': 'image size',
           'var_sha256': 'VAR weights (sha256 of the state dict)', 'vae_sha256': 'tokenizer weights (sha256 of the state dict)'}
 
@@ -106,8 +106,8 @@ def sampling_settings(args: SampleArgs, device: torch.device) -> Dict:
     """The settings that determine the pixels and are known before the weights are read."""
     s = dict(format=MANIFEST_FORMAT, per_class=args.per_class, num_classes=args.num_classes, cfg=args.cfg, top_k=args.top_k,
              top_p=args.top_p, more_smooth=args.more_smooth, seed=args.seed, fp16=args.fp16, ema=bool(args.ema), device=device.type)
-    if device.type == 'cuda':   # TF32 and the fused kernels change CUDA's rounding; on the CPU they do nothing
-        s.update(tf32=args.tf32, fuse=args.fuse)
+    if device.type == 'cuda':   # TF32, the fused kernels and the batch's shape change CUDA's rounding; on the CPU they do not
+        s.update(tf32=args.tf32, fuse=args.fuse, bs=args.bs)
     return s
 
 

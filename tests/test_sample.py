@@ -188,6 +188,21 @@ def test_a_rerun_with_other_settings_or_weights_is_refused(tiny_ckpts, ref_set, 
             f'{out}.npz was made with other settings', '--seed: 1 then, 2 now')
 
 
+def test_the_batch_size_is_a_pixel_setting_on_cuda_only():
+    """cuBLAS and cuDNN choose kernels by the batch's shape, so on CUDA another --bs may move pixels by a level (seen on an
+    H200: a few hundred values of each image, by one level): it is compared on a rerun there. On the CPU the PNGs are
+    byte-identical for any --bs (test_same_files_for_one_or_two_processes_and_any_batch_size), so it is not."""
+    from sample import SampleArgs, manifest_differences, sampling_settings
+    args = SampleArgs(bs=4)
+    assert 'bs' not in sampling_settings(args, torch.device('cpu'))
+    on_cuda = sampling_settings(args, torch.device('cuda'))
+    assert on_cuda['bs'] == 4 and on_cuda['tf32'] == args.tf32
+    args.bs = 7
+    assert manifest_differences({'pixels': on_cuda}, sampling_settings(args, torch.device('cuda'))) == ['--bs: 4 then, 7 now']
+    assert manifest_differences({'pixels': sampling_settings(SampleArgs(bs=4), torch.device('cpu'))},
+                                sampling_settings(args, torch.device('cpu'))) == []
+
+
 def test_foreign_files_in_out_are_refused(tiny_ckpts, ref_set, tmp_path):
     flags = ['--per_class=3', '--bs=4', '--seed=1']
     extra = copy_set(ref_set, tmp_path / 'extra')

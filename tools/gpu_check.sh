@@ -103,7 +103,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|numpy|pillow|scipy|tqdm|tensorboard|huggingface|pytest|flash|xformers|triton)' ; } > "$OUT/env.txt" 2>&1
 
 # ---------------------------------------------------------------- 1. the cuda tests
-step cuda_tests "$T_TESTS" "$OUT/pytest.log" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml" \
+XDIST=()                               # the tests in 4 processes where pytest-xdist is there (one GPU is enough for them)
+[ "$DEVICE" = cuda ] && "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
+step cuda_tests "$T_TESTS" "$OUT/pytest.log" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/junit.xml" \
   tests/test_cuda_golden.py tests/test_cuda_attention.py tests/test_cuda_amp.py tests/test_cuda_scripts.py
 
 # ---------------------------------------------------------------- 2. bench.py: training steps, sampling
