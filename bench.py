@@ -3,6 +3,7 @@
     python bench.py train  --depth=8 --bs=4 --reso=256 --dtype=fp32 [--tf32] [--tokens] [--grad_ckpt] [--mode=baseline]
     python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--tf32] [--mode=baseline]
     python bench.py compare --reference=DIR [--depth=8] [--bs=4] [--repeat=3] [--threads=N] [--steps=1] [--quick] [--out_dir=DIR]
+    python bench.py compare --reference=DIR --device=cuda --depth=16 --bs=32 --steps=5   # on a GPU
     python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # ablation: this code against its own --mode=baseline
     python bench.py cpu        # the CPU, its ISA features, and which fast paths this code takes on it and why
 
@@ -27,6 +28,11 @@ Runtime shims for the reference, applied from here and never by editing DIR: bot
 flash_if_available=False and fused_if_available=False (flash-attn, xformers and the fused MLP are CUDA kernels), and
 the measuring processes see no GPU (CUDA_VISIBLE_DEVICES empty: the reference picks its sampling generator's device
 from torch.cuda.is_available()). Its `torch.cuda.amp.autocast(enabled=False)` blocks run as they are on the CPU.
+`compare --reference=DIR --device=cuda` runs the same harness on the GPU the way both codebases are used there (d16 and
+batch 32 are good sizes): TF32 allowed (the reference's --tf32 default), each side's default attention and MLP kernels,
+fused AdamW, and the rows: a training step with live tokenisation under bfloat16 autocast, the same under float16
+autocast with a loss scaler, and sampling under float16 autocast (the reference notebook's); peak memory is CUDA's
+peak allocation after the weights are loaded; each row also gives images/s.
 
 `--mode=baseline` switches every optimisation of this codebase off (dense masked attention, F.linear,
 whole-batch NCHW direct convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
@@ -310,8 +316,18 @@ def cpu(args) -> None:
 
 
 # ---------------------------------------------------------------- side by side with the reference implementation
-ROWS = (('train_live', 'training step, live tokenisation'), ('train_tokens', 'training step, pre-extracted tokens'),
-        ('sample', 'sampling a batch'))
+# row → (title, what, live tokenisation, dtype). The CPU rows are exact float32; the CUDA rows are how both codebases are
+# run on a GPU: train.py's --fp16=2 / --fp16=1 (autocast; fp16 with a loss scaler) and the reference notebook's float16
+# autocast for sampling, TF32 allowed on both sides (the reference's --tf32 default).
+ROW_SPECS = {
+    'train_live': ('training step, live tokenisation', 'train', True, 'fp32'),
+    'train_tokens': ('training step, pre-extracted tokens', 'train', False, 'fp32'),
+    'sample': ('sampling a batch', 'sample', None, 'fp32'),
+    'train_live_bf16': ('training step, live tokenisation, bf16 autocast', 'train', True, 'bf16'),
+    'train_live_fp16': ('training step, live tokenisation, fp16 autocast + loss scaler', 'train', True, 'fp16'),
+    'sample_fp16': ('sampling a batch, fp16 autocast', 'sample', None, 'fp16'),
+}
+DEVICE_ROWS = {'cpu': ('train_live', 'train_tokens', 'sample'), 'cuda': ('train_live_bf16', 'train_live_fp16', 'sample_fp16')}
 QUICK_SIZES = dict(depth=2, bs=2, patch_nums=(1, 2, 3, 4), ch=32, Cvae=8)   # 64 px, a tokenizer 5x narrower: to check the harness
 
 
@@ -322,18 +338,20 @@ def side_sizes(args) -> Dict:
     return dict(depth=args.depth, bs=args.bs, patch_nums={256: PATCH_NUMS_256, 512: PATCH_NUMS_512}[args.reso])
 
 
-def _build_kwargs(sizes: Dict) -> Dict:
+def _build_kwargs(sizes: Dict, device: str = 'cpu') -> Dict:
     kw = {k: v for k, v in sizes.items() if k != 'bs'}
-    # flash-attn / xformers / fused MLP are CUDA kernels: off on both sides so neither implementation reaches for them
-    return dict(kw, patch_nums=tuple(kw['patch_nums']), shared_aln=kw['depth'] >= 36, flash_if_available=False, fused_if_available=False)
+    # flash-attn / xformers / the fused MLP are CUDA kernels: off on the CPU so neither side reaches for them; on CUDA each
+    # side's default (both fall back to PyTorch's SDPA and MLP where the packages are not installed)
+    cuda = device.startswith('cuda')
+    return dict(kw, patch_nums=tuple(kw['patch_nums']), shared_aln=kw['depth'] >= 36, flash_if_available=cuda, fused_if_available=cuda)
 
 
-def _inputs(sizes: Dict):
+def _inputs(sizes: Dict, device: str = 'cpu'):
     g = torch.Generator().manual_seed(0)
     reso = sizes['patch_nums'][-1] * 16
     img_B3HW = torch.rand(sizes['bs'], 3, reso, reso, generator=g) * 2 - 1
     label_B = torch.randint(0, 1000, (sizes['bs'],), generator=g)
-    return img_B3HW, label_B
+    return img_B3HW.to(device), label_B.to(device)
 
 
 def _tokenise(vae, img_B3HW):
@@ -342,34 +360,49 @@ def _tokenise(vae, img_B3HW):
         return idx_Bl, torch.cat(idx_Bl, 1), vae.quantize.idxBl_to_var_input(idx_Bl)
 
 
-def _train_steps(vae, var, img_B3HW, label_B, steps: int, live: bool):
-    """The reference trainer's step: logits, label-smoothed cross entropy, backward, clip at 2, AdamW step."""
+def _train_steps(vae, var, img_B3HW, label_B, steps: int, live: bool, dtype: str = 'fp32'):
+    """The reference trainer's step: logits under its autocast (tokenisation outside it), label-smoothed cross entropy,
+    backward (float16: through a loss scaler, unscaled before clipping), clip at 2, AdamW step."""
     var.train()
-    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    device = img_B3HW.device
+    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=device.type == 'cuda' or None)
+    scaler = torch.amp.GradScaler(device.type) if dtype == 'fp16' else None
     tokens = None if live else _tokenise(vae, img_B3HW)   # pre-extracted: outside the timed region
     times, loss = [], None
     for _ in range(steps + 1):   # the first one warms up
+        _sync(device)
         t = time.perf_counter()
         idx_Bl, gt_BL, x_BLCv = _tokenise(vae, img_B3HW) if live else tokens
-        logits_BLV = var(label_B, x_BLCv)
-        loss = F.cross_entropy(logits_BLV.view(-1, logits_BLV.shape[-1]), gt_BL.view(-1), label_smoothing=0.1)
-        loss.backward()
+        with _amp(device, dtype):
+            logits_BLV = var(label_B, x_BLCv)
+            loss = F.cross_entropy(logits_BLV.view(-1, logits_BLV.shape[-1]), gt_BL.view(-1), label_smoothing=0.1)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(device)
         times.append(time.perf_counter() - t)
-    return times[1:], {'loss': loss.item(), 'tokens': idx_Bl}
+    return times[1:], {'loss': loss.item(), 'tokens': [t.cpu() for t in idx_Bl]}
 
 
-def _sample_steps(var, label_B, steps: int):
+def _sample_steps(var, label_B, steps: int, dtype: str = 'fp32'):
     var.eval()
+    device = label_B.device
     times, img = [], None
     for _ in range(steps + 1):
+        _sync(device)
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _amp(device, dtype):
             img = var.autoregressive_infer_cfg(len(label_B), label_B, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
+        _sync(device)
         times.append(time.perf_counter() - t)
-    return times[1:], {'images': img.float().clone()}
+    return times[1:], {'images': img.float().cpu().clone()}
 
 
 def _reset_peak_rss() -> bool:
@@ -391,39 +424,47 @@ def side(args) -> None:
     if os.path.dirname(os.path.dirname(os.path.abspath(models.__file__))) != impl:
         raise RuntimeError(f'`import models` resolved to {models.__file__}, not to {impl}')
     sizes = json.loads(args.sizes)
+    device = torch.device(args.device or 'cpu')
+    _set_tf32(device, device.type == 'cuda')   # the reference's --tf32 default, and train.py's
+    _, what, live, dtype = ROW_SPECS[args.row]
     torch.manual_seed(0)
-    vae, var = models.build_vae_var(device='cpu', **_build_kwargs(sizes))
+    vae, var = models.build_vae_var(device=device, **_build_kwargs(sizes, device.type))
     weights = torch.load(args.weights, map_location='cpu', mmap=True)
     vae.load_state_dict(weights['vae'], strict=True)
     var.load_state_dict(weights['var'], strict=True)
     del weights
     peak_reset = _reset_peak_rss()
-    img_B3HW, label_B = _inputs(sizes)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    img_B3HW, label_B = _inputs(sizes, device)
     torch.manual_seed(0)
-    if args.row == 'sample':
-        times, keep = _sample_steps(var, label_B, args.steps)
+    if what == 'sample':
+        times, keep = _sample_steps(var, label_B, args.steps, dtype)
     else:
-        times, keep = _train_steps(vae, var, img_B3HW, label_B, args.steps, live=args.row == 'train_live')
+        times, keep = _train_steps(vae, var, img_B3HW, label_B, args.steps, live=live, dtype=dtype)
     if args.save_images:
         torch.save(keep.get('images', keep.get('tokens')), args.save_images)
+    seconds = statistics.median(times)
     print(json.dumps({'row': args.row, 'module': os.path.abspath(models.__file__), 'var_class_file': inspect.getsourcefile(type(var)),
-                      'seconds': statistics.median(times),
+                      'seconds': seconds, 'images_per_sec': sizes['bs'] / seconds, 'device': str(device), 'dtype': dtype,
                       'steps': times, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                      'peak_cuda_gib': torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None,
                       'peak_rss_since': 'weights loaded' if peak_reset else 'process start', 'threads': torch.get_num_threads(),
                       'loss': keep.get('loss')}))
 
 
-def _child_env(threads: int) -> Dict[str, str]:
+def _child_env(threads: int, device: str) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}   # nothing but --impl decides what `models` is
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1',
-               CUDA_VISIBLE_DEVICES='')   # the CPU comparison: the reference would put its sampling generator on a GPU
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1')
+    if device == 'cpu':   # the CPU comparison: the reference would put its sampling generator on a GPU
+        env['CUDA_VISIBLE_DEVICES'] = ''
     return env
 
 
 def run_side(impl: str, row: str, args, sizes: Dict, weights: str, save: str = '') -> Dict:
     argv = [sys.executable, os.path.join(REPO, 'bench.py'), 'side', f'--impl={impl}', f'--row={row}', f'--sizes={json.dumps(sizes)}',
-            f'--weights={weights}', f'--threads={args.threads}', f'--steps={args.steps}', f'--save_images={save}']
-    res = subprocess.run(argv, capture_output=True, text=True, cwd=os.path.dirname(weights), env=_child_env(args.threads))
+            f'--weights={weights}', f'--threads={args.threads}', f'--steps={args.steps}', f'--save_images={save}', f'--device={args.device}']
+    res = subprocess.run(argv, capture_output=True, text=True, cwd=os.path.dirname(weights), env=_child_env(args.threads, args.device))
     if res.returncode != 0:
         raise RuntimeError(f'the {row} measurement of {impl} failed:\n{res.stderr[-3000:]}')
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -441,26 +482,38 @@ def _stats(values: List[float]) -> Dict:
     return {'rounds': values, 'best': min(values), 'median': statistics.median(values)}
 
 
-def summarise(runs: List[Dict]) -> List[Dict]:
-    """Per row: best and median of each side over the rounds, seconds and peak resident memory, and the ratios."""
+def summarise(runs: List[Dict], rows: Tuple[str, ...]) -> List[Dict]:
+    """Per row: best and median of each side over the rounds, seconds (with images/s) and peak memory (resident on the
+    CPU, CUDA's allocated peak on a GPU), and the ratios."""
     out = []
-    for row, title in ROWS:
-        for what, unit in (('seconds', 's'), ('peak_rss_gib', 'GiB')):
+    cuda = any(r['peak_cuda_gib'] is not None for r in runs)
+    memory, memory_name = ('peak_cuda_gib', 'peak CUDA memory') if cuda else ('peak_rss_gib', 'peak resident memory')
+    for row in rows:
+        title = ROW_SPECS[row][0]
+        for what, unit in (('seconds', 's'), (memory, 'GiB')):
             ref = _stats([r[what] for r in runs if r['row'] == row and r['side'] == 'reference'])
             ours = _stats([r[what] for r in runs if r['row'] == row and r['side'] == 'ours'])
-            name = title if what == 'seconds' else f'peak resident memory, {title}'
-            out.append({'row': row, 'what': what, 'title': name, 'unit': unit, 'reference': ref, 'ours': ours,
-                        'ratio_best': ref['best'] / ours['best'], 'ratio_median': ref['median'] / ours['median']})
+            name = title if what == 'seconds' else f'{memory_name}, {title}'
+            s = {'row': row, 'what': what, 'title': name, 'unit': unit, 'reference': ref, 'ours': ours,
+                 'ratio_best': ref['best'] / ours['best'], 'ratio_median': ref['median'] / ours['median']}
+            if what == 'seconds':   # images per second of the best round
+                s['images_per_sec'] = {side: max(r['images_per_sec'] for r in runs if r['row'] == row and r['side'] == side)
+                                       for side in ('reference', 'ours')}
+            out.append(s)
     return out
 
 
 def print_table(summary: List[Dict], caption: str, repeat: int) -> None:
     print(f'| {caption} | reference, best / median ({repeat} rounds) | this code, best / median ({repeat} rounds) '
           '| ratio (reference / this code), best / median |\n| --- | --- | --- | --- |')
+    digits = 3 if any(s['what'] == 'seconds' and s['ours']['best'] < 1 for s in summary) else 2   # GPU steps are short
     for s in summary:
         ref, ours = s['reference'], s['ours']
-        print(f"| {s['title']} | {ref['best']:.2f} / {ref['median']:.2f} {s['unit']} | {ours['best']:.2f} / {ours['median']:.2f} {s['unit']} "
-              f"| {s['ratio_best']:.2f}x / {s['ratio_median']:.2f}x |")
+        d = digits if s['what'] == 'seconds' else 2
+        ips = s.get('images_per_sec')
+        print(f"| {s['title']} | {ref['best']:.{d}f} / {ref['median']:.{d}f} {s['unit']} | {ours['best']:.{d}f} / {ours['median']:.{d}f} "
+              f"{s['unit']} | {s['ratio_best']:.2f}x / {s['ratio_median']:.2f}x |"
+              + (f" images/s (best): reference {ips['reference']:.1f}, this code {ips['ours']:.1f} |" if ips else ''))
 
 
 def sanity_lines(tmp: str, runs: List[Dict]) -> Tuple[Dict, List[str]]:
@@ -470,11 +523,13 @@ def sanity_lines(tmp: str, runs: List[Dict]) -> Tuple[Dict, List[str]]:
     n_tok = sum(t.numel() for t in tok_ours)
     n_diff = sum(int((a != b).sum()) for a, b in zip(tok_ref, tok_ours))
     img_diff = float((torch.load(f'{tmp}/images_reference.pt') - torch.load(f'{tmp}/images_ours.pt')).abs().max())
-    loss = {r['side']: r['loss'] for r in runs if r['row'] == 'train_tokens' and r['round'] == 0}
-    sanity = {'tokens': n_tok, 'tokens_differing': n_diff, 'sampled_images_max_abs_diff': img_diff, 'train_tokens_loss': loss}
+    loss_row = next(r['row'] for r in runs if ROW_SPECS[r['row']][1] == 'train')   # the first training row
+    loss = {r['side']: r['loss'] for r in runs if r['row'] == loss_row and r['round'] == 0}
+    sanity = {'tokens': n_tok, 'tokens_differing': n_diff, 'sampled_images_max_abs_diff': img_diff, 'train_tokens_loss': loss,
+              'loss_row': loss_row}
     return sanity, [f'same weights, same images: {n_tok - n_diff} of {n_tok} tokens equal ({n_diff} differ)',
                     f'sampled images (same seed, labels): max |reference - this code| = {img_diff:.2e} in [0, 1]',
-                    f"loss of the last timed step from tokens, round 1: reference {loss['reference']:.6f}, this code {loss['ours']:.6f}"]
+                    f"loss of the last timed step ({loss_row}), round 1: reference {loss['reference']:.6f}, this code {loss['ours']:.6f}"]
 
 
 def _write_json_atomic(obj, path: str) -> None:
@@ -486,11 +541,14 @@ def measure_interleaved(args, reference: str, sizes: Dict, tmp: str) -> List[Dic
     """Every row by both sides, --repeat rounds, each measurement a fresh process; round 1 keeps the token maps and images."""
     weights = os.path.join(tmp, 'weights.pt')
     _save_shared_weights(sizes, weights)
-    runs = []
+    runs, rows = [], DEVICE_ROWS[args.device]
+    first_train = next(row for row in rows if ROW_SPECS[row][1] == 'train' and ROW_SPECS[row][2])   # live: keeps the tokens
+    first_sample = next(row for row in rows if ROW_SPECS[row][1] == 'sample')
     for rnd in range(args.repeat):   # interleaved: reference, this code, reference, this code, ...
-        for row, _ in ROWS:
+        for row in rows:
             for name, impl in (('reference', reference), ('ours', REPO)):
-                save = f"{tmp}/{'images' if row == 'sample' else 'tokens'}_{name}.pt" if rnd == 0 and row != 'train_tokens' else ''
+                kept = {first_train: 'tokens', first_sample: 'images'}.get(row)
+                save = f'{tmp}/{kept}_{name}.pt' if rnd == 0 and kept else ''
                 r = run_side(impl, row, args, sizes, weights, save)
                 runs.append(dict(r, side=name, round=rnd))
                 print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {r['peak_rss_gib']:.2f} GiB", flush=True)
@@ -501,7 +559,10 @@ def compare_reference(args) -> None:
     """The reference implementation and this code side by side: the README's performance table."""
     reference = os.path.abspath(args.reference)
     sizes, info = side_sizes(args), cpu_info(args.threads)
-    print(f'command: {args.command}\n{describe_machine(info)}\nreference: {reference}; this code: {REPO}')
+    if args.device == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name()
+    print(f'command: {args.command}\n{describe_machine(info)}' + (f"\nGPU: {info['gpu']}" if 'gpu' in info else '')
+          + f'\nreference: {reference}; this code: {REPO}')
     for line in fast_path_lines():
         print(f'- this code: {line}')
     with tempfile.TemporaryDirectory(prefix='var-bench-') as tmp:
@@ -510,8 +571,9 @@ def compare_reference(args) -> None:
     modules = {name: sorted({r['module'] for r in runs if r['side'] == name}) for name in ('reference', 'ours')}
     print(f"\nmodels imported: reference {', '.join(modules['reference'])}; this code {', '.join(modules['ours'])}")
     print('\n'.join(lines) + '\n')
-    summary = summarise(runs)
-    caption = (f"d{sizes['depth']}, batch {sizes['bs']}, {sizes['patch_nums'][-1] * 16} px, float32, {args.threads} threads, "
+    summary = summarise(runs, DEVICE_ROWS[args.device])
+    precision = 'float32' if args.device == 'cpu' else f"{info['gpu']}, TF32 on"
+    caption = (f"d{sizes['depth']}, batch {sizes['bs']}, {sizes['patch_nums'][-1] * 16} px, {precision}, {args.threads} threads, "
                f"{args.steps} timed step(s) per process")
     print_table(summary, caption, args.repeat)
     if args.out_dir:
@@ -533,8 +595,10 @@ def check_args(args) -> None:
         if not os.path.isfile(os.path.join(args.reference, 'models', '__init__.py')):
             raise UserError(f'--reference={args.reference}: no models/__init__.py there; give the root of a work tree of the '
                             'reference implementation (github.com/FoundationVision/VAR), kept outside this project')
-        if args.device not in (None, 'cpu'):
-            raise UserError(f'--device={args.device}: compare --reference measures on the CPU only (use --device=cpu)')
+        if args.device not in (None, 'cpu', 'cuda'):
+            raise UserError(f'--device={args.device}: compare --reference measures on cpu or cuda')
+        if args.device == 'cuda' and not torch.cuda.is_available():
+            raise UserError('--device=cuda: no CUDA device is visible here (torch.cuda.is_available() is False); use --device=cpu')
 
 
 @dataclass
@@ -554,7 +618,7 @@ class BenchArgs:
     steps: Optional[int] = field(default=None, metadata={
         'help': 'timed steps per process after one warm-up (default 3; compare --reference: 1)'})
     device: Optional[str] = field(default=None, metadata={
-        'help': 'default: cuda where available, else cpu (compare --reference: cpu only)'})
+        'help': 'default: cuda where available, else cpu (compare --reference: cpu unless --device=cuda)'})
     save_images: str = ''
     out_dir: str = field(default=os.path.join(REPO, 'local_output', 'bench'),
                          metadata={'help': 'compare: where compare.json and the sampled images go'})
@@ -570,7 +634,7 @@ class BenchArgs:
                          metadata={'help': 'compare --reference: torch threads of every process'})
     impl: str = field(default='', metadata={
         'help': 'side: the implementation to import `models` from (internal, used by compare --reference)'})
-    row: str = field(default='train_live', metadata={'choices': [r for r, _ in ROWS], 'help': 'side: what to measure (internal)'})
+    row: str = field(default='train_live', metadata={'choices': list(ROW_SPECS), 'help': 'side: what to measure (internal)'})
     sizes: str = field(default='{}', metadata={'help': 'side: the model sizes as JSON (internal)'})
     weights: str = field(default='', metadata={'help': 'side: the shared state dicts (internal)'})
     command: str = field(default='', metadata={'derived': True})   # the command line, kept in compare's JSON

@@ -4,6 +4,9 @@
 #   tools/gpu_check.sh OUT_DIR                 # on a GPU machine (make gpu-check OUT=...)
 #   tools/gpu_check.sh OUT_DIR --device=cpu    # dry run on the CPU: small sizes, the CUDA tests skip
 #
+# With a work tree of the reference implementation (FoundationVision/VAR) in $VAR_REFERENCE_IMPL, or copied to
+# .whl/reference_impl by tools/fetch_gpu_wheels.sh, it also times the reference against this code on the same card
+# (bench.py compare --reference --device=cuda: d16, batch 32, bf16 and fp16 training steps, fp16 sampling, 3 rounds).
 # It installs nothing from the network. The python is $PYTHON, else python3 (else .venv/bin/python when
 # python3 has no torch). Packages missing there are installed, for this run only, from the wheels in .whl/
 # (tools/fetch_gpu_wheels.sh fills it; carry .whl to the GPU machine); .whl/reference/golden_small.pt, if
@@ -35,15 +38,17 @@ cd "$REPO" || exit 2
 
 START=$(date +%s)
 if [ "$DEVICE" = cuda ]; then
-  TOTAL=${GPU_CHECK_TOTAL_S:-465}       # the whole check: under the 8 minutes a GPU call allows
-  T_TESTS=200; T_TRAIN=55; T_SAMPLE=45
+  TOTAL=${GPU_CHECK_TOTAL_S:-480}       # the whole check: 8 minutes
+  T_TESTS=150; T_TRAIN=45; T_SAMPLE=40; T_REF=200
   TRAIN="--depth=16 --bs=32 --reso=256 --steps=5"
   SAMPLE="--depth=16 --bs=64 --steps=3"
+  REF_SIZES="--depth=16 --bs=32 --steps=3 --repeat=3"
 else                                   # dry run: small sizes, a slow shared CPU
   TOTAL=${GPU_CHECK_TOTAL_S:-1500}
-  T_TESTS=120; T_TRAIN=300; T_SAMPLE=240
+  T_TESTS=120; T_TRAIN=300; T_SAMPLE=240; T_REF=300
   TRAIN="--depth=2 --bs=2 --reso=256 --steps=1"
   SAMPLE="--depth=2 --bs=2 --steps=1"
+  REF_SIZES="--quick --repeat=1"
 fi
 RESERVE=15                             # kept for the summary
 
@@ -103,20 +108,28 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|numpy|pillow|scipy|tqdm|tensorboard|huggingface|pytest|flash|xformers|triton)' ; } > "$OUT/env.txt" 2>&1
 
 # ---------------------------------------------------------------- 1. the cuda tests
-XDIST=()                               # the tests in 4 processes where pytest-xdist is there (one GPU is enough for them)
-[ "$DEVICE" = cuda ] && "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
+XDIST=()                               # the tests in 8 processes where pytest-xdist is there (one GPU is enough for them)
+[ "$DEVICE" = cuda ] && "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
 step cuda_tests "$T_TESTS" "$OUT/pytest.log" "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider "${XDIST[@]}" --junitxml="$OUT/junit.xml" \
   tests/test_cuda_golden.py tests/test_cuda_attention.py tests/test_cuda_amp.py tests/test_cuda_scripts.py
 
 # ---------------------------------------------------------------- 2. bench.py: training steps, sampling
-for dt in bf16 fp16 fp32; do
-  tf=""; [ "$dt" = fp32 ] && tf="--tf32"
-  step "train_$dt${tf:+_tf32}" "$T_TRAIN" "$WORK/train_$dt${tf:+_tf32}.json" "$PY" bench.py train $TRAIN --dtype=$dt $tf --device=$DEVICE --json
+for dt in bf16 fp16 fp32; do   # TF32 on, as train.py runs by default (the tokenizer's float32 convolutions too)
+  step "train_${dt}_tf32" "$T_TRAIN" "$WORK/train_${dt}_tf32.json" "$PY" bench.py train $TRAIN --dtype=$dt --tf32 --device=$DEVICE --json
 done
 step sample_fp32_tf32 "$T_SAMPLE" "$WORK/sample_fp32_tf32.json" "$PY" bench.py sample $SAMPLE --dtype=fp32 --tf32 --device=$DEVICE --json
 step sample_bf16 "$T_SAMPLE" "$WORK/sample_bf16.json" "$PY" bench.py sample $SAMPLE --dtype=bf16 --device=$DEVICE --json
 
-# ---------------------------------------------------------------- 3. the summary
+# ---------------------------------------------------------------- 3. the reference implementation on the same card
+REF_IMPL=${VAR_REFERENCE_IMPL:-}
+[ -z "$REF_IMPL" ] && [ -f .whl/reference_impl/models/__init__.py ] && REF_IMPL="$REPO/.whl/reference_impl"
+if [ -n "$REF_IMPL" ]; then
+  step reference_compare "$T_REF" "$OUT/reference_compare.txt" "$PY" bench.py compare --reference="$REF_IMPL" --device=$DEVICE $REF_SIZES --out_dir="$OUT"
+else
+  log "reference_compare: not run (no reference work tree: set VAR_REFERENCE_IMPL, or VAR_REFERENCE_IMPL=DIR make gpu-wheels)"
+fi
+
+# ---------------------------------------------------------------- 4. the summary
 timeout -k 5 60 "$PY" tools/gpu_check_summary.py --work="$WORK" --out="$OUT" --device="$DEVICE" --seconds="$(( $(date +%s) - START ))"
 rc=$?
 if [ $rc -gt 1 ]; then   # the summariser itself broke: still say so in one line

@@ -68,6 +68,17 @@ def read_measurement(path: str) -> Dict:
     return m
 
 
+REFERENCE_STEP = 'reference_compare'   # bench.py compare --reference: its JSON in OUT, not a NAME.json in WORK
+
+
+def read_reference_compare(path: str) -> List[Dict]:
+    """The rows of bench.py compare --reference's table: best/median of each side, the ratios, images/s."""
+    with open(path) as f:
+        rows = json.load(f)['summary']
+    keep = ('row', 'what', 'title', 'unit', 'ratio_best', 'ratio_median', 'images_per_sec')
+    return [dict({k: r[k] for k in keep if k in r}, reference=r['reference'], ours=r['ours']) for r in rows]
+
+
 def environment() -> Dict:
     env = {'python': platform.python_version()}
     try:
@@ -126,7 +137,12 @@ def summarise(work: str, out: str, device: str, seconds: int) -> int:
     summary['measurements'] = {}
     for s in summary['steps']:
         path = os.path.join(work, f"{s['name']}.json")
-        if s['name'] != 'cuda_tests' and s['status'] == 'passed':
+        if s['name'] == REFERENCE_STEP and s['status'] == 'passed':
+            try:
+                summary['reference_compare'] = read_reference_compare(os.path.join(out, 'compare_reference.json'))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                s['status'] = f'failed (unreadable output: {e!r})'
+        elif s['name'] not in ('cuda_tests', REFERENCE_STEP) and s['status'] == 'passed':
             try:
                 summary['measurements'][s['name']] = read_measurement(path)
             except (OSError, ValueError, KeyError, IndexError) as e:
@@ -141,6 +157,9 @@ def summarise(work: str, out: str, device: str, seconds: int) -> int:
     tests = 'tests: unreadable' if t is None else f"tests {t['passed']} passed, {t['failed'] + t['errors']} failed, {t['skipped']} skipped"
     bad = [f"{s['name']} {s['status']}" for s in summary['steps'] if s['status'] != 'passed']
     meas = [fmt_measurement(n, m) for n, m in summary['measurements'].items()]
+    if 'reference_compare' in summary:
+        meas.append('vs the reference (best round): ' + ', '.join(f"{r['row']} {r['ratio_best']:.2f}x" for r in summary['reference_compare']
+                                                              if r['what'] == 'seconds'))
     where = summary.get('card', 'no GPU') + f", torch {summary.get('torch', '?')}, CUDA {summary.get('cuda', '-')}"
     kind = 'GPU CHECK' if device == 'cuda' else 'GPU CHECK DRY RUN (cpu)'
     print(f"{kind}: {summary['status'].upper()} in {seconds}s | {where} | {tests} | " + ' | '.join(meas + bad)
