@@ -35,7 +35,7 @@ def to_conv_layout(x_BChw: torch.Tensor, ch: int, channels_last: bool) -> torch.
     """The encoder's or decoder's input (base width `ch`) in the memory layout its convs run fastest on: NCHW where
     the wide ones go by Winograd (NNPACK reads NCHW), else channels-last where the net asks for it (`channels_last`,
     see channels_last_pays); unchanged with the fast paths off."""
-    if not SWITCH.on:
+    if not SWITCH.on or x_BChw.device.type != 'cpu':   # measured on CPUs; on CUDA a channels-last GroupNorm converts back
         return x_BChw
     if ch >= WINOGRAD_MIN_CHANNELS and winograd_applies(x_BChw):
         return x_BChw.contiguous()

@@ -1,0 +1,38 @@
+"""The CPU-measured fast paths stay on the CPU: on another device (here 'meta', which runs no arithmetic) the tokenizer's
+layout, its upsampling and block-causal attention take the reference's plain ops. A GPU check (tools/gpu_check.sh,
+H200) measured the grouped attention, polyphase upsampling and channels-last tokenizer 10% slower than the reference
+on CUDA, with 6% more memory."""
+import pytest
+import torch
+
+import models.kernels.attention_dispatch as attention_dispatch
+import models.kernels.upsample as upsample
+from models.kernels import BlockCausal, attention, block_causal_groups, to_conv_layout, upsample2x_conv3x3
+
+
+def refuse(*_, **__):
+    raise AssertionError('a CPU fast path ran on another device')
+
+
+def test_tokenizer_layout_stays_nchw_off_the_cpu():
+    x = torch.empty(2, 160, 16, 16, device='meta')
+    assert to_conv_layout(x, 160, True) is x
+    cpu = to_conv_layout(torch.zeros(1, 160, 8, 8), 160, True)   # on the CPU a wide tokenizer does change layout
+    assert cpu.is_contiguous(memory_format=torch.channels_last) or cpu.is_contiguous()
+
+
+def test_upsampling_is_nearest_then_conv_off_the_cpu(monkeypatch):
+    monkeypatch.setattr(upsample, 'phase_kernels', refuse)
+    out = upsample2x_conv3x3(torch.empty(2, 8, 5, 5, device='meta'), torch.empty(8, 8, 3, 3, device='meta'), torch.empty(8, device='meta'))
+    assert out.shape == (2, 8, 10, 10)
+
+
+def test_block_causal_attention_is_one_masked_call_off_the_cpu(monkeypatch):
+    lengths = [1, 4, 9, 16, 64, 100]
+    L = sum(lengths)
+    mask = BlockCausal(block_causal_groups(lengths), torch.zeros(1, 1, L, L, device='meta'))
+    q = torch.empty(2, 4, L, 16, device='meta')
+    monkeypatch.setattr(attention_dispatch, '_block_causal_attention', refuse)
+    assert attention(q, q, q, 0.25, mask).shape == (2, 4, L, 16)
+    with pytest.raises(AssertionError, match='a CPU fast path ran'):   # the CPU still goes by groups
+        attention(torch.zeros(1, 1, L, 8), torch.zeros(1, 1, L, 8), torch.zeros(1, 1, L, 8), 0.25, BlockCausal(mask.groups, torch.zeros(1, 1, L, L)))
