@@ -551,7 +551,9 @@ def measure_interleaved(args, reference: str, sizes: Dict, tmp: str) -> List[Dic
                 save = f'{tmp}/{kept}_{name}.pt' if rnd == 0 and kept else ''
                 r = run_side(impl, row, args, sizes, weights, save)
                 runs.append(dict(r, side=name, round=rnd))
-                print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {r['peak_rss_gib']:.2f} GiB", flush=True)
+                memory = (f"{r['peak_cuda_gib']:.2f} GiB CUDA peak" if r['peak_cuda_gib'] is not None
+                          else f"{r['peak_rss_gib']:.2f} GiB resident peak")
+                print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {memory}", flush=True)
     return runs
 
 
