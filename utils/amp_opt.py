@@ -5,6 +5,9 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from utils.parallel import clip_grad_norm
 
 __all__ = ['AmpOptimizer', 'build_adamw', 'MAX_LOSS_SCALE']
 
@@ -25,7 +28,10 @@ def build_adamw(param_groups: List[Dict], lr: float, fused: bool, betas=(0.9, 0.
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=0, betas=betas)
 
 
-def _grad_scaler(device_type: str):
+def _grad_scaler(device_type: str, sharded: bool):
+    if sharded:   # FSDP2: the non-finite check of each process's gradient shards is reduced over the processes
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device=device_type, init_scale=2. ** 11, growth_interval=1000)
     try:
         return torch.amp.GradScaler(device_type, init_scale=2. ** 11, growth_interval=1000)
     except (AttributeError, TypeError):  # torch < 2.3 has a CUDA-only scaler
@@ -49,7 +55,8 @@ class AmpOptimizer:
         self.device_type = device_type
         if self.enable_amp:
             self.amp_dtype = torch.float16 if self.using_fp16_rather_bf16 else torch.bfloat16
-            self.scaler = _grad_scaler(device_type) if self.using_fp16_rather_bf16 else None
+            sharded = any(isinstance(p, DTensor) for p in paras)
+            self.scaler = _grad_scaler(device_type, sharded) if self.using_fp16_rather_bf16 else None
         else:
             self.amp_dtype = None
             self.scaler = None
@@ -81,7 +88,7 @@ class AmpOptimizer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float('inf')
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.paras, max_norm))
+        grad_norm = clip_grad_norm(self.paras, max_norm)   # over every shard under --fsdp=1
         skipped = not math.isfinite(grad_norm)
         scale_log2 = None
         if self.scaler is not None:
