@@ -50,13 +50,13 @@ class AmpOptimizer:
 
     def __init__(self, device_type: str, mixed_precision: int, optimizer: torch.optim.Optimizer, names: List[str],
                  paras: List[torch.nn.Parameter], grad_clip: float, n_gradient_accumulation: int = 1):
+        self.sharded = any(isinstance(p, DTensor) for p in paras)   # FSDP2 shards (--fsdp=1)
         self.enable_amp = mixed_precision > 0
         self.using_fp16_rather_bf16 = mixed_precision == 1
         self.device_type = device_type
         if self.enable_amp:
             self.amp_dtype = torch.float16 if self.using_fp16_rather_bf16 else torch.bfloat16
-            sharded = any(isinstance(p, DTensor) for p in paras)
-            self.scaler = _grad_scaler(device_type, sharded) if self.using_fp16_rather_bf16 else None
+            self.scaler = _grad_scaler(device_type, self.sharded) if self.using_fp16_rather_bf16 else None
         else:
             self.amp_dtype = None
             self.scaler = None
@@ -92,7 +92,11 @@ class AmpOptimizer:
         skipped = not math.isfinite(grad_norm)
         scale_log2 = None
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update by itself when a gradient is not finite
+            if self.sharded:   # fused AdamW's own check of the scaler's flag does not take DTensor shards; the norm is global
+                if not skipped:
+                    self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)  # skips the update by itself when a gradient is not finite
             used_scale = self.scaler.get_scale()
             if used_scale > MAX_LOSS_SCALE:
                 self.scaler.update(new_scale=MAX_LOSS_SCALE)

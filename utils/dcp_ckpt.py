@@ -8,6 +8,7 @@ name and renamed; the folder it replaces becomes <prev>. Loading verifies the ma
 among the processes to hash), and reads the tensors into the layout of the models as they are built now: a checkpoint
 of 2 processes resumes on 1 or 4 (DCP reshards).
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,7 +17,8 @@ import os.path as osp
 import re
 import shutil
 import socket
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -144,6 +146,14 @@ def _link_copy(src: str, tmp: str) -> None:
     shutil.copytree(src, tmp, copy_function=link)
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process: that is what --fsdp=1 on one process means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        yield
+
+
 def read_full(folder: str) -> Dict[str, torch.Tensor]:
     """Every tensor of a DCP folder, whole, on the CPU, in this one process (tools/consolidate_ckpt.py)."""
     import torch.distributed.checkpoint as dcp
@@ -151,7 +161,8 @@ def read_full(folder: str) -> Dict[str, torch.Tensor]:
     md = dcp.FileSystemReader(folder).read_metadata()
     full = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
             if isinstance(m, TensorStorageMetadata)}
-    dcp.load(full, checkpoint_id=folder, no_dist=True)
+    with _single_process_quiet():
+        dcp.load(full, checkpoint_id=folder)
     return full
 
 
@@ -174,7 +185,8 @@ class ShardedStore:
                 shutil.rmtree(tmp)
             os.makedirs(tmp)
         dist.barrier()
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))   # each process writes its shards
+        with _single_process_quiet():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))   # each process writes its shards
         if dist.is_master():
             meta_path = osp.join(tmp, META)
             torch.save(rest, meta_path)
@@ -274,7 +286,8 @@ class ShardedStore:
         wanted = {k for k in marked_keys(ckpt) if not k.startswith(tuple(skip))}
         target, _ = flatten_tensors(task.state_dict())   # the live tensors: read in place
         target = {k: v for k, v in target.items() if k in wanted}
-        dcp.load(target, checkpoint_id=folder)
+        with _single_process_quiet():
+            dcp.load(target, checkpoint_id=folder)
         task.load_state_dict(fill_tensors(ckpt, target))
 
     # ------------------------------------------------------------------ interrupted writes
