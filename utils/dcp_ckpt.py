@@ -284,7 +284,8 @@ class ShardedStore:
             materialize_optimizer_state(opt)
         folder = ckpt.pop('_dcp_folder')
         wanted = {k for k in marked_keys(ckpt) if not k.startswith(tuple(skip))}
-        target, _ = flatten_tensors(task.state_dict())   # the live tensors: read in place
+        # the live tensors, read in place, under the key of the task's state in a checkpoint (engine._Loop.checkpoint_state)
+        target, _ = flatten_tensors({'trainer': task.state_dict()})
         target = {k: v for k, v in target.items() if k in wanted}
         with _single_process_quiet():
             dcp.load(target, checkpoint_id=folder)
