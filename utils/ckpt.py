@@ -104,6 +104,7 @@ class FileStore:
     """The checkpoint files of DDP and one process: one .pth file each, written by the local master (utils/dcp_ckpt.py
     ShardedStore: the folders of --fsdp=1, with the same methods)."""
     suffix = '.pth'
+    collective = False   # only the local master writes
 
     def path(self, path: str) -> str:
         return path
@@ -223,8 +224,12 @@ def load_first_good(paths: Sequence[str], validate: Optional[Callable[[Dict], No
 
 
 def set_aside(path: str) -> Optional[str]:
-    """Rename a damaged checkpoint to <path>.damaged, so that it can never become the previous checkpoint."""
-    dst = path + '.damaged'
+    """Rename a damaged checkpoint (a file, or an --fsdp=1 folder) to <path>.damaged (.damaged-2, ... for a folder when that
+    is taken), so that it can never become the previous checkpoint."""
+    dst, n = path + '.damaged', 1
+    while os.path.isdir(path) and os.path.exists(dst):   # os.replace cannot put a folder over a non-empty one
+        n += 1
+        dst = f'{path}.damaged-{n}'
     try:
         os.replace(path, dst)
     except FileNotFoundError:   # another node's process on a shared file system was first

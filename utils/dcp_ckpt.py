@@ -169,6 +169,7 @@ def read_full(folder: str) -> Dict[str, torch.Tensor]:
 class ShardedStore:
     """The checkpoint files of --fsdp=1: DCP folders. Every process calls every method (they are collectives)."""
     suffix = SUFFIX
+    collective = True   # every process writes its shards: every process must decide to save at the same step
 
     def path(self, path: str) -> str:
         """The folder of a checkpoint name (ar-ckpt-last.pth → ar-ckpt-last.dcp)."""

@@ -267,6 +267,8 @@ class CheckpointWriter:
     def due(self, g_it: int) -> bool:
         """After optimizer step g_it: is a periodic (or postponed) checkpoint due? Not while steps are being skipped."""
         by_time = self.every_min > 0 and time.time() - self.last_time >= self.every_min * 60
+        if self.every_min > 0 and self.store.collective:   # every process writes (--fsdp=1): rank 0's clock decides for all
+            by_time = bool(dist.broadcast(torch.tensor([int(by_time)]), src=0).item())
         by_it = self.every_it > 0 and (g_it + 1) % self.every_it == 0
         if (by_time or by_it) and self.guard is not None and self.guard.run > 0:
             self.pending = True   # written at the next good step
