@@ -5,7 +5,6 @@
     python bench.py compare --reference=DIR [--depth=8] [--bs=4] [--repeat=3] [--threads=N] [--steps=1] [--quick] [--out_dir=DIR]
     python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # ablation: this code against its own --mode=baseline
     python bench.py cpu        # the CPU, its ISA features, and which fast paths this code takes on it and why
-    python bench.py fsdp --depth=16 --bs=2 [--threads=1] [--dtype=bf16]   # peak RSS per process, DDP against FSDP2 (bench_fsdp.py)
 
 `compare --reference=DIR` times the reference implementation itself (DIR: a work tree of FoundationVision/VAR kept
 outside this project; nothing of it is copied here) against this code on the CPU in float32, through the public API

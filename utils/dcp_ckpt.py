@@ -288,6 +288,9 @@ class ShardedStore:
         # the live tensors, read in place, under the key of the task's state in a checkpoint (engine._Loop.checkpoint_state)
         target, _ = flatten_tensors({'trainer': task.state_dict()})
         target = {k: v for k, v in target.items() if k in wanted}
+        unread = sorted(wanted - set(target))
+        if unread:   # e.g. the EMA of a run resumed without --ema
+            logger.info('%d tensors of %s have no place in this run and are not read, e.g. %s', len(unread), folder, unread[:3])
         with _single_process_quiet():
             dcp.load(target, checkpoint_id=folder)
         task.load_state_dict(fill_tensors(ckpt, target))
