@@ -2,8 +2,8 @@
 
 The training loop, the trainers and the optimizer wrapper call these functions and never ask which one is on:
 `wrap_for_training` shards (each transformer block, then the root, with FSDP2's MixedPrecisionPolicy: float32
-gathers and reductions, autocast for --fp16) or wraps in DDP; `grad_sync` is DDP's no_sync or FSDP2's set_requires_gradient_sync / set_reshard_after_backward for the
-micro steps of a gradient accumulation; `clip_grad_norm` takes the norm over every shard; `nonfinite_names` checks
+gathers and reductions, autocast for --fp16) or wraps in DDP; `grad_sync` is DDP's no_sync or FSDP2's
+set_requires_gradient_sync / set_reshard_after_backward for the micro steps of a gradient accumulation; `clip_grad_norm` takes the norm over every shard; `nonfinite_names` checks
 every shard; `full_state_dict` gathers a sharded model for an export; `lockstep_batches` keeps the processes'
 forward passes (collectives under FSDP) in step when their validation shards differ in length.
 """
@@ -20,8 +20,8 @@ from torch.utils.data.dataloader import default_collate
 
 import dist
 
-__all__ = ['checkpoint_store', 'is_sharded', 'sharding_on', 'wrap_for_training', 'grad_sync', 'reshard', 'clip_grad_norm', 'local', 'nonfinite_names',
-           'full_state_dict', 'lockstep_batches']
+__all__ = ['checkpoint_store', 'is_sharded', 'sharding_on', 'wrap_for_training', 'grad_sync', 'reshard', 'clip_grad_norm', 'local',
+           'nonfinite_names', 'full_state_dict', 'lockstep_batches']
 
 logger = logging.getLogger(__name__)
 
