@@ -194,9 +194,10 @@ class ShardedStore:
             _fsync_file(meta_path)
         dist.barrier()
         names = dist.broadcast_object(_shard_files(tmp) if dist.is_master() else None)
-        missing = [n for n in names if not osp.isfile(osp.join(tmp, n))]
-        if missing:   # this process cannot see rank 0's files: the output folder is not shared between the machines
-            raise CheckpointDamagedError(f'{tmp}: rank {dist.get_rank()} cannot see the files {missing[:3]} that the other processes '
+        # a process that cannot see rank 0's files: the output folder is not shared between the machines (every process stops)
+        unseen = [(r, m) for r, m in enumerate(dist.all_gather_object([n for n in names if not osp.isfile(osp.join(tmp, n))])) if m]
+        if unseen:
+            raise CheckpointDamagedError(f'{tmp}: rank {unseen[0][0]} cannot see the files {unseen[0][1][:3]} that the other processes '
                                          'wrote: with --fsdp=1 every process writes into the same checkpoint folder, so '
                                          '--local_out_dir_path must be on storage shared by all machines')
         sha = _hash_shared_out(tmp, names)
