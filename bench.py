@@ -607,9 +607,10 @@ def check_args(args) -> None:
 class BenchArgs:
     """Flags of bench.py: the subcommand first, then its flags (one set for all subcommands; check_args refuses the mixes
     that cannot work)."""
-    what: str = field(metadata={'positional': True, 'choices': ('train', 'sample', 'compare', 'cpu', 'side'),
+    what: str = field(metadata={'positional': True, 'choices': ('train', 'sample', 'compare', 'cpu', 'side', 'fsdp'),
                                 'help': 'train, sample: time one of them; compare: a table of timed runs (see --reference); '
-                                        'cpu: the fast paths this CPU gets; side: one measuring process (internal)'})
+                                        'cpu: the fast paths this CPU gets; side: one measuring process (internal); '
+                                        'fsdp: peak memory per process and step time, DDP against FSDP2 (bench_fsdp.py)'})
     depth: int = 8
     bs: int = 4
     reso: int = field(default=256, metadata={'choices': (256, 512)})
@@ -653,6 +654,9 @@ def main(argv=None) -> None:
     args.device = args.device or ('cpu' if args.reference is not None or not torch.cuda.is_available() else 'cuda')
     if args.what == 'cpu':
         return cpu(args)
+    if args.what == 'fsdp':   # bench_fsdp.py: 2 processes each of DDP and FSDP2 on the CPU
+        from bench_fsdp import run as bench_fsdp
+        return bench_fsdp(args)
     if args.what == 'compare':
         return compare_reference(args) if args.reference is not None else compare(args)
     _set_tf32(torch.device(args.device), args.tf32)

@@ -11,7 +11,6 @@ import random
 from typing import Dict, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dist
 from models import VQVAE, build_var, build_vqvae
@@ -23,6 +22,7 @@ from utils.cli import run_main
 from utils.data import build_dataset
 from utils.engine import CheckpointNames, run_training
 from utils.lr_control import filter_params
+from utils.parallel import checkpoint_store, wrap_for_training
 from utils.progressive import ProgressiveSchedule
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 from utils.run import build_loaders, check_resume_config, resume, setup_run
@@ -111,7 +111,8 @@ def build_data(args: Args, token_batches: bool):
 
 
 def build_models(args: Args, device: torch.device, meta: Optional[Dict], n_train: int):
-    """(tokenizer, VAR, VAR as trained: compiled and/or in DDP), the same initial weights on every process and in every rerun."""
+    """(tokenizer, VAR, VAR as trained: compiled and/or in DDP, or sharded in place with --fsdp=1), the same initial weights on
+    every process and in every rerun."""
     torch.manual_seed(args.seed)
     vae_local = build_vqvae(vqvae_config_from_flags(args), device)
     var_wo_ddp = build_var(var_config_from_flags(args), vae_local, flash_if_available=args.fuse, fused_if_available=args.fuse,
@@ -125,10 +126,10 @@ def build_models(args: Args, device: torch.device, meta: Optional[Dict], n_train
     var_wo_ddp.grad_ckpt = args.grad_ckpt
     logger.info('VAR d%d: %.2fM parameters; tokenizer: %.2fM', args.depth, sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6,
                 sum(p.numel() for p in vae_local.parameters()) / 1e6)
-    vae_local = compile_model(vae_local, args.vfast)
+    vae_local = compile_model(vae_local, args.vfast)   # the frozen tokenizer: replicated, never sharded
     var = compile_model(var_wo_ddp, args.tfast)
-    if dist.initialized():
-        var = DDP(var, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False, broadcast_buffers=False)
+    # DDP, or (--fsdp=1) each block and then the root sharded in place; sampling gathers the weights as forward does
+    var = wrap_for_training(var, args, device, blocks=var_wo_ddp.blocks, forward_methods=('autoregressive_infer_cfg',))
     return vae_local, var_wo_ddp, var
 
 
@@ -154,8 +155,8 @@ def main(args: Args) -> Dict[str, float]:
     # ------------------------------------------------------------------ build models, optimizer and trainer
     vae_local, var_wo_ddp, var = build_models(args, device, meta, len(train_set))
     task = VARTask(build_trainer(args, device, vae_local, var_wo_ddp, var, len(sampler)), args, out_dir, ld_val, token_batches)
-    if ckpt is not None:
-        task.load_state_dict(ckpt)
+    if ckpt is not None:   # with --fsdp=1 the tensors are read now, into the sharded layout (another process count reshards)
+        checkpoint_store(args).restore(task, ckpt, [task.trainer.var_opt.optimizer], skip=('trainer/vae_local/',))
         del ckpt
 
     # ------------------------------------------------------------------ train (utils/engine.py)

@@ -13,9 +13,7 @@ import os.path as osp
 from typing import Dict
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-import dist
 from models import VQVAE, build_vqvae
 from models.state_dict import CheckpointMismatchError
 from models.discriminator import PatchDiscriminator
@@ -25,6 +23,7 @@ from utils.cli import UserError, run_main
 from utils.data import build_dataset
 from utils.engine import CheckpointNames, run_training
 from utils.lr_control import filter_params
+from utils.parallel import checkpoint_store, wrap_for_training
 from utils.run import append_log, build_loaders, check_resume_config, resume, setup_run
 from vae_trainer import VQVAETask, VQVAETrainer
 from utils.weights import load_tokenizer_state
@@ -82,11 +81,9 @@ def build_models(args: VAEArgs, device: torch.device, out_dir: str, resuming: bo
     use_disc = args.disc_start >= 0 and not args.eval_only
     disc_wo_ddp = PatchDiscriminator(ch=args.disc_ch, n_layers=args.disc_layers).to(device) if use_disc else None
 
-    if dist.initialized():
-        ddp = lambda m: DDP(m, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)  # noqa: E731
-        vae, disc = ddp(vae_wo_ddp), (ddp(disc_wo_ddp) if use_disc else None)
-    else:
-        vae, disc = vae_wo_ddp, disc_wo_ddp
+    # DDP, or (--fsdp=1, no discriminator) the tokenizer sharded in place; its validation methods gather the weights as forward does
+    vae = wrap_for_training(vae_wo_ddp, args, device, forward_methods=('img_to_idxBl', 'idxBl_to_img', 'img_to_reconstructed_img'))
+    disc = wrap_for_training(disc_wo_ddp, args, device) if use_disc else None
 
     names, paras, groups = filter_params(vae_wo_ddp, nowd_keys=('embedding',))
     vae_opt = AmpOptimizer(device.type, args.fp16, build_adamw(groups, lr=args.lr, fused=args.afuse), names, paras,
@@ -130,8 +127,9 @@ def main(args: VAEArgs) -> Dict[str, float]:
     if args.eval_only:
         return evaluate_only(args, trainer, ld_val, out_dir)
     task = VQVAETask(trainer, args, out_dir, val_set, ld_val)
-    if ckpt is not None:
-        task.load_state_dict(ckpt)
+    if ckpt is not None:   # with --fsdp=1 the tensors are read now, into the sharded layout (another process count reshards)
+        optimizers = [o.optimizer for o in (trainer.vae_opt, trainer.disc_opt) if o is not None]
+        checkpoint_store(args).restore(task, ckpt, optimizers)
         del ckpt
 
     # ------------------------------------------------------------------ train (utils/engine.py)

@@ -18,6 +18,7 @@ from models import VAR, VQVAE
 from utils.amp_opt import AmpOptimizer
 from utils.engine import TrainingTask
 from utils.lr_control import lr_wd_annealing, match_saved_groups
+from utils.parallel import full_state_dict, grad_sync, is_sharded, local, lockstep_batches, reshard
 from utils.progressive import ProgressiveSchedule
 from utils.tb import TensorboardLogger
 from utils.vis import ema_weights, fixed_classes, sample_grid, vis_epochs_due
@@ -39,7 +40,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - self.decay)
+        # on this process's shards under --fsdp=1 (local views: the EMA DTensors change in place)
+        torch._foreach_lerp_([local(e) for e in self.params], [local(p.detach()) for p in model.parameters()], 1 - self.decay)
 
     def state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """The model's state dict with the averaged parameters: loads into the same class strictly."""
@@ -112,8 +114,7 @@ class VARTrainer:
             if x_BLCv_wo_first_l is None:  # progressive stage 0: only the first scale
                 x_BLCv_wo_first_l = gt_BL.new_zeros(B, 0, self.vae_local.Cvae, dtype=torch.float32)
 
-        sync_ctx = self.var.no_sync() if (not stepping and hasattr(self.var, 'no_sync')) else contextlib.nullcontext()
-        with sync_ctx:
+        with grad_sync(self.var, stepping):
             with self.var_opt.amp_ctx:
                 logits_BLV = self.var(label_B, x_BLCv_wo_first_l, prog_si=prog_si)
                 loss_BL = self.train_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).view(B, -1)
@@ -156,7 +157,7 @@ class VARTrainer:
         training = self.var_wo_ddp.training
         self.var_wo_ddp.eval()
         V = self.vae_local.vocab_size
-        for batch in ld_val:
+        for batch, counted in lockstep_batches(ld_val, is_sharded(self.var_wo_ddp)):
             if token_batches:
                 gt_BL, label_B = batch
                 gt_BL = gt_BL.to(self.device, non_blocking=True)
@@ -169,12 +170,15 @@ class VARTrainer:
             B = label_B.shape[0]
             x_BLCv_wo_first_l = self.quantize_local.idxBl_to_var_input(gt_idx_Bl)
             logits_BLV = self.var_wo_ddp(label_B, x_BLCv_wo_first_l)
+            if not counted:   # a repeated batch that only keeps the processes' collectives in step (--fsdp=1)
+                continue
             L_mean += self.val_loss(logits_BLV.view(-1, V), gt_BL.view(-1)).item() * B
             L_tail += self.val_loss(logits_BLV[:, -self.last_l:].reshape(-1, V), gt_BL[:, -self.last_l:].reshape(-1)).item() * B
             acc_mean += (logits_BLV.argmax(dim=-1) == gt_BL).sum().item() * (100 / gt_BL.shape[1])
             acc_tail += (logits_BLV[:, -self.last_l:].argmax(dim=-1) == gt_BL[:, -self.last_l:]).sum().item() * (100 / self.last_l)
             tot += B
         self.var_wo_ddp.train(training)
+        reshard(self.var_wo_ddp)   # --fsdp=1: the shards are the parameters again
         stats = torch.tensor([L_mean, L_tail, acc_mean, acc_tail, tot], dtype=torch.float64, device=self.device)
         dist.allreduce(stats)
         tot = round(stats[-1].item())
@@ -228,6 +232,7 @@ class VARTask(TrainingTask):
         self.lr_wd = (0.0, 0.0, 0.0, 0.0)   # min/max learning rate, min/max weight decay of the last step
         self.val_images_sec = (0, 0.0)
         self.grid = None                     # the last tensorboard sample grid, for the model card
+        self.full_state = None               # --fsdp=1: the final weights gathered on rank 0 for publish()
 
     def describe(self, iters_train: int) -> str:
         a = self.args
@@ -295,7 +300,9 @@ class VARTask(TrainingTask):
     def end_epoch(self, ep_done: int, stats: Dict[str, float], remain: float, tb: TensorboardLogger) -> None:
         tb.update('AR_ep_loss', ep_done, **stats)
         tb.update('AR_z_burnout', ep_done, rest_hours=remain / 3600)
-        if dist.is_master() and vis_epochs_due(ep_done, self.args.ep, self.args.vis_every_ep):
+        # sampling with sharded weights is a collective: every process draws, rank 0 writes the grid (tb is rank 0's only)
+        drawing = dist.is_master() or is_sharded(self.trainer.var_wo_ddp)
+        if drawing and vis_epochs_due(ep_done, self.args.ep, self.args.vis_every_ep):
             self.grid = self.draw_sample_grid(tb, ep_done)
 
     def draw_sample_grid(self, tb: TensorboardLogger, ep_done: int):
@@ -314,6 +321,22 @@ class VARTask(TrainingTask):
 
     def finish(self) -> None:
         logger.info('finished %d epochs; checkpoints in %s', self.args.ep, self.out_dir)
+        tr = self.trainer
+        if is_sharded(tr.var_wo_ddp) and (self.args.save_pretrained or self.args.push_to_hub):
+            with ema_weights(tr.var_wo_ddp, tr.ema) as var:   # gathering the shards is a collective: every process, now
+                self.full_state = full_state_dict(var)
+
+    def _final_model(self):
+        """The model publish() writes: the trained one with its EMA weights swapped in, or (--fsdp=1) an unsharded copy of it."""
+        tr = self.trainer
+        if not is_sharded(tr.var_wo_ddp):
+            return ema_weights(tr.var_wo_ddp, tr.ema)
+        from models import build_var
+        from utils.arg_util import var_config_from_flags
+        var = build_var(var_config_from_flags(self.args), tr.vae_local, device='cpu', flash_if_available=self.args.fuse,
+                        fused_if_available=self.args.fuse)
+        var.load_state_dict(self.full_state, strict=True)
+        return contextlib.nullcontext(var)
 
     def publish(self, metrics: Dict[str, float]) -> None:
         """save_pretrained into out_dir/pretrained and/or push_to_hub the final model (its EMA weights with --ema), with a model card."""
@@ -323,7 +346,7 @@ class VARTask(TrainingTask):
         card = dict(command=f'train.py {args.cmd}', dataset=args.tokens_path or args.data_path, epochs=args.ep, metrics=dict(metrics),
                     weights=f'EMA of the trained weights (decay {args.ema:g})' if tr.ema else 'the trained weights (no EMA)',
                     sample_grid=self.grid)
-        with ema_weights(tr.var_wo_ddp, tr.ema) as var:
+        with self._final_model() as var:
             if args.save_pretrained:
                 folder = osp.join(self.out_dir, PRETRAINED)
                 var.save_pretrained(folder, model_card_kwargs=card)

@@ -3,7 +3,6 @@
 
 Letters: B batch, C = Cvae latent channels, H/W image side, h/w latent side, V vocabulary, SN scales.
 """
-import contextlib
 import logging
 import math
 import os.path as osp
@@ -23,6 +22,7 @@ from utils.ckpt import save_atomic
 from utils.engine import TrainingTask
 from utils.lr_control import lr_wd_annealing
 from utils.metrics import psnr, ssim
+from utils.parallel import full_state_dict, grad_sync, is_sharded, lockstep_batches, reshard
 from utils.tb import TensorboardLogger
 from utils.vis import reconstruction_grids
 from utils.weights import save_weights
@@ -35,8 +35,11 @@ EXPORT, EXPORT_SAFETENSORS = 'vae.pth', 'vae.safetensors'   # the same weights; 
 
 
 def export_weights(vae: VQVAE, out_dir: str) -> None:
-    """The tokenizer's weights as plain files for train.py --vae_ckpt: vae.safetensors, and vae.pth for one more release."""
-    state = vae.state_dict()
+    """The tokenizer's weights as plain files for train.py --vae_ckpt: vae.safetensors, and vae.pth for one more release.
+    Every process calls it (gathering --fsdp=1's shards is a collective); the local master writes (rank 0 with --fsdp=1)."""
+    state = full_state_dict(vae)
+    if state is None or not dist.is_local_master():
+        return
     save_weights(state, osp.join(out_dir, EXPORT_SAFETENSORS))
     save_atomic(state, osp.join(out_dir, EXPORT))
 
@@ -72,10 +75,8 @@ class VQVAETrainer:
     def train_step(self, g_it: int, stepping: bool, inp_B3HW: torch.Tensor) -> Dict[str, object]:
         """One micro step of the tokenizer (and of the discriminator once it has started)."""
         use_disc = self.disc_active(g_it)
-        no_sync = (lambda m: m.no_sync()) if not stepping else (lambda m: contextlib.nullcontext())
-        vae_ctx = no_sync(self.vae) if hasattr(self.vae, 'no_sync') else contextlib.nullcontext()
         out: Dict[str, object] = {}
-        with vae_ctx:
+        with grad_sync(self.vae, stepping):
             with self.vae_opt.amp_ctx:
                 rec_B3HW, _, vq_loss = self.vae(inp_B3HW)
                 rec_B3HW = rec_B3HW.float()
@@ -101,8 +102,7 @@ class VQVAETrainer:
             grad_norm, scale_log2, skipped = self.vae_opt.backward_clip_step(stepping=stepping, loss=loss)
 
         if use_disc:
-            d_ctx = no_sync(self.disc) if hasattr(self.disc, 'no_sync') else contextlib.nullcontext()
-            with d_ctx:
+            with grad_sync(self.disc, stepping):
                 with self.disc_opt.amp_ctx:
                     d_loss = hinge_d_loss(self.disc(inp_B3HW.detach()).float(), self.disc(rec_B3HW.detach()).float())
                 d_grad_norm, _, d_skipped = self.disc_opt.backward_clip_step(stepping=stepping, loss=d_loss)
@@ -151,11 +151,13 @@ class VQVAETrainer:
         SN = len(vae.quantize.v_patch_nums)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # psnr, ssim, l1, count
         hits_SV = torch.zeros(SN, vae.vocab_size, device=self.device)
-        for inp_B3HW, _ in ld_val:
+        for (inp_B3HW, _), counted in lockstep_batches(ld_val, is_sharded(vae)):
             inp_B3HW = inp_B3HW.to(self.device, non_blocking=True)
             with self.vae_opt.amp_ctx:
                 idx_Bl = vae.img_to_idxBl(inp_B3HW)
                 rec_B3HW = vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True).float()
+            if not counted:   # a repeated batch that only keeps the processes' collectives in step (--fsdp=1)
+                continue
             x01, r01 = (inp_B3HW + 1) / 2, (rec_B3HW + 1) / 2
             sums[0] += psnr(r01, x01).sum().double()
             sums[1] += ssim(r01, x01).sum().double()
@@ -166,6 +168,7 @@ class VQVAETrainer:
         dist.allreduce(sums)
         dist.allreduce(hits_SV)
         vae.train(training)
+        reshard(vae)   # --fsdp=1: the shards are the parameters again
         n = max(sums[3].item(), 1)
         out = {'psnr': sums[0].item() / n, 'ssim': sums[1].item() / n, 'l1': sums[2].item() / n, 'images': int(sums[3].item()),
                'sec': time.time() - stt}
@@ -262,7 +265,7 @@ class VQVAETask(TrainingTask):
         logger.info('[ep %d] val: PSNR %.2f dB, SSIM %.4f, L1 %.4f; codebook usage %s', ep_done, metrics['psnr'], metrics['ssim'],
                     metrics['l1'], ', '.join(f'{pn}: {metrics[f"usage_{pn}"]:.1f}%' for pn in self.args.patch_nums))
         tb.update('VAE_val', ep_done, **{k: v for k, v in metrics.items() if k not in ('images', 'sec')})
-        if dist.is_master():
+        if dist.is_master() or is_sharded(self.trainer.vae_wo_ddp):   # with shards a collective; tb writes on rank 0 only
             log_reconstructions(tb, self.trainer.vae_wo_ddp, self.val_set, ep_done, self.trainer.device, self.trainer.vae_opt.amp_ctx)
         return {k: round(v, 5) for k, v in metrics.items()}
 
@@ -271,11 +274,10 @@ class VQVAETask(TrainingTask):
                     stats.get('vq_loss', math.nan), sec)
 
     def after_epoch_checkpoint(self, stepped: bool) -> None:
-        if stepped and dist.is_local_master():
+        if stepped:
             export_weights(self.trainer.vae_wo_ddp, self.out_dir)
 
     def finish(self) -> None:
-        if dist.is_local_master():
-            export_weights(self.trainer.vae_wo_ddp, self.out_dir)
+        export_weights(self.trainer.vae_wo_ddp, self.out_dir)
         logger.info('finished %d epochs; tokenizer weights for train.py --vae_ckpt: %s (and %s, for one more release)', self.args.ep,
                     osp.join(self.out_dir, EXPORT_SAFETENSORS), EXPORT)

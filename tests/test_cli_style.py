@@ -19,6 +19,7 @@ SCRIPTS = {
     'evaluate.py': ['evaluate.py', 'ref.npz', 'samples.npz'], 'bench.py': ['bench.py', 'train'],
     'toy_data.py': ['-m', 'utils.toy_data', 'shapes'], 'make_demo_notebook.py': ['tools/make_demo_notebook.py'],
     'gpu_check_summary.py': ['tools/gpu_check_summary.py', '--work=w', '--out=o'],
+    'consolidate_ckpt.py': ['tools/consolidate_ckpt.py', 'ar-ckpt-last.dcp'],
 }
 # --help of the scripts whose flags moved to dataclasses: flags that must be listed
 HELP = {
@@ -28,6 +29,7 @@ HELP = {
     'toy_data.py': ['root', '--train_per_class', '--gradient', '--bg_jitter'],
     'make_demo_notebook.py': ['--out', 'where to write the notebook'],
     'gpu_check_summary.py': ['--work WORK', '--out OUT', '--device', '--seconds'],
+    'consolidate_ckpt.py': ['folder', '--out', '--overwrite', 'sharded checkpoint'],
 }
 # the positional arguments and the subcommand: a missing or wrong one is a one-line error naming it
 POSITIONAL = {
@@ -80,7 +82,7 @@ def test_help_lists_the_flags(runs, name):
 
 def test_help_after_a_bench_subcommand(runs):
     res = runs['help bench.py compare']
-    assert res.returncode == 0 and '{train,sample,compare,cpu,side}' in res.stdout and '--repeat' in res.stdout
+    assert res.returncode == 0 and '{train,sample,compare,cpu,side,fsdp}' in res.stdout and '--repeat' in res.stdout
 
 
 @pytest.mark.parametrize('name', list(POSITIONAL))

@@ -5,6 +5,9 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from utils.parallel import clip_grad_norm
 
 __all__ = ['AmpOptimizer', 'build_adamw', 'MAX_LOSS_SCALE']
 
@@ -25,7 +28,10 @@ def build_adamw(param_groups: List[Dict], lr: float, fused: bool, betas=(0.9, 0.
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=0, betas=betas)
 
 
-def _grad_scaler(device_type: str):
+def _grad_scaler(device_type: str, sharded: bool):
+    if sharded:   # FSDP2: the non-finite check of each process's gradient shards is reduced over the processes
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler(device=device_type, init_scale=2. ** 11, growth_interval=1000)
     try:
         return torch.amp.GradScaler(device_type, init_scale=2. ** 11, growth_interval=1000)
     except (AttributeError, TypeError):  # torch < 2.3 has a CUDA-only scaler
@@ -44,12 +50,13 @@ class AmpOptimizer:
 
     def __init__(self, device_type: str, mixed_precision: int, optimizer: torch.optim.Optimizer, names: List[str],
                  paras: List[torch.nn.Parameter], grad_clip: float, n_gradient_accumulation: int = 1):
+        self.sharded = any(isinstance(p, DTensor) for p in paras)   # FSDP2 shards (--fsdp=1)
         self.enable_amp = mixed_precision > 0
         self.using_fp16_rather_bf16 = mixed_precision == 1
         self.device_type = device_type
         if self.enable_amp:
             self.amp_dtype = torch.float16 if self.using_fp16_rather_bf16 else torch.bfloat16
-            self.scaler = _grad_scaler(device_type) if self.using_fp16_rather_bf16 else None
+            self.scaler = _grad_scaler(device_type, self.sharded) if self.using_fp16_rather_bf16 else None
         else:
             self.amp_dtype = None
             self.scaler = None
@@ -81,11 +88,15 @@ class AmpOptimizer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float('inf')
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.paras, max_norm))
+        grad_norm = clip_grad_norm(self.paras, max_norm)   # over every shard under --fsdp=1
         skipped = not math.isfinite(grad_norm)
         scale_log2 = None
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update by itself when a gradient is not finite
+            if self.sharded:   # fused AdamW's own check of the scaler's flag does not take DTensor shards; the norm is global
+                if not skipped:
+                    self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)  # skips the update by itself when a gradient is not finite
             used_scale = self.scaler.get_scale()
             if used_scale > MAX_LOSS_SCALE:
                 self.scaler.update(new_scale=MAX_LOSS_SCALE)

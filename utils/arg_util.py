@@ -118,6 +118,16 @@ def check_train_flags(args: 'Args') -> None:
     _check('vis_every_ep', args.vis_every_ep, args.vis_every_ep >= -1, 'must be >= 1 epochs, 0 (a tenth of the run) or -1 (never)')
 
 
+def check_fsdp_flags(args, supported: Dict[str, Tuple[bool, str]]) -> None:
+    """--fsdp=1 with a flag value it does not support ({flag: (supported, the values to use)}) stops before anything is built."""
+    _check('fsdp', args.fsdp, args.fsdp in (0, 1), 'use 0 (DDP: every process holds the whole model) or 1 (FSDP2: sharded)')
+    if not args.fsdp:
+        return
+    for flag, (ok, use) in supported.items():
+        if not ok:
+            raise FlagError(f'--fsdp=1 does not support --{flag}={_flag(args, flag)}: use {use} with --fsdp=1, or --fsdp=0 (DDP)')
+
+
 # ------------------------------------------------------------------ flags <-> model configs (models/config.py)
 # The one translation between the CLI flag names and the configs' field names. A script that lacks one of these
 # flags (--quant_resi and --using_znorm are train_vae.py's only) builds with the config's default for it.
@@ -247,6 +257,7 @@ class Args(TokenizerShape):
     afuse: bool = True      # fused AdamW where available
     ema: float = 0          # > 0: keep an EMA of the weights with this decay, saved beside them
     grad_ckpt: bool = False  # activation checkpointing of the transformer blocks
+    fsdp: int = 0           # 1: shard weights, gradients and optimizer state over the processes (FSDP2; checkpoints: DCP folders); 0: DDP
     # other hps
     saln: bool = False      # whether to use shared adaln
     anorm: bool = True      # whether to use L2 normalized attention
@@ -290,6 +301,7 @@ class Args(TokenizerShape):
         derive_scales(self)
         derive_batch(self, world_size)
         check_train_flags(self)
+        check_fsdp_flags(self, {'tfast': (self.tfast == 0, '--tfast=0'), 'vfast': (self.vfast == 0, '--vfast=0')})   # compile: untested
         if self.opt.lower().strip() not in ('adamw', 'adam'):
             raise FlagError(f'--opt={self.opt!r}: only adamw (and its alias adam) are supported')
         scaled_tlr = self.tblr * self.bs / 256
@@ -358,6 +370,7 @@ class VAEArgs(TokenizerShape):
     clip: float = 0.0            # gradient clip (<= 0: off)
     fp16: int = 0                # 1: float16 with a loss scaler, 2: bfloat16
     afuse: bool = True
+    fsdp: int = 0                # 1: shard the tokenizer's weights, gradients and optimizer state over the processes (FSDP2); 0: DDP
     # losses
     rec_loss: str = 'l1'         # pixel reconstruction: l1 or l2
     rec_weight: float = 1.0
@@ -392,6 +405,9 @@ class VAEArgs(TokenizerShape):
         derive_scales(self)
         derive_batch(self, world_size)
         check_loop_flags(self)
+        # the adversarial weight differentiates through one weight, and the dead-code re-initialisation writes rows of the
+        # codebook: neither works on FSDP2 shards
+        check_fsdp_flags(self, {'disc_start': (self.disc_start < 0, '--disc_start=-1'), 'reinit_dead': (self.reinit_dead == 0, '--reinit_dead=0')})
         if self.rec_loss not in ('l1', 'l2'):
             raise FlagError(f'--rec_loss={self.rec_loss!r}: use l1 or l2')
         if self.vae_ch % 32 != 0:

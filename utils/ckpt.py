@@ -13,7 +13,7 @@ import torch
 
 from utils.cli import UserError
 
-__all__ = ['save_atomic', 'copy_atomic', 'write_bytes_atomic', 'load_first_good', 'with_checksum', 'verify_checksum',
+__all__ = ['FileStore', 'save_atomic', 'copy_atomic', 'write_bytes_atomic', 'load_first_good', 'with_checksum', 'verify_checksum',
            'payload_digest', 'set_aside', 'remove_stale_temps', 'CHECKSUM_KEY', 'CheckpointDamagedError', 'ConfigMismatchError']
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,32 @@ def copy_atomic(src: str, dst: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class FileStore:
+    """The checkpoint files of DDP and one process: one .pth file each, written by the local master (utils/dcp_ckpt.py
+    ShardedStore: the folders of --fsdp=1, with the same methods)."""
+    suffix = '.pth'
+    collective = False   # only the local master writes
+
+    def path(self, path: str) -> str:
+        return path
+
+    def save(self, state_fn: Callable[[], Dict], path: str, prev_path: Optional[str] = None, best_path: Optional[str] = None) -> None:
+        """(local master) state_fn()'s checkpoint with its checksum to `path` (the old file becomes prev_path; a copy to best_path)."""
+        from dist import is_local_master
+        if is_local_master():
+            save_atomic(with_checksum(state_fn()), path, prev_path=prev_path)
+            if best_path is not None:
+                copy_atomic(path, best_path)
+
+    def load_first_good(self, paths: Sequence[str], validate: Optional[Callable[[Dict], None]] = None):
+        return load_first_good(paths, validate)
+
+    @staticmethod
+    def restore(task, ckpt: Dict, optimizers: Sequence[torch.optim.Optimizer] = (), skip: Sequence[str] = ()) -> None:
+        """Load a checkpoint that load_first_good returned into the task (engine.TrainingTask)."""
+        task.load_state_dict(ckpt)
 
 
 # ---------------------------------------------------------------------- checksum
@@ -198,8 +224,12 @@ def load_first_good(paths: Sequence[str], validate: Optional[Callable[[Dict], No
 
 
 def set_aside(path: str) -> Optional[str]:
-    """Rename a damaged checkpoint to <path>.damaged, so that it can never become the previous checkpoint."""
-    dst = path + '.damaged'
+    """Rename a damaged checkpoint (a file, or an --fsdp=1 folder) to <path>.damaged (.damaged-2, ... for a folder when that
+    is taken), so that it can never become the previous checkpoint."""
+    dst, n = path + '.damaged', 1
+    while os.path.isdir(path) and os.path.exists(dst):   # os.replace cannot put a folder over a non-empty one
+        n += 1
+        dst = f'{path}.damaged-{n}'
     try:
         os.replace(path, dst)
     except FileNotFoundError:   # another node's process on a shared file system was first

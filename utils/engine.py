@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dist
+from utils.parallel import checkpoint_store
 from utils.run import CheckpointWriter, IterationPlan, NonFiniteGuard, append_log, iteration_seed, plan_iterations
 from utils.tb import TensorboardLogger
 
@@ -119,9 +120,9 @@ class _Loop:
         self.iters_train, self.plan, self.tb = iters_train, plan, tb
         self.rank = dist.get_rank()
         self.log_txt = osp.join(out_dir, 'log.txt')
-        self.guard = NonFiniteGuard(args.nonfinite_patience, osp.join(out_dir, names.last))
+        self.guard = NonFiniteGuard(args.nonfinite_patience, checkpoint_store(args).path(osp.join(out_dir, names.last)))
         self.writer = CheckpointWriter(out_dir, names.last, names.prev, names.best, self.checkpoint_state, task.modules(), iters_train,
-                                       args.ckpt_every_min, args.ckpt_every_it, guard=self.guard)
+                                       args.ckpt_every_min, args.ckpt_every_it, guard=self.guard, store=checkpoint_store(args))
         self.pbar = tqdm(total=plan.max_it, initial=plan.start_g_it, disable=not dist.is_master(), dynamic_ncols=True,
                          desc=task.pbar_desc, unit='it')
         self.ld_iter = iter(ld_train)

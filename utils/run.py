@@ -15,10 +15,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import dist
-from utils.ckpt import ConfigMismatchError, copy_atomic, load_first_good, remove_stale_temps, save_atomic, set_aside, with_checksum
+from utils.ckpt import ConfigMismatchError, FileStore, remove_stale_temps, set_aside
 from utils.cli import TrainingStopped
 from utils.data_sampler import EvalShardSampler, GlobalBatchSampler
 from utils.log import setup_logging
+from utils.parallel import checkpoint_store, nonfinite_names
 
 __all__ = ['iteration_seed', 'IterationPlan', 'plan_iterations', 'setup_run', 'resume', 'check_resume_config', 'build_loaders', 'CheckpointWriter', 'append_log',
            'strict_json', 'NonFiniteGuard', 'TEST_KILL_ENV']
@@ -84,7 +85,9 @@ def resume(args, out_dir: str, names: Sequence[str], validate: Callable[[Dict], 
     Damaged checkpoints in front of the one resumed from are renamed to <name>.damaged, so that the next
     checkpoint written does not turn a damaged file into the previous one.
     """
-    ckpt, ckpt_path, damaged = load_first_good([osp.join(out_dir, n) for n in names], validate=validate)
+    store = checkpoint_store(args)
+    _check_store_matches(store, out_dir, names)
+    ckpt, ckpt_path, damaged = store.load_first_good([store.path(osp.join(out_dir, n)) for n in names], validate=validate)
     if damaged:
         dist.barrier()   # every process has read the files before one is renamed
         if dist.is_local_master():
@@ -106,6 +109,26 @@ def resume(args, out_dir: str, names: Sequence[str], validate: Callable[[Dict], 
         logger.warning('--bs=%d differs from the checkpoint\'s %s: the data order after the resume point changes', args.bs, saved.get('bs'))
     logger.info('resuming from %s at epoch %d, iteration %d', ckpt_path, ckpt['epoch'], ckpt['iter'])
     return ckpt, ckpt['epoch'], ckpt['iter']
+
+
+def _check_store_matches(store, out_dir: str, names: Sequence[str]) -> None:
+    """Stop when the output folder holds checkpoints of the other kind only (DDP's .pth files, --fsdp=1's .dcp folders),
+    instead of silently starting over beside them; remove the temporary folders of a killed --fsdp=1 run."""
+    from utils.dcp_ckpt import SUFFIX, ShardedStore
+    if store.suffix == SUFFIX and dist.is_master():
+        removed = ShardedStore.remove_stale(out_dir)
+        if removed:
+            logger.info('removed %d temporary checkpoint folders left by an interrupted run: %s', len(removed), ', '.join(removed))
+    dist.barrier()
+    mine = [n for n in names if osp.exists(store.path(osp.join(out_dir, n)))]
+    other = SUFFIX if store.suffix != SUFFIX else '.pth'
+    theirs = [n[:-len('.pth')] + other for n in names if osp.exists(osp.join(out_dir, n[:-len('.pth')] + other))]
+    if theirs and not mine:
+        if other == SUFFIX:
+            raise ConfigMismatchError(f'{out_dir} holds the sharded checkpoints of a --fsdp=1 run ({", ".join(theirs)}): resume with '
+                                      '--fsdp=1 (on any number of processes), or convert one with tools/consolidate_ckpt.py')
+        raise ConfigMismatchError(f'{out_dir} holds the checkpoints of a run without --fsdp ({", ".join(theirs)}): resume with --fsdp=0, '
+                                  'or use another --local_out_dir_path for the --fsdp=1 run')
 
 
 def check_resume_config(saved: Dict, args, keys: Sequence[str], ckpt_name: str) -> None:
@@ -229,8 +252,9 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str, last: str, prev: str, best: str, state_fn: Callable[[int, int], Dict],
                  modules: Dict[str, torch.nn.Module], iters_per_ep: int, every_min: float, every_it: int,
-                 guard: Optional[NonFiniteGuard] = None):
-        self.last, self.prev, self.best = (osp.join(out_dir, n) for n in (last, prev, best))
+                 guard: Optional[NonFiniteGuard] = None, store=None):
+        self.store = store if store is not None else FileStore()   # utils/parallel.py checkpoint_store
+        self.last, self.prev, self.best = (self.store.path(osp.join(out_dir, n)) for n in (last, prev, best))
         self.state_fn, self.modules = state_fn, modules
         self.iters_per_ep = iters_per_ep
         self.every_min, self.every_it = every_min, every_it
@@ -243,6 +267,8 @@ class CheckpointWriter:
     def due(self, g_it: int) -> bool:
         """After optimizer step g_it: is a periodic (or postponed) checkpoint due? Not while steps are being skipped."""
         by_time = self.every_min > 0 and time.time() - self.last_time >= self.every_min * 60
+        if self.every_min > 0 and self.store.collective:   # every process writes (--fsdp=1): rank 0's clock decides for all
+            by_time = bool(dist.broadcast(torch.tensor([int(by_time)]), src=0).item())
         by_it = self.every_it > 0 and (g_it + 1) % self.every_it == 0
         if (by_time or by_it) and self.guard is not None and self.guard.run > 0:
             self.pending = True   # written at the next good step
@@ -250,7 +276,7 @@ class CheckpointWriter:
         return by_time or by_it or self.pending
 
     def _check_finite(self) -> None:
-        bad = [f'{name}.{n}' for name, m in self.modules.items() for n, p in m.named_parameters() if not torch.isfinite(p).all()]
+        bad = nonfinite_names(self.modules)   # every process's shard under --fsdp=1
         if bad:
             raise TrainingStopped(f'training stopped: {len(bad)} weight tensors are no longer finite ({", ".join(bad[:5])}); '
                                   f'no checkpoint was written for them. ' + _last_checkpoint_note(self.last)
@@ -261,18 +287,14 @@ class CheckpointWriter:
         if it_next >= self.iters_per_ep:
             ep_next, it_next = ep_next + 1, 0
         self._check_finite()
-        if dist.is_local_master():
-            save_atomic(with_checksum(self.state_fn(ep_next, it_next)), self.last, prev_path=self.prev)
-            if best:
-                copy_atomic(self.last, self.best)
+        self.store.save(lambda: self.state_fn(ep_next, it_next), self.last, prev_path=self.prev, best_path=self.best if best else None)
         self.last_time = time.time()
         self.pending = False
         self._test_kill(ep_next * self.iters_per_ep + it_next)
 
     def save_best_only(self, ep_next: int, it_next: int) -> None:
         self._check_finite()
-        if dist.is_local_master():
-            save_atomic(with_checksum(self.state_fn(ep_next, it_next)), self.best)
+        self.store.save(lambda: self.state_fn(ep_next, it_next), self.best)
 
     def end_epoch(self, ep_next: int, stepped: bool, best: bool) -> None:
         """The checkpoint at the end of an epoch; when the epoch ended inside a gradient accumulation (stepped False),

@@ -9,8 +9,10 @@ from typing import Iterator, List, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from utils.imgs import make_grid
+from utils.parallel import reshard
 
 __all__ = ['vis_epochs_due', 'fixed_classes', 'ema_weights', 'sample_grid', 'reconstruction_grids', 'VIS_SAMPLES']
 
@@ -39,11 +41,17 @@ def ema_weights(model: nn.Module, ema) -> Iterator[nn.Module]:
     names = [n for n, _ in model.named_parameters()]
     if names != ema.names:
         raise RuntimeError('the EMA does not hold the parameters of this model')
-    params = list(model.parameters())
 
     def swap():
-        for p, e in zip(params, ema.params):
-            p.data, e.data = e.data, p.data
+        reshard(model)   # FSDP2: after a forward without gradients the root's parameters() are the gathered tensors, not the shards
+        for p, e in zip(model.parameters(), ema.params):
+            if isinstance(p, DTensor):   # FSDP2 gathers from the shard's own storage: exchange the values in place
+                p_local, e_local = p.detach().to_local(), e.to_local()
+                tmp = p_local.clone()
+                p_local.copy_(e_local)
+                e_local.copy_(tmp)
+            else:
+                p.data, e.data = e.data, p.data
 
     with torch.no_grad():
         swap()
@@ -70,6 +78,7 @@ def sample_grid(var: nn.Module, classes: Sequence[int], seed: int, amp_ctx=None,
                                                     top_p=top_p)
     finally:
         var.train(training)
+        reshard(var)   # --fsdp=1: the shards are the parameters again
     return make_grid(img_B3HW.float(), nrow=len(classes))
 
 
@@ -86,6 +95,7 @@ def reconstruction_grids(vae: nn.Module, inp_B3HW: torch.Tensor, amp_ctx=None) -
             rec_list_B3HW = vae.img_to_reconstructed_img(inp_B3HW, last_one=False)   # SN prefixes of scales, the last is all
     finally:
         vae.train(training)
+        reshard(vae)
     to01 = lambda x: (x.float() + 1) / 2   # noqa: E731
 
     def rows(columns: List[torch.Tensor]) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""`bench.py fsdp`: peak resident memory per process and time per training step, DDP against FSDP2 (--fsdp=1), on the CPU.
+
+    python bench.py fsdp --depth=16 --bs=2 --steps=3 [--threads=1] [--dtype=bf16] [--json]
+
+Each mode runs as 2 real processes of one gloo group (started here with the environment torchrun sets). Every
+process builds the tokenizer (frozen, replicated: as train.py keeps it) and VAR, wraps VAR with
+utils.parallel.wrap_for_training (DDP, or each block and the root fully_shard), builds train.py's optimizer (AdamW
+over the reference's groups, AmpOptimizer with gradient clipping at 2), then trains from random token maps of --bs
+images per process: one warm-up step, then --steps timed ones (the median is reported). The peak resident memory
+(ru_maxrss) counts from the moment the model is wrapped and its optimizer built (Linux: reset then through
+/proc/self/clear_refs), so the whole model each process builds before fully_shard keeps only its shard does not count;
+the `build_peak_gib` field has the peak since the process started.
+"""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+__all__ = ['run']
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def worker(mode: str, depth: int, bs: int, steps: int, dtype: str) -> Dict:
+    """One process of one mode: wrap, then train; its figures."""
+    import types
+
+    import torch
+
+    import dist
+    from models import build_vae_var
+    from utils.amp_opt import AmpOptimizer, build_adamw
+    from utils.lr_control import filter_params
+    from utils.parallel import wrap_for_training
+    device = dist.initialize(force_cpu=True)
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device='cpu', depth=depth, num_classes=1000, flash_if_available=False, fused_if_available=False)
+    build_peak = _rss_gib()
+    fp16 = {'fp32': 0, 'fp16': 1, 'bf16': 2}[dtype]
+    wrapped = wrap_for_training(var, types.SimpleNamespace(fsdp=int(mode == 'fsdp'), fp16=fp16), device, blocks=var.blocks)
+    names, paras, groups = filter_params(var)
+    opt = AmpOptimizer('cpu', fp16, build_adamw(groups, lr=1e-4, fused=True), names, paras, grad_clip=2.0)
+    reset = _reset_peak_rss()
+    g = torch.Generator().manual_seed(dist.get_rank())
+    gt_idx_Bl = [torch.randint(0, vae.vocab_size, (bs, pn * pn), generator=g) for pn in var.patch_nums]
+    gt_BL = torch.cat(gt_idx_Bl, dim=1)
+    label_B = torch.randint(0, 1000, (bs,), generator=g)
+    with torch.no_grad():
+        x_BLCv = vae.quantize.idxBl_to_var_input(gt_idx_Bl)
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        with opt.amp_ctx:
+            logits_BLV = wrapped(label_B, x_BLCv)
+            loss = torch.nn.functional.cross_entropy(logits_BLV.view(-1, logits_BLV.shape[-1]).float(), gt_BL.view(-1), label_smoothing=0.1)
+        opt.backward_clip_step(stepping=True, loss=loss)
+        times.append(time.perf_counter() - t)
+    out = {'mode': mode, 'rank': dist.get_rank(), 'world_size': dist.get_world_size(), 'depth': depth, 'bs_per_process': bs,
+           'dtype': dtype, 'params_m': sum(p.numel() for p in var.parameters()) / 1e6,
+           'seconds_per_step': statistics.median(times[1:]), 'steps': times[1:], 'peak_rss_gib': _rss_gib(),
+           'peak_rss_since': 'wrapped, optimizer built' if reset else 'process start', 'build_peak_gib': build_peak}
+    dist.barrier()
+    dist.finalize()
+    return out
+
+
+def _launch(mode: str, args, procs: int) -> List[Dict]:
+    """`procs` worker processes of one mode; their results, by rank."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        running = []
+        for rank in range(procs):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs),
+                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads),
+                       MKL_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1')
+            out = os.path.join(tmp, f'{rank}.json')
+            argv = [sys.executable, os.path.abspath(__file__), mode, str(args.depth), str(args.bs), str(args.steps), args.dtype, out]
+            running.append((subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True), out))
+        results = []
+        for p, out in running:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f'the {mode} measurement failed (exit {p.returncode}):\n{err[-3000:]}')
+            with open(out) as f:
+                results.append(json.load(f))
+    return results
+
+
+def run(args) -> None:
+    """bench.py fsdp: both modes one after the other; a table, or one JSON line with --json."""
+    procs = 2
+    rows = {mode: _launch(mode, args, procs) for mode in ('ddp', 'fsdp')}
+    if args.json:
+        print(json.dumps({'procs': procs, 'threads': args.threads, 'runs': rows}))
+        return
+    print(f'VAR d{args.depth} ({rows["ddp"][0]["params_m"]:.1f}M parameters), {procs} processes (gloo, CPU), {args.bs} images each, '
+          f'{args.dtype}, {args.threads} threads each; peak RSS since the model was wrapped')
+    print(f'{"mode":6} {"rank":>4} {"peak RSS GiB":>13} {"build peak GiB":>15} {"s/step":>8}')
+    for mode, rs in rows.items():
+        for r in rs:
+            print(f'{mode:6} {r["rank"]:>4} {r["peak_rss_gib"]:>13.3f} {r["build_peak_gib"]:>15.3f} {r["seconds_per_step"]:>8.3f}')
+
+
+if __name__ == '__main__':   # one measuring process: mode depth bs steps dtype out.json
+    sys.path.insert(0, REPO)
+    mode_, depth_, bs_, steps_, dtype_, out_ = sys.argv[1:7]
+    res = worker(mode_, int(depth_), int(bs_), int(steps_), dtype_)
+    with open(out_, 'w') as f_:
+        json.dump(res, f_)
