@@ -107,19 +107,35 @@ def _launch(mode: str, args, procs: int) -> List[Dict]:
     return results
 
 
+def _launch_or_failure(mode: str, args, procs: int):
+    """The mode's results, or why it failed (a DDP run of a model too large for the machine's memory is killed:
+    that is the point of sharding, so the other mode is still measured)."""
+    try:
+        return _launch(mode, args, procs)
+    except RuntimeError as e:
+        killed = 'Connection closed by peer' in str(e) or 'exit -9' in str(e)
+        return f'failed{" (a process was killed: out of memory?)" if killed else ""}: {str(e).splitlines()[0][:200]}'
+
+
 def run(args) -> None:
     """bench.py fsdp: both modes one after the other; a table, or one JSON line with --json."""
     procs = 2
-    rows = {mode: _launch(mode, args, procs) for mode in ('ddp', 'fsdp')}
+    rows = {mode: _launch_or_failure(mode, args, procs) for mode in ('ddp', 'fsdp')}
     if args.json:
         print(json.dumps({'procs': procs, 'threads': args.threads, 'runs': rows}))
         return
-    print(f'VAR d{args.depth} ({rows["ddp"][0]["params_m"]:.1f}M parameters), {procs} processes (gloo, CPU), {args.bs} images each, '
+    params = next((rs[0]['params_m'] for rs in rows.values() if not isinstance(rs, str)), float('nan'))
+    print(f'VAR d{args.depth} ({params:.1f}M parameters), {procs} processes (gloo, CPU), {args.bs} images each, '
           f'{args.dtype}, {args.threads} threads each; peak RSS since the model was wrapped')
     print(f'{"mode":6} {"rank":>4} {"peak RSS GiB":>13} {"build peak GiB":>15} {"s/step":>8}')
     for mode, rs in rows.items():
+        if isinstance(rs, str):
+            print(f'{mode:6} {rs}')
+            continue
         for r in rs:
             print(f'{mode:6} {r["rank"]:>4} {r["peak_rss_gib"]:>13.3f} {r["build_peak_gib"]:>15.3f} {r["seconds_per_step"]:>8.3f}')
+    if any(isinstance(rs, str) for rs in rows.values()):
+        raise SystemExit(1)
 
 
 if __name__ == '__main__':   # one measuring process: mode depth bs steps dtype out.json
