@@ -1,13 +1,14 @@
 """Linear layers and the transformer's MLP: oneDNN's matmul on the CPU, flash-attn's fused MLP on CUDA, F.linear as reference.
 
-oneDNN (fast path, CPU float32). PyTorch computes a float32 `F.linear` on the CPU with MKL (`addmm`: the bias is
-first broadcast into the output, then the GEMM adds to it). On this project's 2-core Zen 4 CPU that runs the
-transformer's shapes at 110-175 GFLOP/s; oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, which
-torch.compile's CPU backend calls) runs them at 165-207 GFLOP/s, adds the bias in its epilogue and can apply the
-FFN's GELU there too. The input gradient goes through oneDNN as well (1.1-1.3×); the weight gradient stays with
-MKL (as fast). Results differ from MKL's by float rounding (~1e-6 relative). Used for float32 on the CPU with
-autocast off (bf16/fp16 autocast, torch.compile and CUDA keep F.linear), when this PyTorch build has oneDNN and
-the fast paths are on (switch.py).
+oneDNN (fast path, CPU float32). PyTorch computes a float32 `F.linear` and its gradients on the CPU with MKL
+(`addmm`/`mm`). On this project's 2-core AMD EPYC (family 26, AVX-512 with a 512-bit datapath) MKL runs the
+transformer's shapes at 110-210 GFLOP/s; oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, which
+torch.compile's CPU backend calls) runs them at 330-460 GFLOP/s, adds the bias in its epilogue and can apply the
+FFN's GELU there too. The input gradient and the weight gradient go through oneDNN as well (the backward of the
+d8 training step 1.24-1.32x faster than with MKL's weight gradient). Results differ from MKL's by float rounding
+(~1e-6 relative). Used for float32 on the CPU with autocast off (bf16/fp16 autocast, torch.compile and CUDA keep
+F.linear), when this PyTorch build has oneDNN, the fast paths are on (switch.py) and the CPU is one where it was
+measured faster (choices.py: `use_onednn_linear`).
 
 flash-attn's fused MLP (CUDA, as in the reference): fc1, GELU and fc2 in one kernel when flash-attn's
 fused_dense extension is installed and the model was built with fused_if_available (the reference's own
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .choices import cpu_rule
 from .switch import SWITCH, compiling, cpu_autocast_enabled
 
 __all__ = ['Linear', 'linear', 'linear_reference', 'mlp_gelu', 'onednn_applies', 'onednn_available', 'fused_mlp_func',
@@ -53,9 +55,10 @@ def fused_mlp_func() -> Optional[Callable]:
 
 
 def onednn_applies(x: torch.Tensor) -> bool:
-    """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, not under torch.compile, oneDNN present."""
+    """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, not under torch.compile, oneDNN present and
+    chosen for this CPU (choices.py)."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not cpu_autocast_enabled() and not compiling()
-            and onednn_available())
+            and cpu_rule().onednn_linear and onednn_available())
 
 
 def linear_reference(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor] = None,
@@ -69,6 +72,17 @@ def _onednn_linear(x_NK: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional
     if gelu_tanh:
         return torch.ops.mkldnn._linear_pointwise(x_NK, weight_OK, bias_O, 'gelu', [], 'tanh')
     return torch.ops.mkldnn._linear_pointwise(x_NK, weight_OK, bias_O, 'none', [], '')
+
+
+def _onednn_weight_grad(grad_NO: torch.Tensor, x_NK: torch.Tensor) -> torch.Tensor:
+    """grad_NOᵀ · x_NK → (O, K) by oneDNN, reading both operands transposed in place (no copy of either).
+
+    oneDNN runs it fastest with the wider of O and K as its `weight` (output) side: for O >= K it computes
+    (x_NKᵀ · grad_NO) = grad_wᵀ and transposes that small (K, O) result, else grad_w directly.
+    """
+    if grad_NO.shape[1] >= x_NK.shape[1]:
+        return _onednn_linear(x_NK.t(), grad_NO.t(), None).t().contiguous()
+    return _onednn_linear(grad_NO.t(), x_NK.t(), None)
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -86,7 +100,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(grad_NO, weight_OK.t().contiguous(), None)   # (N, O) @ (O, K)
         if ctx.needs_input_grad[1]:
-            grad_w = grad_NO.t().mm(x_NK)
+            grad_w = _onednn_weight_grad(grad_NO, x_NK)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_NO.sum(0)
         return grad_x, grad_w, grad_b
