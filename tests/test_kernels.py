@@ -230,3 +230,25 @@ def test_weight_gradient_by_onednn_equals_the_plain_matmul(N, K, O):
     got = matmul._onednn_weight_grad(grad_NO, x_NK)
     assert got.shape == (O, K) and got.is_contiguous()
     assert torch.allclose(got, grad_NO.double().t().mm(x_NK.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_training_mlp_keeps_less_and_gives_the_same_bits_as_two_linears(cpu_with_fast_kernels):
+    """The oneDNN training MLP recomputes its GELU in the backward instead of keeping it: the same outputs and gradients,
+    bit for bit, as fc1 + GELU + fc2 through `linear`, and one (N, 4C) tensor fewer kept for the backward."""
+    if not matmul.onednn_available():
+        pytest.skip('this PyTorch build has no oneDNN for this CPU')
+    from models.basic_var import FFN
+    torch.manual_seed(0)
+    ffn = FFN(32, 128, fused_if_available=False)
+    x, g = torch.randn(2, 9, 32, requires_grad=True), torch.randn(2, 9, 32)
+
+    def run(two_linears):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            y = ffn.fc2(matmul.linear(x, ffn.fc1.weight, ffn.fc1.bias, act='gelu_tanh')) if two_linears else ffn(x)
+        return [y, *torch.autograd.grad(y, [x, *ffn.parameters()], g)], sum(kept)
+    (fast, kept_fast), (plain, kept_plain) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert kept_plain - kept_fast >= 2 * 9 * 128        # the GELU's output is not kept
+    with torch.no_grad():
+        assert torch.allclose(ffn(x), plain[0], rtol=1e-5, atol=1e-5)   # inference: GELU fused into fc1

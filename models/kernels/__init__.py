@@ -4,7 +4,8 @@ The model classes call one function (or a thin nn module with the same parameter
 operation; each picks its fast path where it applies and otherwise runs what the reference runs:
 
     linear / Linear            oneDNN matmul for float32 on the CPU (matmul.py)
-    mlp_gelu                   flash-attn's fused MLP on CUDA, else two `linear`s (matmul.py)
+    mlp_gelu                   flash-attn's fused MLP on CUDA, else two `linear`s; in CPU training one oneDNN function
+                               that recomputes the GELU in the backward instead of keeping it (matmul.py)
     conv2d / Conv2d            oneDNN conv in CPU inference whatever the batch size (conv.py)
     conv3x3 / Conv3x3          NNPACK Winograd for wide maps in CPU inference (winograd.py)
     upsample2x_conv3x3         polyphase nearest ×2 + 3×3 conv (upsample.py)
@@ -12,7 +13,8 @@ operation; each picks its fast path where it applies and otherwise runs what the
     attention                  SDPA / flash-attn / xformers / math; block-causal by groups of scales (attention_dispatch.py)
 
 `set_fast_paths(False)` or `with fast_paths(False):` turns every fast path off, process-wide (switch.py);
-`describe_choices()` says what runs here and why (logged once when the first tokenizer is built).
+`describe_choices()` says what runs here and why (logged once when the first tokenizer is built); which kernels a
+CPU takes is one table in choices.py (vendor, ISA flags, cores; never timing).
 """
 from .attention_dispatch import (BACKENDS, BlockCausal, attention, backend_status, block_causal_groups,
                                  choose_backend, describe_backends)
