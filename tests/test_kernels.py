@@ -252,3 +252,30 @@ def test_training_mlp_keeps_less_and_gives_the_same_bits_as_two_linears(cpu_with
     assert kept_plain - kept_fast >= 2 * 9 * 128        # the GELU's output is not kept
     with torch.no_grad():
         assert torch.allclose(ffn(x), plain[0], rtol=1e-5, atol=1e-5)   # inference: GELU fused into fc1
+
+
+@pytest.mark.parametrize('shared_aln', [False, True])
+def test_training_adaln_keeps_x_not_its_norm_and_gives_the_same_bits(shared_aln, monkeypatch):
+    """VAR's teacher forcing with the AdaLN that recomputes LN(x) in the backward: logits and every parameter's gradient
+    equal, bit for bit, those of LN(x)·(1 + scale) + shift through autograd, with fewer activations kept."""
+    from models import basic_var
+    from models.kernels import adaln
+    _, var = build_tiny(shared_aln=shared_aln)
+    var.train()
+    var.cond_drop_rate = 0
+    g = torch.Generator().manual_seed(0)
+    x_BLCv = torch.randn(3, var.L - var.first_l, var.Cvae, generator=g)
+    label_B, gt_BL = torch.tensor([0, 1, 2]), torch.randint(0, var.V, (3, var.L), generator=g)
+
+    def run():
+        kept = []
+        torch.manual_seed(0)   # the same drop-path draws
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            logits_BLV = var(label_B, x_BLCv)
+            loss = torch.nn.functional.cross_entropy(logits_BLV.view(-1, var.V), gt_BL.view(-1))
+        return [logits_BLV, *torch.autograd.grad(loss, list(var.parameters()))], sum(kept)
+    fast, kept_fast = run()
+    monkeypatch.setattr(basic_var, 'ada_layer_norm', adaln.ada_layer_norm_reference)
+    plain, kept_plain = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert kept_plain - kept_fast >= (2 * var.depth + 1) * 3 * var.L * var.C   # LN(x) of every AdaLN, the head's too
