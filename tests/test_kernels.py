@@ -149,7 +149,8 @@ def test_kernel_choices_are_logged_once_with_their_reasons(monkeypatch, caplog):
     assert len(records) == 1
     text = records[0].getMessage()
     for name in ('oneDNN linear', 'Winograd 3x3 conv', 'polyphase upsampling', 'channels-last', 'in-place residual adds',
-                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv'):
+                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv', 'CPU rule',
+                 'training MLP recomputing its GELU', 'training AdaLN recomputing LN(x)'):
         assert name in text
     want = 'oneDNN linear: on (float32 CPU' if matmul.onednn_available() else 'oneDNN linear: off (this PyTorch build'
     assert want in text
@@ -232,11 +233,12 @@ def test_weight_gradient_by_onednn_equals_the_plain_matmul(N, K, O):
     assert torch.allclose(got, grad_NO.double().t().mm(x_NK.double()).float(), rtol=1e-5, atol=1e-5)
 
 
-def test_training_mlp_keeps_less_and_gives_the_same_bits_as_two_linears(cpu_with_fast_kernels):
-    """The oneDNN training MLP recomputes its GELU in the backward instead of keeping it: the same outputs and gradients,
-    bit for bit, as fc1 + GELU + fc2 through `linear`, and one (N, 4C) tensor fewer kept for the backward."""
-    if not matmul.onednn_available():
-        pytest.skip('this PyTorch build has no oneDNN for this CPU')
+@pytest.mark.parametrize('vendor, flags', [('AuthenticAMD', 'avx2 avx512f'), ('GenuineIntel', 'avx2 avx512f amx_tile')])
+def test_training_mlp_keeps_less_and_gives_the_same_bits_as_two_linears(vendor, flags, fake_cpu):
+    """The CPU training MLP recomputes its GELU in the backward instead of keeping it: the same outputs and gradients,
+    bit for bit, as fc1 + GELU + fc2 through `linear` (oneDNN on the AMD rule, F.linear on the AMX one), and one
+    (N, 4C) tensor fewer kept for the backward."""
+    fake_cpu(vendor, flags, 2)
     from models.basic_var import FFN
     torch.manual_seed(0)
     ffn = FFN(32, 128, fused_if_available=False)

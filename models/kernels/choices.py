@@ -20,9 +20,10 @@ Where nothing was measured the rule keeps PyTorch's plain kernel.
     avx2 without avx512f              off            off       not measured
     anything else (no flags, ARM)     off            off       not measured
 
-The other fast paths do fewer operations or move fewer bytes with PyTorch's own kernels (polyphase upsampling,
-channels-last layout, in-place residual adds, images in groups, block-causal attention by groups of scales), so
-they do not depend on the CPU and stay on wherever they apply. `set_fast_paths(False)` turns all of them off.
+The other fast paths do fewer operations, move fewer bytes or keep fewer activations with PyTorch's own kernels
+(polyphase upsampling, channels-last layout, in-place residual adds, images in groups, block-causal attention by
+groups of scales, the training MLP and AdaLN recomputing their GELU and layer norm in the backward), so they do not
+depend on the CPU and stay on wherever they apply. `set_fast_paths(False)` turns all of them off.
 """
 import functools
 import logging
@@ -114,6 +115,8 @@ def describe_choices() -> List[str]:
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),
         'grouped block-causal attention: ' + _on_off(fast, True, 'teacher forcing, any backend but math', ''),
+        'training MLP recomputing its GELU: ' + _on_off(fast, True, f'{f32_cpu}; GEMMs by the linear layers\' choice', ''),
+        'training AdaLN recomputing LN(x): ' + _on_off(fast, True, 'training without autocast, any device', ''),
         'batch-invariant oneDNN conv: ' + ('on (float32 CPU inference, whatever the switch: a reproducibility guarantee)'
                                            if onednn_conv_available() and torch.backends.mkldnn.enabled else
                                            'off (this PyTorch build or CPU has no oneDNN conv; F.conv2d)'),

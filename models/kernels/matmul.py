@@ -106,31 +106,52 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-class _OneDNNMLP(torch.autograd.Function):
-    """fc2(GELU_tanh(fc1(x))) by oneDNN for training: the same ops as `linear` + F.gelu + `linear` in both passes (so the
-    same numbers, bit for bit), but it keeps only fc1's input and output for the backward and recomputes the GELU
-    there (one elementwise pass), instead of also keeping the GELU's output: 4C floats fewer per token and block
-    (170 MiB for the d8 step at batch 4). Letters: N rows, C width, F hidden width."""
+class _GemmOps:
+    """The three GEMMs of a linear layer and its gradients, by oneDNN or by PyTorch's own (MKL) kernels, the latter
+    being exactly the calls autograd makes for F.linear (so its results are F.linear's, bit for bit)."""
+
+    def __init__(self, onednn: bool):
+        self.onednn = onednn
+
+    def forward(self, x_NK, weight_OK, bias_O):
+        return _onednn_linear(x_NK, weight_OK, bias_O) if self.onednn else F.linear(x_NK, weight_OK, bias_O)
+
+    def input_grad(self, grad_NO, weight_OK):
+        return _onednn_linear(grad_NO, weight_OK.t().contiguous(), None) if self.onednn else grad_NO.mm(weight_OK)
+
+    def weight_grad(self, grad_NO, x_NK):
+        return _onednn_weight_grad(grad_NO, x_NK) if self.onednn else grad_NO.t().mm(x_NK)
+
+
+class _MLPRecomputingGelu(torch.autograd.Function):
+    """fc2(GELU_tanh(fc1(x))) for training: the same ops as two linear layers and F.gelu in both passes (so the same
+    numbers, bit for bit), but it keeps only fc1's input and output for the backward and recomputes the GELU there
+    (one elementwise pass) instead of also keeping the GELU's output: 4C floats fewer per token and block (170 MiB
+    for the d8 step at batch 4). The GEMMs go by oneDNN where `linear` would, else by F.linear's own kernels.
+    Letters: N rows, C width, F hidden width."""
 
     @staticmethod
-    def forward(ctx, x_NC, w1_FC, b1_F, w2_CF, b2_C):
-        h_NF = _onednn_linear(x_NC, w1_FC, b1_F)
+    def forward(ctx, x_NC, w1_FC, b1_F, w2_CF, b2_C, gemm: _GemmOps):
+        h_NF = gemm.forward(x_NC, w1_FC, b1_F)
         ctx.save_for_backward(x_NC, h_NF, w1_FC, w2_CF)
-        ctx.has_bias = b1_F is not None, b2_C is not None
-        return _onednn_linear(torch.nn.functional.gelu(h_NF, approximate='tanh'), w2_CF, b2_C)
+        ctx.has_bias, ctx.gemm = (b1_F is not None, b2_C is not None), gemm
+        return gemm.forward(F.gelu(h_NF, approximate='tanh'), w2_CF, b2_C)
 
     @staticmethod
     def backward(ctx, grad_NC):
         x_NC, h_NF, w1_FC, w2_CF = ctx.saved_tensors
-        grad_NC = grad_NC.contiguous()
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        grad_w2 = _onednn_weight_grad(grad_NC, F.gelu(h_NF, approximate='tanh')) if need_w2 else None
+        gemm, grad_NC = ctx.gemm, grad_NC.contiguous()
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_w2 = gemm.weight_grad(grad_NC, F.gelu(h_NF, approximate='tanh')) if need_w2 else None
         grad_b2 = grad_NC.sum(0) if ctx.has_bias[1] and need_b2 else None
-        grad_h_NF = torch.ops.aten.gelu_backward(_onednn_linear(grad_NC, w2_CF.t().contiguous(), None), h_NF, approximate='tanh')
-        grad_w1 = _onednn_weight_grad(grad_h_NF, x_NC) if need_w1 else None
+        grad_h_NF = torch.ops.aten.gelu_backward(gemm.input_grad(grad_NC, w2_CF), h_NF, approximate='tanh')
+        grad_w1 = gemm.weight_grad(grad_h_NF, x_NC) if need_w1 else None
         grad_b1 = grad_h_NF.sum(0) if ctx.has_bias[0] and need_b1 else None
-        grad_x = _onednn_linear(grad_h_NF, w1_FC.t().contiguous(), None) if need_x else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+        grad_x = gemm.input_grad(grad_h_NF, w1_FC) if need_x else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+_GEMM = {True: _GemmOps(onednn=True), False: _GemmOps(onednn=False)}
 
 
 def linear(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor] = None,
@@ -165,10 +186,12 @@ def mlp_gelu(x_BLC: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, fused_if_avail
         return fused(x=x_BLC, weight1=fc1.weight, weight2=fc2.weight, bias1=fc1.bias, bias2=fc2.bias,
                      activation='gelu_approx', save_pre_act=training, return_residual=False, checkpoint_lvl=0,
                      heuristic=0, process_group=None)
-    if (SWITCH.on and torch.is_grad_enabled() and onednn_applies(x_BLC) and x_BLC.numel() > 0
+    if (SWITCH.on and torch.is_grad_enabled() and x_BLC.device.type == 'cpu' and x_BLC.dtype == torch.float32
+            and not cpu_autocast_enabled() and not compiling() and x_BLC.numel() > 0
             and all(w.dtype == torch.float32 and w.is_contiguous() for w in (fc1.weight, fc2.weight))):
         x_NC = x_BLC.reshape(-1, x_BLC.shape[-1])
-        y_NC = _OneDNNMLP.apply(x_NC if x_NC.is_contiguous() else x_NC.contiguous(), fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        y_NC = _MLPRecomputingGelu.apply(x_NC if x_NC.is_contiguous() else x_NC.contiguous(), fc1.weight, fc1.bias,
+                                         fc2.weight, fc2.bias, _GEMM[onednn_applies(x_BLC)])
         return y_NC.view(*x_BLC.shape[:-1], fc2.weight.shape[0])
     return fc2(linear(x_BLC, fc1.weight, fc1.bias, act='gelu_tanh'))
 
