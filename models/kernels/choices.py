@@ -13,7 +13,7 @@ Where nothing was measured the rule keeps PyTorch's plain kernel.
                                                                not compute float32 anyway
     AMD, avx512f, <= 8 cores          on             on        measured on a 2-core AMD EPYC (family 26): oneDNN's
                                                                GEMMs 1.5-2.2x MKL's (MKL takes its AVX2 code on AMD),
-                                                               Winograd 2.0-2.5x oneDNN's direct conv on wide maps;
+                                                               Winograd 1.3-2.5x oneDNN's direct conv on wide maps;
                                                                measured with 2 threads, assumed up to 8
     AMD, avx512f, > 8 cores           off            off       not measured
     Intel, avx512f without AMX        off            off       not measured; MKL has AVX-512 code on Intel
@@ -64,7 +64,7 @@ CPU_RULES = (
             'not measured by us; a user\'s 2-core Xeon with AVX-512 and AMX saw neither gain, and AMX does not compute float32'),
     CpuRule(f'AMD with avx512f, <= {MEASURED_MAX_CORES} cores',
             lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags and f.cores <= MEASURED_MAX_CORES, True, True,
-            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 2.0-2.5x the direct conv on wide maps'),
+            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 1.3-2.5x the direct conv on wide maps'),
     CpuRule(f'AMD with avx512f, > {MEASURED_MAX_CORES} cores',
             lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags, False, False, 'not measured at this core count'),
     CpuRule('Intel with avx512f, no AMX', lambda f: f.vendor == 'GenuineIntel' and 'avx512f' in f.flags, False, False,
