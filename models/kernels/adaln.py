@@ -4,7 +4,7 @@ Reference path: the layer norm, then `.mul(scale.add(1)).add_(shift)`; autograd 
 output LN(x) (for the gradient of scale). Fast path (training with the fast paths on, no autocast): the same ops
 in both passes, so the same numbers bit for bit, but the backward recomputes LN(x) from x and the norm's saved
 mean and 1/std; one (B, L, C) activation fewer kept per AdaLN: two per transformer block, 90 MiB in the d8 step at
-batch 4. Inference and switched off: the reference path.
+batch 4. Inference, autocast, torch.compile and switched off: the reference path.
 
 Letters: B batch, L tokens, C width.
 """
@@ -13,7 +13,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .switch import SWITCH, cpu_autocast_enabled
+from .switch import SWITCH, compiling, cpu_autocast_enabled
 
 __all__ = ['ada_layer_norm', 'ada_layer_norm_reference']
 
@@ -53,6 +53,6 @@ def ada_layer_norm(ln: nn.LayerNorm, x_BLC: torch.Tensor, scale_B1C: torch.Tenso
     keeps x, not ln(x), for the backward (see above)."""
     if (not SWITCH.on or not torch.is_grad_enabled() or ln.weight is not None or ln.bias is not None
             or not (x_BLC.requires_grad or scale_B1C.requires_grad or shift_B1C.requires_grad)
-            or (x_BLC.device.type == 'cpu' and cpu_autocast_enabled()) or torch.is_autocast_enabled()):
+            or cpu_autocast_enabled() or torch.is_autocast_enabled() or compiling()):
         return ada_layer_norm_reference(ln, x_BLC, scale_B1C, shift_B1C)
     return _AdaLayerNorm.apply(x_BLC, scale_B1C, shift_B1C, list(ln.normalized_shape), ln.eps)
