@@ -180,7 +180,8 @@ def linear(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tens
 
 
 def mlp_gelu(x_BLC: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, fused_if_available: bool, training: bool) -> torch.Tensor:
-    """fc2(GELU_tanh(fc1(x))): flash-attn's fused MLP on CUDA where installed and allowed, else two `linear` calls."""
+    """fc2(GELU_tanh(fc1(x))): flash-attn's fused MLP on CUDA where installed and allowed; in float32 CPU training with
+    the fast paths on, _MLPRecomputingGelu (the same bits, the GELU's output not kept); else two `linear` calls."""
     fused = fused_mlp_func() if (fused_if_available and x_BLC.is_cuda) else None
     if fused is not None:
         return fused(x=x_BLC, weight1=fc1.weight, weight2=fc2.weight, bias1=fc1.bias, bias2=fc2.bias,
