@@ -304,7 +304,8 @@ def fast_path_lines() -> List[str]:
     from models.kernels.choices import describe_attention
     return describe_choices() + [
         describe_attention(),
-        'the thresholds were measured on a 2-core AMD Zen 4; they are not chosen by ISA feature (AVX-512, AMX) or core count',
+        'oneDNN linear and Winograd are chosen by the CPU rule table of models/kernels/choices.py (vendor, ISA flags, cores; '
+        'never by timing); the size thresholds were measured on a 2-core AMD EPYC with AVX-512',
     ]
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .helpers import DropPath
-from .kernels import BACKENDS, Linear, attention, linear, mlp_gelu
+from .kernels import BACKENDS, Linear, ada_layer_norm, attention, linear, mlp_gelu
 
 __all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin']
 
@@ -122,8 +122,8 @@ class AdaLNSelfAttn(nn.Module):
             gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)  # 6 × (B, 1, C)
         else:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias=attn_bias).mul_(gamma1))
-        x = x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
+        x = x + self.drop_path(self.attn(ada_layer_norm(self.ln_wo_grad, x, scale1, shift1), attn_bias=attn_bias).mul_(gamma1))
+        x = x + self.drop_path(self.ffn(ada_layer_norm(self.ln_wo_grad, x, scale2, shift2)).mul(gamma2))
         return x
 
     def extra_repr(self) -> str:
@@ -141,7 +141,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
+        return ada_layer_norm(self.ln_wo_grad, x_BLC, scale, shift)   # ln(x)·(1 + scale) + shift
 
 
 class SharedAdaLin(Linear):

@@ -61,6 +61,28 @@ def fast_kernels_on():
         yield
 
 
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """fake_cpu(vendor, flags, cores) makes models.kernels read that CPU (vendor_id and flags as /proc/cpuinfo writes
+    them) and choose its kernels again; the real CPU's choice comes back after the test."""
+    from models.kernels import choices
+    from models.kernels.cpu_features import CpuFeatures
+
+    def fake(vendor: str, flags: str, cores: int) -> CpuFeatures:
+        features = CpuFeatures(vendor=vendor, flags=frozenset(flags.split()), cores=cores)
+        monkeypatch.setattr(choices, 'read_cpu_features', lambda: features)
+        choices.cpu_rule.cache_clear()
+        return features
+    yield fake
+    choices.cpu_rule.cache_clear()
+
+
+@pytest.fixture
+def cpu_with_fast_kernels(fake_cpu):
+    """A CPU on which every CPU-chosen fast kernel is on (the measured 2-core AMD with AVX-512), whatever runs the test."""
+    return fake_cpu('AuthenticAMD', 'avx2 avx512f', 2)
+
+
 TINY_TRAIN_FLAGS = ['--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--pn=1_2_3_4', '--depth=2']
 
 

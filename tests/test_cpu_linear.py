@@ -8,7 +8,8 @@ from conftest import build_tiny
 from models.kernels import fast_paths, fast_paths_enabled
 from models.kernels.matmul import Linear, linear, onednn_available
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason='this PyTorch build has no oneDNN for this CPU')
+pytestmark = [pytest.mark.skipif(not onednn_available(), reason='this PyTorch build has no oneDNN for this CPU'),
+              pytest.mark.usefixtures('cpu_with_fast_kernels')]   # the kernels as chosen on the CPU they were measured on
 
 
 def onednn_calls(fn) -> int:
@@ -29,7 +30,7 @@ def test_forward_and_gradients_equal_f_linear():
                 y = linear(x, w, bias, act='gelu_tanh' if gelu else None)
             grads = torch.autograd.grad(y, [x, w] + ([bias] if bias is not None else []), g)
             return y, grads
-        assert onednn_calls(lambda: run(True)) == 2      # the forward and the input gradient
+        assert onednn_calls(lambda: run(True)) == 3      # the forward, the input and the weight gradient
         (y, grads), (y_ref, grads_ref) = run(True), run(False)
         assert y.shape == (3, 17, 96)
         assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from conftest import build_tiny
 from models import VQVAE, kernels
-from models.kernels import attention_dispatch, choices, conv, matmul, memory, upsample
+from models.kernels import attention_dispatch, choices, conv, cpu_features, matmul, memory, upsample
 
 
 def test_one_switch_process_wide_and_restored_by_the_context_manager():
@@ -149,7 +149,8 @@ def test_kernel_choices_are_logged_once_with_their_reasons(monkeypatch, caplog):
     assert len(records) == 1
     text = records[0].getMessage()
     for name in ('oneDNN linear', 'Winograd 3x3 conv', 'polyphase upsampling', 'channels-last', 'in-place residual adds',
-                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv'):
+                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv', 'CPU rule',
+                 'training MLP recomputing its GELU', 'training AdaLN recomputing LN(x)'):
         assert name in text
     want = 'oneDNN linear: on (float32 CPU' if matmul.onednn_available() else 'oneDNN linear: off (this PyTorch build'
     assert want in text
@@ -168,3 +169,115 @@ def test_availability_probes_run_on_the_cpu_inside_a_device_context():
     finally:
         matmul.onednn_available.cache_clear()
         conv.onednn_conv_available.cache_clear()
+
+
+CPUINFO_SPR = 'processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\nvendor_id\t: Other\n'
+
+
+def test_cpu_features_are_read_from_the_first_processor_of_proc_cpuinfo():
+    f = cpu_features.parse_cpuinfo(CPUINFO_SPR, cores=2)
+    assert f == cpu_features.CpuFeatures('GenuineIntel', frozenset({'fpu', 'sse', 'avx2', 'avx512f', 'amx_bf16', 'amx_tile'}), 2)
+    assert cpu_features.parse_cpuinfo('', cores=4) == cpu_features.CpuFeatures('', frozenset(), 4)   # not Linux: no flags
+    assert cpu_features.read_cpu_features() == cpu_features.read_cpu_features()                     # no timing: the same read
+
+
+@pytest.mark.parametrize('vendor, flags, cores, onednn, winograd, cpus', [
+    ('AuthenticAMD', 'avx2 avx512f avx512_bf16', 2, True, True, 'AMD with avx512f, <= 8 cores'),   # the measured CPU
+    ('AuthenticAMD', 'avx2 avx512f', 8, True, True, 'AMD with avx512f, <= 8 cores'),
+    ('AuthenticAMD', 'avx2 avx512f', 64, False, False, 'AMD with avx512f, > 8 cores'),
+    ('GenuineIntel', 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile', 2, False, False, 'AMX'),   # the user's Xeon
+    ('GenuineIntel', 'avx2 avx512f', 2, False, False, 'Intel with avx512f, no AMX'),
+    ('AuthenticAMD', 'avx2', 2, False, False, 'avx2 without avx512f'),
+    ('GenuineIntel', 'avx2', 16, False, False, 'avx2 without avx512f'),
+    ('', '', 2, False, False, 'other CPUs'),
+])
+def test_cpu_rule_table_picks_the_kernels_by_vendor_isa_and_cores(vendor, flags, cores, onednn, winograd, cpus):
+    rule = choices.rule_for(cpu_features.CpuFeatures(vendor, frozenset(flags.split()), cores))
+    assert (rule.onednn_linear, rule.winograd, rule.cpus) == (onednn, winograd, cpus) and rule.why
+    assert 'not measured' in rule.why or (onednn and winograd)   # where nothing was measured: the plain kernels
+
+
+def test_the_cpu_rule_reaches_the_kernels_and_the_log(fake_cpu, monkeypatch):
+    """On a CPU whose rule says no (the user's Xeon with AMX) linear and 3x3 conv take PyTorch's kernels; on the
+    measured AMD, oneDNN and NNPACK; describe_choices says which rule matched and why."""
+    from models.kernels import winograd
+    onednn, nnpack = [], []
+    real_lp, real_nnpack = matmul._onednn_linear, torch._nnpack_spatial_convolution
+    monkeypatch.setattr(matmul, '_onednn_linear', lambda *a, **k: onednn.append(1) or real_lp(*a, **k))
+    monkeypatch.setattr(torch, '_nnpack_spatial_convolution', lambda *a, **k: nnpack.append(1) or real_nnpack(*a, **k))
+    torch.manual_seed(0)
+    lin, x = kernels.Linear(16, 8), torch.randn(4, 16)
+    conv_x, conv_w = torch.randn(1, 128, 64, 64), torch.randn(128, 128, 3, 3) * 0.03
+    for (vendor, flags), used in ((('GenuineIntel', 'avx2 avx512f amx_bf16 amx_tile'), False), (('AuthenticAMD', 'avx2 avx512f'), True)):
+        fake_cpu(vendor, flags, 2)
+        onednn.clear(), nnpack.clear()
+        with torch.no_grad():
+            y = lin(x)
+            conv_y = winograd.conv3x3(conv_x, conv_w)
+        assert torch.allclose(y, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(conv_y, conv.conv2d_reference(conv_x, conv_w, padding=1), rtol=1e-3, atol=1e-3)
+        assert bool(onednn) == (used and matmul.onednn_available()) and bool(nnpack) == (used and winograd.nnpack_available())
+        lines = kernels.describe_choices()
+        assert lines[0].startswith(f'CPU rule: this CPU ({vendor}') and ('"AMX"' in lines[0]) != used
+        assert ('oneDNN linear: on' in '\n'.join(lines)) == (used and matmul.onednn_available())
+
+
+@pytest.mark.parametrize('N, K, O', [(37, 24, 40), (37, 40, 24)])   # both orientations of the oneDNN call (O >= K and O < K)
+def test_weight_gradient_by_onednn_equals_the_plain_matmul(N, K, O):
+    if not matmul.onednn_available():
+        pytest.skip('this PyTorch build has no oneDNN for this CPU')
+    torch.manual_seed(0)
+    grad_NO, x_NK = torch.randn(N, O), torch.randn(N, K)
+    got = matmul._onednn_weight_grad(grad_NO, x_NK)
+    assert got.shape == (O, K) and got.is_contiguous()
+    assert torch.allclose(got, grad_NO.double().t().mm(x_NK.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('vendor, flags', [('AuthenticAMD', 'avx2 avx512f'), ('GenuineIntel', 'avx2 avx512f amx_tile')])
+def test_training_mlp_keeps_less_and_gives_the_same_bits_as_two_linears(vendor, flags, fake_cpu):
+    """The CPU training MLP recomputes its GELU in the backward instead of keeping it: the same outputs and gradients,
+    bit for bit, as fc1 + GELU + fc2 through `linear` (oneDNN on the AMD rule, F.linear on the AMX one), and one
+    (N, 4C) tensor fewer kept for the backward."""
+    fake_cpu(vendor, flags, 2)
+    from models.basic_var import FFN
+    torch.manual_seed(0)
+    ffn = FFN(32, 128, fused_if_available=False)
+    x, g = torch.randn(2, 9, 32, requires_grad=True), torch.randn(2, 9, 32)
+
+    def run(two_linears):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            y = ffn.fc2(matmul.linear(x, ffn.fc1.weight, ffn.fc1.bias, act='gelu_tanh')) if two_linears else ffn(x)
+        return [y, *torch.autograd.grad(y, [x, *ffn.parameters()], g)], sum(kept)
+    (fast, kept_fast), (plain, kept_plain) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert kept_plain - kept_fast >= 2 * 9 * 128        # the GELU's output is not kept
+    with torch.no_grad():
+        assert torch.allclose(ffn(x), plain[0], rtol=1e-5, atol=1e-5)   # inference: GELU fused into fc1
+
+
+@pytest.mark.parametrize('shared_aln', [False, True])
+def test_training_adaln_keeps_x_not_its_norm_and_gives_the_same_bits(shared_aln, monkeypatch):
+    """VAR's teacher forcing with the AdaLN that recomputes LN(x) in the backward: logits and every parameter's gradient
+    equal, bit for bit, those of LN(x)·(1 + scale) + shift through autograd, with fewer activations kept."""
+    from models import basic_var
+    from models.kernels import adaln
+    _, var = build_tiny(shared_aln=shared_aln)
+    var.train()
+    var.cond_drop_rate = 0
+    g = torch.Generator().manual_seed(0)
+    x_BLCv = torch.randn(3, var.L - var.first_l, var.Cvae, generator=g)
+    label_B, gt_BL = torch.tensor([0, 1, 2]), torch.randint(0, var.V, (3, var.L), generator=g)
+
+    def run():
+        kept = []
+        torch.manual_seed(0)   # the same drop-path draws
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            logits_BLV = var(label_B, x_BLCv)
+            loss = torch.nn.functional.cross_entropy(logits_BLV.view(-1, var.V), gt_BL.view(-1))
+        return [logits_BLV, *torch.autograd.grad(loss, list(var.parameters()))], sum(kept)
+    fast, kept_fast = run()
+    monkeypatch.setattr(basic_var, 'ada_layer_norm', adaln.ada_layer_norm_reference)
+    plain, kept_plain = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
+    assert kept_plain - kept_fast >= (2 * var.depth + 1) * 3 * var.L * var.C   # LN(x) of every AdaLN, the head's too

@@ -8,7 +8,8 @@ from models.basic_vae import Upsample2x
 from models.kernels import fast_paths, winograd
 from models.kernels.winograd import Conv3x3, winograd_conv3x3
 
-pytestmark = pytest.mark.skipif(not winograd.nnpack_available(), reason='this PyTorch build has no NNPACK for this CPU')
+pytestmark = [pytest.mark.skipif(not winograd.nnpack_available(), reason='this PyTorch build has no NNPACK for this CPU'),
+              pytest.mark.usefixtures('cpu_with_fast_kernels')]   # the kernels as chosen on the CPU they were measured on
 
 
 @pytest.fixture

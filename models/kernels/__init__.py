@@ -4,7 +4,9 @@ The model classes call one function (or a thin nn module with the same parameter
 operation; each picks its fast path where it applies and otherwise runs what the reference runs:
 
     linear / Linear            oneDNN matmul for float32 on the CPU (matmul.py)
-    mlp_gelu                   flash-attn's fused MLP on CUDA, else two `linear`s (matmul.py)
+    ada_layer_norm             LN(x)·(1 + scale) + shift; in training it keeps x, not LN(x) (adaln.py)
+    mlp_gelu                   flash-attn's fused MLP on CUDA, else two `linear`s; in CPU training one oneDNN function
+                               that recomputes the GELU in the backward instead of keeping it (matmul.py)
     conv2d / Conv2d            oneDNN conv in CPU inference whatever the batch size (conv.py)
     conv3x3 / Conv3x3          NNPACK Winograd for wide maps in CPU inference (winograd.py)
     upsample2x_conv3x3         polyphase nearest ×2 + 3×3 conv (upsample.py)
@@ -12,8 +14,10 @@ operation; each picks its fast path where it applies and otherwise runs what the
     attention                  SDPA / flash-attn / xformers / math; block-causal by groups of scales (attention_dispatch.py)
 
 `set_fast_paths(False)` or `with fast_paths(False):` turns every fast path off, process-wide (switch.py);
-`describe_choices()` says what runs here and why (logged once when the first tokenizer is built).
+`describe_choices()` says what runs here and why (logged once when the first tokenizer is built); which kernels a
+CPU takes is one table in choices.py (vendor, ISA flags, cores; never timing).
 """
+from .adaln import ada_layer_norm
 from .attention_dispatch import (BACKENDS, BlockCausal, attention, backend_status, block_causal_groups,
                                  choose_backend, describe_backends)
 from .choices import describe_choices, log_choices_once
@@ -24,7 +28,7 @@ from .switch import fast_paths, fast_paths_enabled, set_fast_paths
 from .upsample import upsample2x_conv3x3
 from .winograd import Conv3x3, conv3x3
 
-__all__ = ['fast_paths', 'set_fast_paths', 'fast_paths_enabled', 'describe_choices', 'log_choices_once',
+__all__ = ['ada_layer_norm', 'fast_paths', 'set_fast_paths', 'fast_paths_enabled', 'describe_choices', 'log_choices_once',
            'Linear', 'linear', 'mlp_gelu', 'Conv2d', 'conv2d', 'Conv3x3', 'conv3x3', 'upsample2x_conv3x3',
            'channels_last_pays', 'to_conv_layout', 'residual_add', 'in_image_groups',
            'BACKENDS', 'BlockCausal', 'attention', 'backend_status', 'block_causal_groups', 'choose_backend',

@@ -1,20 +1,88 @@
-"""Which fast path each operation takes here, and why: one log line per kernel, once per process."""
+"""Which fast path each operation takes on this CPU, and why: one table of rules, one log line per kernel, once.
+
+Two fast paths replace PyTorch's kernel by another library's, and whether that pays depends on the CPU: oneDNN's
+matmul instead of MKL's for the float32 linear layers (matmul.py), NNPACK's Winograd instead of oneDNN's direct
+3×3 conv (winograd.py). They are chosen from the CPU's vendor, ISA flags and core count (cpu_features.py), by the
+first matching rule of CPU_RULES below; never by timing, so the same machine always takes the same kernels.
+Where nothing was measured the rule keeps PyTorch's plain kernel.
+
+    CPU (first match)                 oneDNN linear  Winograd  why
+    AMX (amx_tile or amx_bf16)        off            off       not measured by us; a user's 2-core Xeon with
+                                                               AVX-512 and AMX saw neither gain (step 1.03x vs the
+                                                               reference); MKL runs AVX-512 on Intel, and AMX does
+                                                               not compute float32 anyway
+    AMD, avx512f, <= 8 cores          on             on        measured on a 2-core AMD EPYC (family 26): oneDNN's
+                                                               GEMMs 1.5-2.2x MKL's (MKL takes its AVX2 code on AMD),
+                                                               Winograd 1.3-2.5x oneDNN's direct conv on wide maps;
+                                                               measured with 2 threads, assumed up to 8
+    AMD, avx512f, > 8 cores           off            off       not measured
+    Intel, avx512f without AMX        off            off       not measured; MKL has AVX-512 code on Intel
+    avx2 without avx512f              off            off       not measured
+    anything else (no flags, ARM)     off            off       not measured
+
+The other fast paths do fewer operations, move fewer bytes or keep fewer activations with PyTorch's own kernels
+(polyphase upsampling, channels-last layout, in-place residual adds, images in groups, block-causal attention by
+groups of scales, the training MLP and AdaLN recomputing their GELU and layer norm in the backward), so they do not
+depend on the CPU and stay on wherever they apply. `set_fast_paths(False)` turns all of them off.
+"""
+import functools
 import logging
-from typing import List
+from dataclasses import dataclass
+from typing import Callable, List
 
 import torch
 
-from .conv import onednn_conv_available
-from .matmul import fused_mlp_func, onednn_available
-from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
+from .cpu_features import CpuFeatures, read_cpu_features
 from .switch import SWITCH
-from .winograd import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_HW, nnpack_available
 
-__all__ = ['describe_choices', 'describe_attention', 'log_choices_once']
+__all__ = ['CpuRule', 'CPU_RULES', 'MEASURED_MAX_CORES', 'rule_for', 'cpu_rule', 'describe_choices', 'describe_attention',
+           'log_choices_once']
 
 logger = logging.getLogger('models.kernels')
 
 _logged = {'done': False}
+
+MEASURED_MAX_CORES = 8   # the AMD rule's measurement used 2 threads; beyond this many cores it is not assumed
+
+
+@dataclass(frozen=True)
+class CpuRule:
+    """One row of the table: which CPUs it matches, whether each CPU-dependent fast path runs there, and why."""
+    cpus: str
+    matches: Callable[[CpuFeatures], bool]
+    onednn_linear: bool
+    winograd: bool
+    why: str
+
+
+def _amx(f: CpuFeatures) -> bool:
+    return bool({'amx_tile', 'amx_bf16'} & f.flags)
+
+
+CPU_RULES = (
+    CpuRule('AMX', _amx, False, False,
+            'not measured by us; a user\'s 2-core Xeon with AVX-512 and AMX saw neither gain, and AMX does not compute float32'),
+    CpuRule(f'AMD with avx512f, <= {MEASURED_MAX_CORES} cores',
+            lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags and f.cores <= MEASURED_MAX_CORES, True, True,
+            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 1.3-2.5x the direct conv on wide maps'),
+    CpuRule(f'AMD with avx512f, > {MEASURED_MAX_CORES} cores',
+            lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags, False, False, 'not measured at this core count'),
+    CpuRule('Intel with avx512f, no AMX', lambda f: f.vendor == 'GenuineIntel' and 'avx512f' in f.flags, False, False,
+            'not measured; MKL has AVX-512 code on Intel'),
+    CpuRule('avx2 without avx512f', lambda f: 'avx2' in f.flags and 'avx512f' not in f.flags, False, False, 'not measured'),
+    CpuRule('other CPUs', lambda f: True, False, False, 'not measured'),
+)
+
+
+def rule_for(features: CpuFeatures) -> CpuRule:
+    """The first rule of CPU_RULES that matches these features (the last one matches every CPU)."""
+    return next(rule for rule in CPU_RULES if rule.matches(features))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_rule() -> CpuRule:
+    """The rule of this machine, read once per process (`cpu_rule.cache_clear()` to read the CPU again)."""
+    return rule_for(read_cpu_features())
 
 
 def _on_off(fast: bool, available: bool, where: str, missing: str) -> str:
@@ -24,20 +92,31 @@ def _on_off(fast: bool, available: bool, where: str, missing: str) -> str:
 
 
 def describe_choices() -> List[str]:
-    """One line per kernel: on or off, where it applies and why (the switch, what this PyTorch build and CPU have)."""
-    fast = SWITCH.on
+    """One line per kernel: on or off, where it applies and why (the switch, the CPU's rule, this PyTorch build)."""
+    # imported here, not at the top: the kernels read this module's cpu_rule()
+    from .conv import onednn_conv_available
+    from .matmul import fused_mlp_func, onednn_available
+    from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
+    from .winograd import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_HW, nnpack_available
+    fast, rule = SWITCH.on, cpu_rule()
     onednn, nnpack = onednn_available(), nnpack_available()
     f32_cpu = 'float32 CPU, autocast and torch.compile off'
+    by_cpu = f'this CPU ({read_cpu_features().describe()}) matches "{rule.cpus}": {rule.why}'
     return [
-        'oneDNN linear: ' + _on_off(fast, onednn, f'{f32_cpu}, oneDNN available', 'this PyTorch build or CPU has no oneDNN; F.linear'),
+        'CPU rule: ' + by_cpu,
+        'oneDNN linear: ' + _on_off(fast, onednn and rule.onednn_linear, f'{f32_cpu}, oneDNN available, chosen for this CPU',
+                                    'this PyTorch build or CPU has no oneDNN; F.linear' if not onednn else 'not chosen for this CPU; F.linear'),
         'Winograd 3x3 conv (NNPACK): ' + _on_off(
-            fast, nnpack, f'{f32_cpu}, no autograd, >= {WINOGRAD_MIN_CHANNELS} channels and >= {WINOGRAD_MIN_HW} positions, NNPACK available',
-            'this PyTorch build or CPU has no NNPACK; the direct conv'),
+            fast, nnpack and rule.winograd,
+            f'{f32_cpu}, no autograd, >= {WINOGRAD_MIN_CHANNELS} channels and >= {WINOGRAD_MIN_HW} positions, NNPACK available, chosen for this CPU',
+            'this PyTorch build or CPU has no NNPACK; the direct conv' if not nnpack else 'not chosen for this CPU; the direct conv'),
         'polyphase upsampling: ' + _on_off(fast, True, 'every Upsample2x whose 3x3 conv does not go by Winograd', ''),
         'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where Winograd applies', ''),
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),
         'grouped block-causal attention: ' + _on_off(fast, True, 'teacher forcing, any backend but math', ''),
+        'training MLP recomputing its GELU: ' + _on_off(fast, True, f'{f32_cpu}; GEMMs by the linear layers\' choice', ''),
+        'training AdaLN recomputing LN(x): ' + _on_off(fast, True, 'training without autocast, any device', ''),
         'batch-invariant oneDNN conv: ' + ('on (float32 CPU inference, whatever the switch: a reproducibility guarantee)'
                                            if onednn_conv_available() and torch.backends.mkldnn.enabled else
                                            'off (this PyTorch build or CPU has no oneDNN conv; F.conv2d)'),

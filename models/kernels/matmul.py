@@ -1,13 +1,14 @@
 """Linear layers and the transformer's MLP: oneDNN's matmul on the CPU, flash-attn's fused MLP on CUDA, F.linear as reference.
 
-oneDNN (fast path, CPU float32). PyTorch computes a float32 `F.linear` on the CPU with MKL (`addmm`: the bias is
-first broadcast into the output, then the GEMM adds to it). On this project's 2-core Zen 4 CPU that runs the
-transformer's shapes at 110-175 GFLOP/s; oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, which
-torch.compile's CPU backend calls) runs them at 165-207 GFLOP/s, adds the bias in its epilogue and can apply the
-FFN's GELU there too. The input gradient goes through oneDNN as well (1.1-1.3×); the weight gradient stays with
-MKL (as fast). Results differ from MKL's by float rounding (~1e-6 relative). Used for float32 on the CPU with
-autocast off (bf16/fp16 autocast, torch.compile and CUDA keep F.linear), when this PyTorch build has oneDNN and
-the fast paths are on (switch.py).
+oneDNN (fast path, CPU float32). PyTorch computes a float32 `F.linear` and its gradients on the CPU with MKL
+(`addmm`/`mm`). On this project's 2-core AMD EPYC (family 26, AVX-512 with a 512-bit datapath) MKL runs the
+transformer's shapes at 110-210 GFLOP/s; oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, which
+torch.compile's CPU backend calls) runs them at 330-460 GFLOP/s, adds the bias in its epilogue and can apply the
+FFN's GELU there too. The input gradient and the weight gradient go through oneDNN as well (the backward of the
+d8 training step 1.24-1.32x faster than with MKL's weight gradient). Results differ from MKL's by float rounding
+(~1e-6 relative). Used for float32 on the CPU with autocast off (bf16/fp16 autocast, torch.compile and CUDA keep
+F.linear), when this PyTorch build has oneDNN, the fast paths are on (switch.py) and the CPU is one where it was
+measured faster (choices.py: `use_onednn_linear`).
 
 flash-attn's fused MLP (CUDA, as in the reference): fc1, GELU and fc2 in one kernel when flash-attn's
 fused_dense extension is installed and the model was built with fused_if_available (the reference's own
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .choices import cpu_rule
 from .switch import SWITCH, compiling, cpu_autocast_enabled
 
 __all__ = ['Linear', 'linear', 'linear_reference', 'mlp_gelu', 'onednn_applies', 'onednn_available', 'fused_mlp_func',
@@ -53,9 +55,10 @@ def fused_mlp_func() -> Optional[Callable]:
 
 
 def onednn_applies(x: torch.Tensor) -> bool:
-    """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, not under torch.compile, oneDNN present."""
+    """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, not under torch.compile, oneDNN present and
+    chosen for this CPU (choices.py)."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not cpu_autocast_enabled() and not compiling()
-            and onednn_available())
+            and cpu_rule().onednn_linear and onednn_available())
 
 
 def linear_reference(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor] = None,
@@ -69,6 +72,17 @@ def _onednn_linear(x_NK: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional
     if gelu_tanh:
         return torch.ops.mkldnn._linear_pointwise(x_NK, weight_OK, bias_O, 'gelu', [], 'tanh')
     return torch.ops.mkldnn._linear_pointwise(x_NK, weight_OK, bias_O, 'none', [], '')
+
+
+def _onednn_weight_grad(grad_NO: torch.Tensor, x_NK: torch.Tensor) -> torch.Tensor:
+    """grad_NOᵀ · x_NK → (O, K) by oneDNN, reading both operands transposed in place (no copy of either).
+
+    oneDNN runs it fastest with the wider of O and K as its `weight` (output) side: for O >= K it computes
+    (x_NKᵀ · grad_NO) = grad_wᵀ and transposes that small (K, O) result, else grad_w directly.
+    """
+    if grad_NO.shape[1] >= x_NK.shape[1]:
+        return _onednn_linear(x_NK.t(), grad_NO.t(), None).t().contiguous()
+    return _onednn_linear(grad_NO.t(), x_NK.t(), None)
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -86,10 +100,58 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(grad_NO, weight_OK.t().contiguous(), None)   # (N, O) @ (O, K)
         if ctx.needs_input_grad[1]:
-            grad_w = grad_NO.t().mm(x_NK)
+            grad_w = _onednn_weight_grad(grad_NO, x_NK)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_NO.sum(0)
         return grad_x, grad_w, grad_b
+
+
+class _GemmOps:
+    """The three GEMMs of a linear layer and its gradients, by oneDNN or by PyTorch's own (MKL) kernels, the latter
+    being exactly the calls autograd makes for F.linear (so its results are F.linear's, bit for bit)."""
+
+    def __init__(self, onednn: bool):
+        self.onednn = onednn
+
+    def forward(self, x_NK, weight_OK, bias_O):
+        return _onednn_linear(x_NK, weight_OK, bias_O) if self.onednn else F.linear(x_NK, weight_OK, bias_O)
+
+    def input_grad(self, grad_NO, weight_OK):
+        return _onednn_linear(grad_NO, weight_OK.t().contiguous(), None) if self.onednn else grad_NO.mm(weight_OK)
+
+    def weight_grad(self, grad_NO, x_NK):
+        return _onednn_weight_grad(grad_NO, x_NK) if self.onednn else grad_NO.t().mm(x_NK)
+
+
+class _MLPRecomputingGelu(torch.autograd.Function):
+    """fc2(GELU_tanh(fc1(x))) for training: the same ops as two linear layers and F.gelu in both passes (so the same
+    numbers, bit for bit), but it keeps only fc1's input and output for the backward and recomputes the GELU there
+    (one elementwise pass) instead of also keeping the GELU's output: 4C floats fewer per token and block (170 MiB
+    for the d8 step at batch 4). The GEMMs go by oneDNN where `linear` would, else by F.linear's own kernels.
+    Letters: N rows, C width, F hidden width."""
+
+    @staticmethod
+    def forward(ctx, x_NC, w1_FC, b1_F, w2_CF, b2_C, gemm: _GemmOps):
+        h_NF = gemm.forward(x_NC, w1_FC, b1_F)
+        ctx.save_for_backward(x_NC, h_NF, w1_FC, w2_CF)
+        ctx.has_bias, ctx.gemm = (b1_F is not None, b2_C is not None), gemm
+        return gemm.forward(F.gelu(h_NF, approximate='tanh'), w2_CF, b2_C)
+
+    @staticmethod
+    def backward(ctx, grad_NC):
+        x_NC, h_NF, w1_FC, w2_CF = ctx.saved_tensors
+        gemm, grad_NC = ctx.gemm, grad_NC.contiguous()
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_w2 = gemm.weight_grad(grad_NC, F.gelu(h_NF, approximate='tanh')) if need_w2 else None
+        grad_b2 = grad_NC.sum(0) if ctx.has_bias[1] and need_b2 else None
+        grad_h_NF = torch.ops.aten.gelu_backward(gemm.input_grad(grad_NC, w2_CF), h_NF, approximate='tanh')
+        grad_w1 = gemm.weight_grad(grad_h_NF, x_NC) if need_w1 else None
+        grad_b1 = grad_h_NF.sum(0) if ctx.has_bias[0] and need_b1 else None
+        grad_x = gemm.input_grad(grad_h_NF, w1_FC) if need_x else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+_GEMM = {True: _GemmOps(onednn=True), False: _GemmOps(onednn=False)}
 
 
 def linear(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor] = None,
@@ -118,12 +180,20 @@ def linear(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tens
 
 
 def mlp_gelu(x_BLC: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, fused_if_available: bool, training: bool) -> torch.Tensor:
-    """fc2(GELU_tanh(fc1(x))): flash-attn's fused MLP on CUDA where installed and allowed, else two `linear` calls."""
+    """fc2(GELU_tanh(fc1(x))): flash-attn's fused MLP on CUDA where installed and allowed; in float32 CPU training with
+    the fast paths on, _MLPRecomputingGelu (the same bits, the GELU's output not kept); else two `linear` calls."""
     fused = fused_mlp_func() if (fused_if_available and x_BLC.is_cuda) else None
     if fused is not None:
         return fused(x=x_BLC, weight1=fc1.weight, weight2=fc2.weight, bias1=fc1.bias, bias2=fc2.bias,
                      activation='gelu_approx', save_pre_act=training, return_residual=False, checkpoint_lvl=0,
                      heuristic=0, process_group=None)
+    if (SWITCH.on and torch.is_grad_enabled() and x_BLC.device.type == 'cpu' and x_BLC.dtype == torch.float32
+            and not cpu_autocast_enabled() and not compiling() and x_BLC.numel() > 0
+            and all(w.dtype == torch.float32 and w.is_contiguous() for w in (fc1.weight, fc2.weight))):
+        x_NC = x_BLC.reshape(-1, x_BLC.shape[-1])
+        y_NC = _MLPRecomputingGelu.apply(x_NC if x_NC.is_contiguous() else x_NC.contiguous(), fc1.weight, fc1.bias,
+                                         fc2.weight, fc2.bias, _GEMM[onednn_applies(x_BLC)])
+        return y_NC.view(*x_BLC.shape[:-1], fc2.weight.shape[0])
     return fc2(linear(x_BLC, fc1.weight, fc1.bias, act='gelu_tanh'))
 
 

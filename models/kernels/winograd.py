@@ -20,6 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .choices import cpu_rule
 from .conv import Conv2d, conv2d
 from .switch import SWITCH, compiling, cpu_autocast_enabled
 
@@ -49,9 +50,10 @@ def nnpack_available() -> bool:
 
 
 def winograd_applies(x: torch.Tensor) -> bool:
-    """Whether `x` may go through the Winograd path: float32 on the CPU, autograd, autocast and torch.compile off, NNPACK present."""
+    """Whether `x` may go through the Winograd path: float32 on the CPU, autograd, autocast and torch.compile off, NNPACK
+    present and chosen for this CPU (choices.py)."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not cpu_autocast_enabled() and not compiling() and nnpack_available())
+            and not cpu_autocast_enabled() and not compiling() and cpu_rule().winograd and nnpack_available())
 
 
 def winograd_pays(in_channels: int, out_channels: int, h: int, w: int) -> bool:
