@@ -25,11 +25,12 @@ def run_main(main: Callable, *args) -> None:
         print(f'error: {e}', file=sys.stderr, flush=True)
         code = 1
     finally:
-        grouped = dist.initialized()
+        grouped = dist.initialized() and dist.get_world_size() > 1
         dist.finalize()
     if grouped:   # see _exit_now
         _exit_now(code)
-    sys.exit(code)
+    if code:
+        sys.exit(code)
 
 
 def _exit_now(code: int) -> None:
