@@ -26,15 +26,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 __all__ = ['run']
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
 def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
@@ -54,7 +45,8 @@ def worker(mode: str, depth: int, bs: int, steps: int, dtype: str) -> Dict:
     torch.manual_seed(0)
     vae, var = build_vae_var(device='cpu', depth=depth, num_classes=1000, flash_if_available=False, fused_if_available=False)
     build_peak = _rss_gib()
-    fp16 = {'fp32': 0, 'fp16': 1, 'bf16': 2}[dtype]
+    from bench import MIXED_PRECISION, _reset_peak_rss   # train.py's --fp16 per dtype; restarting ru_maxrss: as bench.py does
+    fp16 = MIXED_PRECISION[dtype]
     wrapped = wrap_for_training(var, types.SimpleNamespace(fsdp=int(mode == 'fsdp'), fp16=fp16), device, blocks=var.blocks)
     names, paras, groups = filter_params(var)
     opt = AmpOptimizer('cpu', fp16, build_adamw(groups, lr=1e-4, fused=True), names, paras, grad_clip=2.0)
