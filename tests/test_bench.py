@@ -55,7 +55,7 @@ def test_compare_reference_quick_runs_both_sides(tmp_path, which):
     assert out['sanity']['sampled_images_max_abs_diff'] < 1e-3
     if which == 'this repo':   # the same code on both sides: bit for bit the same results
         assert out['sanity']['sampled_images_max_abs_diff'] == 0
-        assert out['sanity']['train_tokens_loss']['reference'] == out['sanity']['train_tokens_loss']['ours']
+        assert out['sanity']['train_loss']['reference'] == out['sanity']['train_loss']['ours']
     assert [s['title'] for s in out['summary'] if s['what'] == 'seconds'] == SIDE_BY_SIDE_ROWS
     for s in out['summary']:
         assert s['ratio_best'] == pytest.approx(s['reference']['best'] / s['ours']['best'])
