@@ -110,7 +110,7 @@ def describe_choices() -> List[str]:
             fast, nnpack and rule.winograd,
             f'{f32_cpu}, no autograd, >= {WINOGRAD_MIN_CHANNELS} channels and >= {WINOGRAD_MIN_HW} positions, NNPACK available, chosen for this CPU',
             'this PyTorch build or CPU has no NNPACK; the direct conv' if not nnpack else 'not chosen for this CPU; the direct conv'),
-        'polyphase upsampling: ' + _on_off(fast, True, 'every Upsample2x whose 3x3 conv does not go by Winograd', ''),
+        'polyphase upsampling: ' + _on_off(fast, True, 'every Upsample2x on the CPU (also where its 3x3 conv at the large size would go by Winograd: faster)', ''),
         'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where Winograd applies', ''),
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),

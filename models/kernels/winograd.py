@@ -80,7 +80,7 @@ def winograd_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: to
 
 
 def conv3x3_uses_winograd(x_BChw: torch.Tensor, in_channels: int, out_channels: int, h: int, w: int) -> bool:
-    """Whether a 3×3 conv of `x` (at h×w: its own size, or the size it is upsampled to first) goes by Winograd."""
+    """Whether a 3×3 conv of `x` (h×w: its size) goes by Winograd."""
     return SWITCH.on and winograd_pays(in_channels, out_channels, h, w) and winograd_applies(x_BChw)
 
 
