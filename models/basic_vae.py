@@ -185,7 +185,7 @@ class Decoder(nn.Module):
             self.up.insert(0, up)  # keep the checkpoint's order: up[0] is the finest level
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv3x3(block_in, in_channels)   # to RGB: by taps in CPU inference (kernels/narrow_conv.py)
         self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations (fast paths on)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,11 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import build_tiny
 from models import VQVAE, kernels
-from models.kernels import attention_dispatch, choices, conv, cpu_features, matmul, memory, upsample
+from models.kernels import attention_dispatch, choices, conv, cpu_features, matmul, memory, narrow_conv, upsample, winograd
 
 
 def test_one_switch_process_wide_and_restored_by_the_context_manager():
@@ -149,7 +150,7 @@ def test_kernel_choices_are_logged_once_with_their_reasons(monkeypatch, caplog):
     assert len(records) == 1
     text = records[0].getMessage()
     for name in ('oneDNN linear', 'Winograd 3x3 conv', 'polyphase upsampling', 'channels-last', 'in-place residual adds',
-                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv', 'CPU rule',
+                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv', 'CPU rule', 'by taps',
                  'training MLP recomputing its GELU', 'training AdaLN recomputing LN(x)'):
         assert name in text
     want = 'oneDNN linear: on (float32 CPU' if matmul.onednn_available() else 'oneDNN linear: off (this PyTorch build'
@@ -281,3 +282,36 @@ def test_training_adaln_keeps_x_not_its_norm_and_gives_the_same_bits(shared_aln,
     plain, kept_plain = run()
     assert all(torch.equal(a, b) for a, b in zip(fast, plain))
     assert kept_plain - kept_fast >= (2 * var.depth + 1) * 3 * var.L * var.C   # LN(x) of every AdaLN, the head's too
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_a_conv_to_few_channels_by_taps_equals_the_direct_conv_image_by_image(memory_format):
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 9, 11).contiguous(memory_format=memory_format)
+    w, b = torch.randn(3, 40, 3, 3) * 0.1, torch.randn(3)
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    with torch.no_grad():
+        got, got_nobias = narrow_conv.conv3x3_by_taps(x, w, b), narrow_conv.conv3x3_by_taps(x, w)
+        assert torch.equal(narrow_conv.conv3x3_by_taps(x[1:2], w, b)[0], got[1])   # an image's result without its batch
+    assert got.shape == ref.shape and (got.double() - ref).abs().max() < 1e-5
+    assert (got_nobias.double() - (ref - b.double().view(1, 3, 1, 1))).abs().max() < 1e-5
+
+
+def test_the_decoders_conv_to_rgb_goes_by_taps_only_in_float32_cpu_inference_with_the_switch_on(monkeypatch):
+    torch.manual_seed(0)
+    conv = kernels.Conv3x3(40, 3)
+    x = torch.randn(2, 40, 8, 8)
+    calls = []
+    real = narrow_conv.conv3x3_by_taps
+    monkeypatch.setattr(winograd, 'conv3x3_by_taps', lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = conv(x)
+        assert len(calls) == 1
+        with kernels.fast_paths(False):
+            plain = conv(x)
+        kernels.Conv3x3(40, 8)(x)   # 8 outputs: a plain conv
+        assert len(calls) == 1
+    assert (fast - plain).abs().max() < 1e-5 and not torch.equal(fast, plain)   # another summation order, the same numbers
+    assert conv(x).requires_grad and len(calls) == 1   # autograd (tokenizer training): the direct conv
+    from models.basic_vae import Decoder
+    assert isinstance(Decoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4).conv_out, kernels.Conv3x3)

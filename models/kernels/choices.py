@@ -21,7 +21,7 @@ Where nothing was measured the rule keeps PyTorch's plain kernel.
     anything else (no flags, ARM)     off            off       not measured
 
 The other fast paths do fewer operations, move fewer bytes or keep fewer activations with PyTorch's own kernels
-(polyphase upsampling, channels-last layout, in-place residual adds, images in groups, block-causal attention by
+(polyphase upsampling, 3×3 convs to a few channels by taps, channels-last layout, in-place residual adds, images in groups, block-causal attention by
 groups of scales, the training MLP and AdaLN recomputing their GELU and layer norm in the backward), so they do not
 depend on the CPU and stay on wherever they apply. `set_fast_paths(False)` turns all of them off.
 """
@@ -97,6 +97,7 @@ def describe_choices() -> List[str]:
     from .conv import onednn_conv_available
     from .matmul import fused_mlp_func, onednn_available
     from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
+    from .narrow_conv import NARROW_MAX_OUT_CHANNELS, NARROW_MIN_IN_CHANNELS
     from .winograd import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_HW, nnpack_available
     fast, rule = SWITCH.on, cpu_rule()
     onednn, nnpack = onednn_available(), nnpack_available()
@@ -111,6 +112,7 @@ def describe_choices() -> List[str]:
             f'{f32_cpu}, no autograd, >= {WINOGRAD_MIN_CHANNELS} channels and >= {WINOGRAD_MIN_HW} positions, NNPACK available, chosen for this CPU',
             'this PyTorch build or CPU has no NNPACK; the direct conv' if not nnpack else 'not chosen for this CPU; the direct conv'),
         'polyphase upsampling: ' + _on_off(fast, True, 'every Upsample2x on the CPU (also where its 3x3 conv at the large size would go by Winograd: faster)', ''),
+        '3x3 convs to a few channels by taps: ' + _on_off(fast, True, f'{f32_cpu}, no autograd, <= {NARROW_MAX_OUT_CHANNELS} outputs from >= {NARROW_MIN_IN_CHANNELS} inputs (the decoder\'s conv to RGB)', ''),
         'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where Winograd applies', ''),
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .choices import cpu_rule
 from .conv import Conv2d, conv2d
+from .narrow_conv import conv3x3_by_taps, taps_apply
 from .switch import SWITCH, compiling, cpu_autocast_enabled
 
 __all__ = ['Conv3x3', 'conv3x3', 'conv3x3_uses_winograd', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays',
@@ -85,10 +86,13 @@ def conv3x3_uses_winograd(x_BChw: torch.Tensor, in_channels: int, out_channels: 
 
 
 def conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: torch.Tensor = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1): by Winograd where it pays and applies, else the batch-invariant direct conv."""
+    """F.conv2d(x, weight, bias, padding=1): by Winograd where it pays and applies, by taps for a few output channels
+    (narrow_conv.py), else the batch-invariant direct conv."""
     O, C, h, w = weight_OC33.shape[0], weight_OC33.shape[1], x_BChw.shape[-2], x_BChw.shape[-1]
     if conv3x3_uses_winograd(x_BChw, C, O, h, w):
         return winograd_conv3x3(x_BChw, weight_OC33, bias_O)
+    if taps_apply(x_BChw, C, O):
+        return conv3x3_by_taps(x_BChw, weight_OC33, bias_O)
     return conv2d(x_BChw, weight_OC33, bias_O, padding=(1, 1))
 
 
