@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import build_tiny
 from models import VQVAE, kernels
-from models.kernels import allocator, attention_dispatch, choices, conv, cpu_features, matmul, memory, narrow_conv, upsample, winograd
+from models.kernels import attention_dispatch, choices, conv, cpu_features, matmul, memory, narrow_conv, upsample, winograd
 
 
 def test_one_switch_process_wide_and_restored_by_the_context_manager():
@@ -150,7 +150,7 @@ def test_kernel_choices_are_logged_once_with_their_reasons(monkeypatch, caplog):
     assert len(records) == 1
     text = records[0].getMessage()
     for name in ('oneDNN linear', 'Winograd 3x3 conv', 'polyphase upsampling', 'channels-last', 'in-place residual adds',
-                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv', 'CPU rule', 'by taps', 'freed memory reused',
+                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv', 'CPU rule', 'by taps',
                  'training MLP recomputing its GELU', 'training AdaLN recomputing LN(x)'):
         assert name in text
     want = 'oneDNN linear: on (float32 CPU' if matmul.onednn_available() else 'oneDNN linear: off (this PyTorch build'
@@ -315,25 +315,3 @@ def test_the_decoders_conv_to_rgb_goes_by_taps_only_in_float32_cpu_inference_wit
     assert conv(x).requires_grad and len(calls) == 1   # autograd (tokenizer training): the direct conv
     from models.basic_vae import Decoder
     assert isinstance(Decoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4).conv_out, kernels.Conv3x3)
-
-
-def _fewest_faults_of_fresh_blocks(n_bytes: int, times: int = 3) -> int:
-    """The fewest page faults taken by allocating and filling a tensor of n_bytes (freed again), over a few tries."""
-    import resource
-    faults = []
-    for _ in range(times):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(n_bytes // 4)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return min(faults)
-
-
-@pytest.mark.skipif(not allocator.glibc_malloc_tunable(), reason="this process's malloc is not glibc's")
-def test_large_freed_blocks_are_reused_inside_the_tokenizer_scope_and_given_back_after():
-    n_bytes, pages = 48 << 20, (48 << 20) // 4096   # above glibc's 32 MiB mmap ceiling, like a 256-px decoder activation
-    assert _fewest_faults_of_fresh_blocks(n_bytes) > pages // 2          # outside: a fresh mapping every time
-    with allocator.reuse_freed_memory():
-        assert _fewest_faults_of_fresh_blocks(n_bytes) < pages // 10     # inside: the freed block comes back
-    assert _fewest_faults_of_fresh_blocks(n_bytes) > pages // 2          # after: given back, fresh mappings again
-    with kernels.fast_paths(False), allocator.reuse_freed_memory():
-        assert _fewest_faults_of_fresh_blocks(n_bytes) > pages // 2      # switched off: glibc's own behaviour

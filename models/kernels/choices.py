@@ -94,7 +94,6 @@ def _on_off(fast: bool, available: bool, where: str, missing: str) -> str:
 def describe_choices() -> List[str]:
     """One line per kernel: on or off, where it applies and why (the switch, the CPU's rule, this PyTorch build)."""
     # imported here, not at the top: the kernels read this module's cpu_rule()
-    from .allocator import glibc_malloc_tunable
     from .conv import onednn_conv_available
     from .matmul import fused_mlp_func, onednn_available
     from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
@@ -115,7 +114,6 @@ def describe_choices() -> List[str]:
         'polyphase upsampling: ' + _on_off(fast, True, 'every Upsample2x on the CPU (also where its 3x3 conv at the large size would go by Winograd: faster)', ''),
         '3x3 convs to a few channels by taps: ' + _on_off(fast, True, f'{f32_cpu}, no autograd, <= {NARROW_MAX_OUT_CHANNELS} outputs from >= {NARROW_MIN_IN_CHANNELS} inputs (the decoder\'s conv to RGB)', ''),
         'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where Winograd applies', ''),
-        'freed memory reused in tokenizer inference: ' + _on_off(fast, glibc_malloc_tunable(), 'CPU without autograd: glibc keeps large freed blocks, given back afterwards', 'this process\'s malloc is not glibc\'s'),
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),
         'grouped block-causal attention: ' + _on_off(fast, True, 'teacher forcing, any backend but math', ''),

@@ -1,7 +1,6 @@
 """Memory layout and working set of the tokenizer's inference: channels-last or NCHW activations, in-place residual
-adds, images in groups under a byte budget, freed blocks reused meanwhile (allocator.py). Each has the reference's
-plain behaviour as its switched-off path (switch.py): the layout the caller gave, `shortcut + h`, the whole batch at
-once, glibc's own thresholds.
+adds, images in groups under a byte budget. Each has the reference's plain behaviour as its switched-off path
+(switch.py): the layout the caller gave, `shortcut + h`, the whole batch at once.
 
 Letters: B batch, C channels, h/w height/width, H/W image height/width.
 """
@@ -9,7 +8,6 @@ from typing import Callable
 
 import torch
 
-from .allocator import reuse_freed_memory
 from .switch import SWITCH
 from .winograd import WINOGRAD_MIN_CHANNELS, winograd_applies
 
@@ -64,10 +62,8 @@ def images_per_group(x_BChw: torch.Tensor, ch: int, H: int, W: int) -> int:
 
 
 def in_image_groups(fn: Callable[[torch.Tensor], torch.Tensor], x_BChw: torch.Tensor, ch: int, H: int, W: int) -> torch.Tensor:
-    """fn(x) for a batch-independent fn, computed on groups of images (images_per_group) and concatenated; in CPU
-    inference with freed blocks kept for reuse meanwhile (allocator.py)."""
-    if not SWITCH.on or x_BChw.device.type != 'cpu' or torch.is_grad_enabled():
-        return fn(x_BChw)
+    """fn(x) for a batch-independent fn, computed on groups of images (images_per_group) and concatenated."""
     n = images_per_group(x_BChw, ch, H, W)
-    with reuse_freed_memory():
-        return fn(x_BChw) if n >= x_BChw.shape[0] else torch.cat([fn(chunk) for chunk in x_BChw.split(n)])
+    if n >= x_BChw.shape[0]:
+        return fn(x_BChw)
+    return torch.cat([fn(chunk) for chunk in x_BChw.split(n)])
