@@ -59,9 +59,13 @@ def _top_k_top_p_filter_fast_(logits_BlV: torch.Tensor, top_k: int, top_p: float
     V = logits_BlV.shape[-1]
     if not (SWITCH.on and logits_BlV.dtype == torch.float32 and logits_BlV.device.type == 'cpu' and top_k <= V):
         return False
-    vals_BlK, idx_BlK = logits_BlV.topk(top_k, largest=True, sorted=True, dim=-1)   # descending
-    if not bool(((logits_BlV >= vals_BlK[..., -1:]).sum(dim=-1) == top_k).all()):
-        return False  # a tie at the k-th value (or -inf / NaN there): the mask keeps more than k
+    vals_BlK, idx_BlK = logits_BlV.topk(min(top_k + 1, V), largest=True, sorted=True, dim=-1)   # descending
+    if bool(vals_BlK[..., 0].isnan().any()):
+        return False  # topk ranks NaN first; leave NaN rows to the reference
+    if top_k < V:
+        if not bool((vals_BlK[..., top_k] < vals_BlK[..., top_k - 1]).all()):
+            return False  # a tie at the k-th value (or -inf there): the mask keeps more than k
+        vals_BlK, idx_BlK = vals_BlK[..., :top_k], idx_BlK[..., :top_k]
     sorted_logits_BlV = logits_BlV.new_full(logits_BlV.shape, -torch.inf)
     sorted_logits_BlV[..., V - top_k:] = vals_BlK.flip(-1)
     remove_BlK = (sorted_logits_BlV.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p))[..., V - top_k:].flip(-1)

@@ -45,6 +45,15 @@ def test_fast_equals_reference_exactly():
         assert torch.equal(fast_idx, ref_idx), (tuple(x.shape), k, p)
 
 
+def test_nan_rows_fall_back_untouched():
+    x = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(2))
+    x[1, 0, 5] = torch.nan
+    fast_x = x.clone()
+    with fast_paths(True):
+        assert helpers._top_k_top_p_filter_fast_(fast_x, 10, 0.9) is False   # left to the reference
+    torch.testing.assert_close(fast_x, x, rtol=0, atol=0, equal_nan=True)   # untouched on fallback
+
+
 def test_tie_inside_top_p_cut_falls_back():
     # 8 equal top values: the 0.5 cut removes some of them, which ones is the unstable sort's choice
     x = torch.zeros(1, 1, 64)
