@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels.switch import SWITCH
+
 __all__ = ['sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'DropPath', 'make_edit_mask', 'EDIT_MODES']
 
 
@@ -22,6 +24,20 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
     so that a sample's draws do not depend on the rest of the batch.
     """
     B, l, V = logits_BlV.shape
+    if not (top_k > 0 and top_p > 0 and _top_k_top_p_filter_fast_(logits_BlV, top_k, top_p)):
+        top_k_top_p_filter_reference_(logits_BlV, top_k, top_p)
+    replacement = num_samples >= 0
+    num_samples = abs(num_samples)
+    probs_BlV = logits_BlV.softmax(dim=-1)
+    if isinstance(rng, (list, tuple)):
+        return torch.stack([torch.multinomial(probs_BlV[b], num_samples=num_samples, replacement=replacement, generator=g)
+                            for b, g in enumerate(rng)])
+    return torch.multinomial(probs_BlV.view(-1, V), num_samples=num_samples, replacement=replacement, generator=rng).view(B, l, num_samples)
+
+
+def top_k_top_p_filter_reference_(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> None:
+    """The reference's filtering in place: top_k > 0 keeps the logits >= the k-th largest; top_p > 0 sorts all V and
+    removes the smallest ones whose softmax mass sums to <= 1 - top_p (never the largest)."""
     if top_k > 0:
         idx_to_remove = logits_BlV < logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(idx_to_remove, -torch.inf)
@@ -30,13 +46,35 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
         sorted_idx_to_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         sorted_idx_to_remove[..., -1:] = False  # never the largest
         logits_BlV.masked_fill_(sorted_idx_to_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_idx_to_remove), -torch.inf)
-    replacement = num_samples >= 0
-    num_samples = abs(num_samples)
-    probs_BlV = logits_BlV.softmax(dim=-1)
-    if isinstance(rng, (list, tuple)):
-        return torch.stack([torch.multinomial(probs_BlV[b], num_samples=num_samples, replacement=replacement, generator=g)
-                            for b, g in enumerate(rng)])
-    return torch.multinomial(probs_BlV.view(-1, V), num_samples=num_samples, replacement=replacement, generator=rng).view(B, l, num_samples)
+
+
+def _top_k_top_p_filter_fast_(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> bool:
+    """The reference's top-k + top-p filtering without sorting all V: bit-identical, or False (logits untouched).
+
+    Without a tie at the k-th value, the top-k-masked row sorted ascending is (V - k) -inf followed by the k largest
+    ascending, built here from topk(sorted=True); the same V-wide softmax and cumsum then give the same flags. Falls
+    back (returns False) where the result could depend on the order torch's unstable sort gives tied values: a tie
+    at the k-th value, or a tie run inside the top k whose flags differ. Float32 CPU only; the switch turns it off.
+    """
+    V = logits_BlV.shape[-1]
+    if not (SWITCH.on and logits_BlV.dtype == torch.float32 and logits_BlV.device.type == 'cpu' and top_k <= V):
+        return False
+    vals_BlK, idx_BlK = logits_BlV.topk(min(top_k + 1, V), largest=True, sorted=True, dim=-1)   # descending
+    if bool(vals_BlK[..., 0].isnan().any()):
+        return False  # topk ranks NaN first; leave NaN rows to the reference
+    if top_k < V:
+        if not bool((vals_BlK[..., top_k] < vals_BlK[..., top_k - 1]).all()):
+            return False  # a tie at the k-th value (or -inf there): the mask keeps more than k
+        vals_BlK, idx_BlK = vals_BlK[..., :top_k], idx_BlK[..., :top_k]
+    sorted_logits_BlV = logits_BlV.new_full(logits_BlV.shape, -torch.inf)
+    sorted_logits_BlV[..., V - top_k:] = vals_BlK.flip(-1)
+    remove_BlK = (sorted_logits_BlV.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p))[..., V - top_k:].flip(-1)
+    remove_BlK[..., 0] = False  # never the largest
+    if top_k > 1 and bool(((vals_BlK[..., 1:] == vals_BlK[..., :-1]) & (remove_BlK[..., 1:] != remove_BlK[..., :-1])).any()):
+        return False  # the cut falls inside a run of equal values: which of them the reference removes is the sort's choice
+    remove_BlV = torch.ones_like(logits_BlV, dtype=torch.bool).scatter_(-1, idx_BlK, remove_BlK)
+    logits_BlV.masked_fill_(remove_BlV, -torch.inf)
+    return True
 
 
 def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = False, eps: float = 1e-10,
