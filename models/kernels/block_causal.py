@@ -20,6 +20,7 @@ Letters: B batch, L tokens, H heads, c head dim, C = H·c, l tokens of one group
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .attention_dispatch import BlockCausal
 from .switch import SWITCH, compiling, cpu_autocast_enabled
@@ -42,7 +43,17 @@ def block_causal_self_attention(qkv_BL3Hc: torch.Tensor, scale_mul_1H11: Optiona
 
     scale_mul_1H11: None, or the per-head multiplier of the L2-normalised q (then k is L2-normalised too).
     """
+    _check_groups(mask.groups, qkv_BL3Hc.shape[1])
     return _BlockCausalSelfAttention.apply(qkv_BL3Hc, scale_mul_1H11, scale, mask)
+
+
+def _check_groups(groups, L: int) -> None:
+    """The groups' queries tile [0, L) in order, each group reading keys [0, k_end) with q_end ≤ k_end ≤ L (as from
+    block_causal_groups): then every output row is written and the last group reads all keys."""
+    ends = [0] + [qe for _, qe, _, _ in groups]
+    if not (groups and all(qb == ends[i] and qb < qe <= ke <= L for i, (qb, qe, ke, _) in enumerate(groups)) and ends[-1] == L):
+        raise ValueError(f'block-causal groups {groups} do not tile the {L} tokens in order with q_end <= k_end <= {L} '
+                         '(build them with block_causal_groups over the scales fed)')
 
 
 def _l2_normalise(x_BLHc: torch.Tensor, mul=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +108,7 @@ class _BlockCausalSelfAttention(torch.autograd.Function):
         return oup_BLHc.view(B, L, H * c)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_BLC):
         qkv_BL3Hc, mul_11H1, q_BLHc, k_BLHc, inv_q, inv_k, oup_BLHc, *lses = ctx.saved_tensors
         B, L, _, H, c = qkv_BL3Hc.shape
@@ -108,22 +120,18 @@ class _BlockCausalSelfAttention(torch.autograd.Function):
         grad_q_BLHc = qkv_BL3Hc.new_empty(B, L, H, c) if l2 else grad_BL3Hc[:, :, 0]
         grad_k_BLHc = qkv_BL3Hc.new_empty(B, L, H, c) if l2 else grad_BL3Hc[:, :, 1]
         grad_v_BLHc = grad_BL3Hc[:, :, 2]
-        written_to = 0   # keys [0, written_to) of grad_k, grad_v hold a sum; the rest is not written yet
-        for (qb, qe, ke, masked), lse_BHl in sorted(zip(ctx.mask.groups, lses), key=lambda g: -g[0][2]):
+        by_keys = sorted(zip(ctx.mask.groups, lses), key=lambda group_lse: -group_lse[0][2])   # the first reads all L keys
+        for i, ((qb, qe, ke, masked), lse_BHl) in enumerate(by_keys):
             gq_BHlc, gk_BHSc, gv_BHSc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _heads(grad_oup_BLHc, qb, qe), _heads(q_BLHc, qb, qe), _heads(k_BLHc, 0, ke), _heads(v_BLHc, 0, ke),
                 _heads(oup_BLHc, qb, qe), lse_BHl, 0.0, False,
                 attn_mask=ctx.mask.bias[..., qb:qe, :ke] if masked else None, scale=ctx.scale)
             _heads(grad_q_BLHc, qb, qe).copy_(gq_BHlc)
             for total_BLHc, part_BHSc in ((grad_k_BLHc, gk_BHSc), (grad_v_BLHc, gv_BHSc)):
-                if written_to:
-                    _heads(total_BLHc, 0, min(ke, written_to)).add_(part_BHSc[:, :, :written_to])
-                if ke > written_to:
-                    _heads(total_BLHc, written_to, ke).copy_(part_BHSc[:, :, written_to:])
-            written_to = max(written_to, ke)
-        if written_to < L:   # keys no group reads (not with groups from block_causal_groups)
-            grad_k_BLHc[:, written_to:].zero_()
-            grad_v_BLHc[:, written_to:].zero_()
+                if i == 0:
+                    _heads(total_BLHc, 0, L).copy_(part_BHSc)
+                else:
+                    _heads(total_BLHc, 0, ke).add_(part_BHSc)
         grad_mul_1H11 = None
         if l2:
             dot_BLH1 = _l2_normalise_backward(grad_q_BLHc, q_BLHc, inv_q, mul_11H1, grad_BL3Hc[:, :, 0])
