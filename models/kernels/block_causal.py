@@ -65,10 +65,10 @@ def _l2_normalise(x_BLHc: torch.Tensor, mul=None) -> Tuple[torch.Tensor, torch.T
 def _l2_normalise_backward(grad_BLHc, y_BLHc, inv_BLH1, mul, out_BLHc) -> Optional[torch.Tensor]:
     """Gradient of y = x / max(‖x‖, eps) · mul with respect to x, written into out; returns the per-row dot ⟨y, grad⟩ (B, L, H, 1).
 
-    dx = mul/‖x‖ · grad − ⟨y, grad⟩ / (mul·‖x‖) · y  (the second term only where ‖x‖ ≥ eps, as clamp_min's gradient).
+    dx = mul/‖x‖ · grad − ⟨y, grad⟩ / (mul·‖x‖) · y  (the second term only where ‖x‖ > eps: clamp_min's gradient, but at ‖x‖ = eps).
     """
     dot_BLH1 = (y_BLHc * grad_BLHc).sum(dim=-1, keepdim=True)
-    kept_BLH1 = inv_BLH1 <= 1 / _NORM_EPS
+    kept_BLH1 = inv_BLH1 < inv_BLH1.new_tensor(_NORM_EPS).reciprocal_()   # ‖x‖ > eps, in the forward's float arithmetic
     if mul is None:
         torch.mul(grad_BLHc, inv_BLH1, out=out_BLHc)
         coef_BLH1 = dot_BLH1 * inv_BLH1
