@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .helpers import DropPath
-from .kernels import BACKENDS, Linear, ada_layer_norm, attention, linear, mlp_gelu
+from .kernels import BACKENDS, Linear, ada_layer_norm, attention, block_causal, linear, mlp_gelu
 
 __all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin']
 
@@ -72,9 +72,20 @@ class SelfAttention(nn.Module):
         B, L, C = x_BLC.shape
         qkv_BL3Hc = linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
                            ).view(B, L, 3, self.num_heads, self.head_dim)
+        scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp() if self.attn_l2_norm else None
+        dropout_p = self.attn_drop if self.training else 0.0
+        if not self.caching and block_causal.applies(qkv_BL3Hc, attn_bias, dropout_p, self.backend):
+            # CPU teacher forcing: the steps below in one kernel, from and to these layouts (kernels/block_causal.py)
+            oup_BLC = block_causal.block_causal_self_attention(qkv_BL3Hc, scale_mul_1H11, self.scale, attn_bias)
+        else:
+            oup_BLC = self._attention(qkv_BL3Hc, scale_mul_1H11, attn_bias, dropout_p)
+        return self.proj_drop(self.proj(oup_BLC))
+
+    def _attention(self, qkv_BL3Hc: torch.Tensor, scale_mul_1H11, attn_bias, dropout_p: float) -> torch.Tensor:
+        """Heads split, q and k L2-normalised, KV cache, attention, heads merged: (B, L, 3, H, c) → (B, L, C)."""
+        B, L = qkv_BL3Hc.shape[:2]
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(dim=0)
         if self.attn_l2_norm:
-            scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             q_BHLc = F.normalize(q_BHLc, dim=-1).mul(scale_mul_1H11)
             k_BHLc = F.normalize(k_BHLc, dim=-1)
 
@@ -85,9 +96,8 @@ class SelfAttention(nn.Module):
                 k_BHLc = self.cached_k = torch.cat((self.cached_k, k_BHLc), dim=2)  # B, H, S, c
                 v_BHLc = self.cached_v = torch.cat((self.cached_v, v_BHLc), dim=2)
 
-        dropout_p = self.attn_drop if self.training else 0.0
         oup_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, scale=self.scale, attn_bias=attn_bias, dropout_p=dropout_p, backend=self.backend)
-        return self.proj_drop(self.proj(oup_BHLc.transpose(1, 2).reshape(B, L, C)))
+        return oup_BHLc.transpose(1, 2).reshape(B, L, -1)
 
     def extra_repr(self) -> str:
         return f'attn_l2_norm={self.attn_l2_norm}, backend={self.backend}'

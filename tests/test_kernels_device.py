@@ -7,7 +7,7 @@ import torch
 
 import models.kernels.attention_dispatch as attention_dispatch
 import models.kernels.upsample as upsample
-from models.kernels import BlockCausal, attention, block_causal_groups, to_conv_layout, upsample2x_conv3x3
+from models.kernels import BlockCausal, attention, block_causal, block_causal_groups, to_conv_layout, upsample2x_conv3x3
 
 
 def refuse(*_, **__):
@@ -34,5 +34,6 @@ def test_block_causal_attention_is_one_masked_call_off_the_cpu(monkeypatch):
     q = torch.empty(2, 4, L, 16, device='meta')
     monkeypatch.setattr(attention_dispatch, '_block_causal_attention', refuse)
     assert attention(q, q, q, 0.25, mask).shape == (2, 4, L, 16)
+    assert not block_causal.applies(torch.empty(2, L, 3, 4, 16, device='meta'), mask, 0.0, 'sdpa')   # nor the fused one
     with pytest.raises(AssertionError, match='a CPU fast path ran'):   # the CPU still goes by groups
         attention(torch.zeros(1, 1, L, 8), torch.zeros(1, 1, L, 8), torch.zeros(1, 1, L, 8), 0.25, BlockCausal(mask.groups, torch.zeros(1, 1, L, L)))

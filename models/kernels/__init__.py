@@ -12,11 +12,14 @@ operation; each picks its fast path where it applies and otherwise runs what the
     upsample2x_conv3x3         polyphase nearest ×2 + 3×3 conv (upsample.py)
     to_conv_layout, residual_add, in_image_groups   tokenizer memory layout and working set (memory.py)
     attention                  SDPA / flash-attn / xformers / math; block-causal by groups of scales (attention_dispatch.py)
+    block_causal               CPU teacher forcing from the qkv projection: L2 norm, attention by groups of scales and
+                               heads merged in one autograd function, gradients in the qkv layout (block_causal.py)
 
 `set_fast_paths(False)` or `with fast_paths(False):` turns every fast path off, process-wide (switch.py);
 `describe_choices()` says what runs here and why (logged once when the first tokenizer is built); which kernels a
 CPU takes is one table in choices.py (vendor, ISA flags, cores; never timing).
 """
+from . import block_causal
 from .adaln import ada_layer_norm
 from .attention_dispatch import (BACKENDS, BlockCausal, attention, backend_status, block_causal_groups,
                                  choose_backend, describe_backends)
@@ -28,7 +31,7 @@ from .switch import fast_paths, fast_paths_enabled, set_fast_paths
 from .upsample import upsample2x_conv3x3
 from .winograd import Conv3x3, conv3x3
 
-__all__ = ['ada_layer_norm', 'fast_paths', 'set_fast_paths', 'fast_paths_enabled', 'describe_choices', 'log_choices_once',
+__all__ = ['block_causal', 'ada_layer_norm', 'fast_paths', 'set_fast_paths', 'fast_paths_enabled', 'describe_choices', 'log_choices_once',
            'Linear', 'linear', 'mlp_gelu', 'Conv2d', 'conv2d', 'Conv3x3', 'conv3x3', 'upsample2x_conv3x3',
            'channels_last_pays', 'to_conv_layout', 'residual_add', 'in_image_groups',
            'BACKENDS', 'BlockCausal', 'attention', 'backend_status', 'block_causal_groups', 'choose_backend',

@@ -1,0 +1,140 @@
+"""CPU teacher forcing's self-attention from the fused qkv projection, in one autograd function.
+
+From qkv (B, L, 3, H, c) as the qkv linear gives it: the optional L2 normalisation of q (times the learned
+per-head scale) and k, block-causal attention group by group of scales (a `BlockCausal`), and the heads merged
+into (B, L, C). It computes what SelfAttention's plain path computes (permute, F.normalize, attention with the
+dense mask, transpose) up to float rounding, with fewer passes over memory:
+
+- each group calls PyTorch's CPU flash-attention kernel directly and writes its output into one (B, L, H, c)
+  buffer, which is already the (B, L, C) the output projection takes (no concatenation, no transpose copy);
+- the backward writes every gradient into one (B, L, 3, H, c) buffer, the qkv linear's layout: q's gradient
+  slice by slice, k's and v's accumulated over groups in place (no zero-filled full-size gradient per group,
+  no stacking of q, k, v gradients, no permute copy);
+- the L2 normalisation is one norm and one multiply forward, one dot product and one multiply-add backward.
+
+It runs where `applies` says: on the CPU with the fast paths on (switch.py), float32, no dropout inside
+attention, no autocast, not under torch.compile; elsewhere SelfAttention takes its plain path.
+
+Letters: B batch, L tokens, H heads, c head dim, C = H·c, l tokens of one group, S keys of one group.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .attention_dispatch import BlockCausal
+from .switch import SWITCH, compiling, cpu_autocast_enabled
+
+__all__ = ['applies', 'block_causal_self_attention']
+
+_NORM_EPS = 1e-12   # F.normalize's default
+
+
+def applies(qkv_BL3Hc: torch.Tensor, attn_bias, dropout_p: float, backend: str) -> bool:
+    """Whether `block_causal_self_attention` may replace SelfAttention's plain path for this call."""
+    return (isinstance(attn_bias, BlockCausal) and SWITCH.on and backend != 'math' and dropout_p == 0.0
+            and qkv_BL3Hc.device.type == 'cpu' and qkv_BL3Hc.dtype == torch.float32
+            and not cpu_autocast_enabled() and not compiling())
+
+
+def block_causal_self_attention(qkv_BL3Hc: torch.Tensor, scale_mul_1H11: Optional[torch.Tensor], scale: float,
+                                mask: BlockCausal) -> torch.Tensor:
+    """softmax(scale·q·kᵀ + block-causal mask)·v with heads merged → (B, L, C).
+
+    scale_mul_1H11: None, or the per-head multiplier of the L2-normalised q (then k is L2-normalised too).
+    """
+    _check_groups(mask.groups, qkv_BL3Hc.shape[1])
+    return _BlockCausalSelfAttention.apply(qkv_BL3Hc, scale_mul_1H11, scale, mask)
+
+
+def _check_groups(groups, L: int) -> None:
+    """The groups' queries tile [0, L) in order, each group reading keys [0, k_end) with q_end ≤ k_end ≤ L (as from
+    block_causal_groups): then every output row is written and the last group reads all keys."""
+    ends = [0] + [qe for _, qe, _, _ in groups]
+    if not (groups and all(qb == ends[i] and qb < qe <= ke <= L for i, (qb, qe, ke, _) in enumerate(groups)) and ends[-1] == L):
+        raise ValueError(f'block-causal groups {groups} do not tile the {L} tokens in order with q_end <= k_end <= {L} '
+                         '(build them with block_causal_groups over the scales fed)')
+
+
+def _l2_normalise(x_BLHc: torch.Tensor, mul=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x / max(‖x‖, eps) · mul, 1 / max(‖x‖, eps)) over the last dim; the reciprocal (B, L, H, 1) is for the backward."""
+    inv_BLH1 = x_BLHc.norm(dim=-1, keepdim=True).clamp_min_(_NORM_EPS).reciprocal_()
+    return x_BLHc * (inv_BLH1 if mul is None else inv_BLH1 * mul), inv_BLH1
+
+
+def _l2_normalise_backward(grad_BLHc, y_BLHc, inv_BLH1, mul, out_BLHc) -> Optional[torch.Tensor]:
+    """Gradient of y = x / max(‖x‖, eps) · mul with respect to x, written into out; returns the per-row dot ⟨y, grad⟩ (B, L, H, 1).
+
+    dx = mul/‖x‖ · grad − ⟨y, grad⟩ / (mul·‖x‖) · y  (the second term only where ‖x‖ > eps: clamp_min's gradient, but at ‖x‖ = eps).
+    """
+    dot_BLH1 = (y_BLHc * grad_BLHc).sum(dim=-1, keepdim=True)
+    kept_BLH1 = inv_BLH1 < inv_BLH1.new_tensor(_NORM_EPS).reciprocal_()   # ‖x‖ > eps, in the forward's float arithmetic
+    if mul is None:
+        torch.mul(grad_BLHc, inv_BLH1, out=out_BLHc)
+        coef_BLH1 = dot_BLH1 * inv_BLH1
+    else:
+        torch.mul(grad_BLHc, inv_BLH1 * mul, out=out_BLHc)
+        coef_BLH1 = dot_BLH1 * inv_BLH1 / mul
+    out_BLHc.addcmul_(y_BLHc, coef_BLH1.mul_(kept_BLH1).neg_())
+    return dot_BLH1
+
+
+def _heads(x_BLHc: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+    """Tokens [begin, end) of (B, L, H, c) seen as (B, H, l, c), as the flash kernel takes them (a view)."""
+    return x_BLHc[:, begin:end].transpose(1, 2)
+
+
+class _BlockCausalSelfAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, qkv_BL3Hc, scale_mul_1H11, scale, mask):
+        B, L, _, H, c = qkv_BL3Hc.shape
+        q_BLHc, k_BLHc, v_BLHc = qkv_BL3Hc.unbind(dim=2)
+        mul_11H1 = None if scale_mul_1H11 is None else scale_mul_1H11.view(1, 1, H, 1)
+        inv_q = inv_k = None
+        if mul_11H1 is not None:
+            q_BLHc, inv_q = _l2_normalise(q_BLHc, mul_11H1)
+            k_BLHc, inv_k = _l2_normalise(k_BLHc)
+        oup_BLHc = qkv_BL3Hc.new_empty(B, L, H, c)
+        lses = []
+        for qb, qe, ke, masked in mask.groups:
+            oup_BHlc, lse_BHl = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _heads(q_BLHc, qb, qe), _heads(k_BLHc, 0, ke), _heads(v_BLHc, 0, ke),
+                attn_mask=mask.bias[..., qb:qe, :ke] if masked else None, scale=scale)
+            _heads(oup_BLHc, qb, qe).copy_(oup_BHlc)
+            lses.append(lse_BHl)
+        ctx.scale, ctx.mask = scale, mask
+        ctx.save_for_backward(qkv_BL3Hc, mul_11H1, q_BLHc, k_BLHc, inv_q, inv_k, oup_BLHc, *lses)
+        return oup_BLHc.view(B, L, H * c)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_BLC):
+        qkv_BL3Hc, mul_11H1, q_BLHc, k_BLHc, inv_q, inv_k, oup_BLHc, *lses = ctx.saved_tensors
+        B, L, _, H, c = qkv_BL3Hc.shape
+        v_BLHc = qkv_BL3Hc[:, :, 2]
+        grad_oup_BLHc = grad_BLC.contiguous().view(B, L, H, c)
+        l2 = mul_11H1 is not None
+        grad_BL3Hc = qkv_BL3Hc.new_empty(B, L, 3, H, c)
+        # gradients of the (normalised) q, k, v: q's written group by group, k's and v's summed over groups
+        grad_q_BLHc = qkv_BL3Hc.new_empty(B, L, H, c) if l2 else grad_BL3Hc[:, :, 0]
+        grad_k_BLHc = qkv_BL3Hc.new_empty(B, L, H, c) if l2 else grad_BL3Hc[:, :, 1]
+        grad_v_BLHc = grad_BL3Hc[:, :, 2]
+        by_keys = sorted(zip(ctx.mask.groups, lses), key=lambda group_lse: -group_lse[0][2])   # the first reads all L keys
+        for i, ((qb, qe, ke, masked), lse_BHl) in enumerate(by_keys):
+            gq_BHlc, gk_BHSc, gv_BHSc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _heads(grad_oup_BLHc, qb, qe), _heads(q_BLHc, qb, qe), _heads(k_BLHc, 0, ke), _heads(v_BLHc, 0, ke),
+                _heads(oup_BLHc, qb, qe), lse_BHl, 0.0, False,
+                attn_mask=ctx.mask.bias[..., qb:qe, :ke] if masked else None, scale=ctx.scale)
+            _heads(grad_q_BLHc, qb, qe).copy_(gq_BHlc)
+            for total_BLHc, part_BHSc in ((grad_k_BLHc, gk_BHSc), (grad_v_BLHc, gv_BHSc)):
+                if i == 0:
+                    _heads(total_BLHc, 0, L).copy_(part_BHSc)
+                else:
+                    _heads(total_BLHc, 0, ke).add_(part_BHSc)
+        grad_mul_1H11 = None
+        if l2:
+            dot_BLH1 = _l2_normalise_backward(grad_q_BLHc, q_BLHc, inv_q, mul_11H1, grad_BL3Hc[:, :, 0])
+            grad_mul_1H11 = (dot_BLH1.sum(dim=(0, 1)) / mul_11H1.view(H, 1)).view(1, H, 1, 1)
+            _l2_normalise_backward(grad_k_BLHc, k_BLHc, inv_k, None, grad_BL3Hc[:, :, 1])
+        return grad_BL3Hc, grad_mul_1H11, None, None
