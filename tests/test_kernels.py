@@ -150,7 +150,7 @@ def test_kernel_choices_are_logged_once_with_their_reasons(monkeypatch, caplog):
     assert len(records) == 1
     text = records[0].getMessage()
     for name in ('oneDNN linear', 'Winograd 3x3 conv', 'polyphase upsampling', 'channels-last', 'in-place residual adds',
-                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv', 'CPU rule', 'by taps',
+                 'groups of images', 'grouped block-causal attention', 'batch-invariant oneDNN conv', 'CPU rule', 'by taps', 'teacher-forcing attention in one function',
                  'training MLP recomputing its GELU', 'training AdaLN recomputing LN(x)'):
         assert name in text
     want = 'oneDNN linear: on (float32 CPU' if matmul.onednn_available() else 'oneDNN linear: off (this PyTorch build'

@@ -117,6 +117,7 @@ def describe_choices() -> List[str]:
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),
         'grouped block-causal attention: ' + _on_off(fast, True, 'teacher forcing, any backend but math', ''),
+        'CPU teacher-forcing attention in one function: ' + _on_off(fast, True, 'float32 CPU, block-causal mask, no attention dropout, autocast and torch.compile off: L2 norm, groups of scales and head merge, gradients into the qkv layout (block_causal.py)', ''),
         'training MLP recomputing its GELU: ' + _on_off(fast, True, f'{f32_cpu}; GEMMs by the linear layers\' choice', ''),
         'training AdaLN recomputing LN(x): ' + _on_off(fast, True, 'training without autocast, any device', ''),
         'batch-invariant oneDNN conv: ' + ('on (float32 CPU inference, whatever the switch: a reproducibility guarantee)'
