@@ -23,7 +23,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .attention_dispatch import BlockCausal
-from .switch import SWITCH, compiling, cpu_autocast_enabled
+from .switch import SWITCH, plain_cpu_float32
 
 __all__ = ['applies', 'block_causal_self_attention']
 
@@ -33,8 +33,7 @@ _NORM_EPS = 1e-12   # F.normalize's default
 def applies(qkv_BL3Hc: torch.Tensor, attn_bias, dropout_p: float, backend: str) -> bool:
     """Whether `block_causal_self_attention` may replace SelfAttention's plain path for this call."""
     return (isinstance(attn_bias, BlockCausal) and SWITCH.on and backend != 'math' and dropout_p == 0.0
-            and qkv_BL3Hc.device.type == 'cpu' and qkv_BL3Hc.dtype == torch.float32
-            and not cpu_autocast_enabled() and not compiling())
+            and plain_cpu_float32(qkv_BL3Hc))
 
 
 def block_causal_self_attention(qkv_BL3Hc: torch.Tensor, scale_mul_1H11: Optional[torch.Tensor], scale: float,

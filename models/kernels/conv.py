@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .switch import compiling, cpu_autocast_enabled
+from .switch import plain_cpu_float32
 
 __all__ = ['Conv2d', 'conv2d', 'conv2d_reference', 'batch_invariant_applies', 'onednn_conv_available']
 
@@ -38,8 +38,8 @@ def onednn_conv_available() -> bool:
 
 def batch_invariant_applies(x: torch.Tensor) -> bool:
     """Whether `x` goes through oneDNN's conv: float32 CPU inference, autocast and torch.compile off, oneDNN present and enabled."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled() and not cpu_autocast_enabled()
-            and not compiling() and torch.backends.mkldnn.enabled and onednn_conv_available())
+    return (plain_cpu_float32(x) and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled
+            and onednn_conv_available())
 
 
 def conv2d(x_BChw: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride: Sequence[int] = (1, 1),

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .choices import cpu_rule
-from .switch import SWITCH, compiling, cpu_autocast_enabled
+from .switch import SWITCH, plain_cpu_float32
 
 __all__ = ['Linear', 'linear', 'linear_reference', 'mlp_gelu', 'onednn_applies', 'onednn_available', 'fused_mlp_func',
            'ACTIVATIONS']
@@ -57,8 +57,7 @@ def fused_mlp_func() -> Optional[Callable]:
 def onednn_applies(x: torch.Tensor) -> bool:
     """Whether `x` may go through oneDNN: float32 on the CPU, autocast off, not under torch.compile, oneDNN present and
     chosen for this CPU (choices.py)."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not cpu_autocast_enabled() and not compiling()
-            and cpu_rule().onednn_linear and onednn_available())
+    return plain_cpu_float32(x) and cpu_rule().onednn_linear and onednn_available()
 
 
 def linear_reference(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tensor] = None,
@@ -187,8 +186,7 @@ def mlp_gelu(x_BLC: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, fused_if_avail
         return fused(x=x_BLC, weight1=fc1.weight, weight2=fc2.weight, bias1=fc1.bias, bias2=fc2.bias,
                      activation='gelu_approx', save_pre_act=training, return_residual=False, checkpoint_lvl=0,
                      heuristic=0, process_group=None)
-    if (SWITCH.on and torch.is_grad_enabled() and x_BLC.device.type == 'cpu' and x_BLC.dtype == torch.float32
-            and not cpu_autocast_enabled() and not compiling() and x_BLC.numel() > 0
+    if (SWITCH.on and torch.is_grad_enabled() and plain_cpu_float32(x_BLC) and x_BLC.numel() > 0
             and all(w.dtype == torch.float32 and w.is_contiguous() for w in (fc1.weight, fc2.weight))):
         x_NC = x_BLC.reshape(-1, x_BLC.shape[-1])
         y_NC = _MLPRecomputingGelu.apply(x_NC if x_NC.is_contiguous() else x_NC.contiguous(), fc1.weight, fc1.bias,

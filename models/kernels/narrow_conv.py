@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .switch import SWITCH, compiling, cpu_autocast_enabled
+from .switch import SWITCH, plain_cpu_float32
 
 __all__ = ['NARROW_MAX_OUT_CHANNELS', 'NARROW_MIN_IN_CHANNELS', 'conv3x3_by_taps', 'taps_apply']
 
@@ -25,8 +25,7 @@ def taps_apply(x_BChw: torch.Tensor, in_channels: int, out_channels: int) -> boo
     """Whether a 3×3 conv (stride 1, padding 1) of `x` goes by taps: few outputs from many inputs, float32 CPU inference
     with autocast and torch.compile off, the fast paths on."""
     return (SWITCH.on and out_channels <= NARROW_MAX_OUT_CHANNELS and in_channels >= NARROW_MIN_IN_CHANNELS
-            and x_BChw.device.type == 'cpu' and x_BChw.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not cpu_autocast_enabled() and not compiling())
+            and plain_cpu_float32(x_BChw) and not torch.is_grad_enabled())
 
 
 def conv3x3_by_taps(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -60,6 +60,12 @@ def cpu_autocast_enabled() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def plain_cpu_float32(x: torch.Tensor) -> bool:
+    """Whether `x` is a float32 CPU tensor computed in float32 as written: CPU autocast off, torch.compile not tracing.
+    Every CPU float32 fast path starts from this; each adds its own conditions (autograd, library, CPU rule)."""
+    return x.device.type == 'cpu' and x.dtype == torch.float32 and not cpu_autocast_enabled() and not compiling()
+
+
 def compiling() -> bool:
     """Whether torch.compile is tracing (`--tfast`/`--vfast`): it lowers F.linear and F.conv2d itself, and cannot
     lower oneDNN's linear with a trainable weight."""

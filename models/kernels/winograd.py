@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .choices import cpu_rule
 from .conv import Conv2d, conv2d
 from .narrow_conv import conv3x3_by_taps, taps_apply
-from .switch import SWITCH, compiling, cpu_autocast_enabled
+from .switch import SWITCH, plain_cpu_float32
 
 __all__ = ['Conv3x3', 'conv3x3', 'conv3x3_uses_winograd', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays',
            'nnpack_available', 'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
@@ -53,8 +53,7 @@ def nnpack_available() -> bool:
 def winograd_applies(x: torch.Tensor) -> bool:
     """Whether `x` may go through the Winograd path: float32 on the CPU, autograd, autocast and torch.compile off, NNPACK
     present and chosen for this CPU (choices.py)."""
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not cpu_autocast_enabled() and not compiling() and cpu_rule().winograd and nnpack_available())
+    return plain_cpu_float32(x) and not torch.is_grad_enabled() and cpu_rule().winograd and nnpack_available()
 
 
 def winograd_pays(in_channels: int, out_channels: int, h: int, w: int) -> bool:
