@@ -2,8 +2,11 @@
 
 The scripts run as real processes, all at once (each mostly waits on `import torch`), so the module stays quick.
 """
+import json
+import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,10 +48,8 @@ def _env(argv):
     return script_env(PYTHONPATH='') if argv[0].startswith('tools/') else script_env()
 
 
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-    """Start every case at once; {case: CompletedProcess-like (returncode, stdout, stderr)}."""
-    cwd = tmp_path_factory.mktemp('cli')   # nothing a script might write lands in the repository
+def _run_cases(cwd):
+    """Start every case at once; {case: [returncode, stdout, stderr]}."""
     cases = {f'bad {name}': argv + [BAD] for name, argv in SCRIPTS.items()}
     cases.update({f'help {name}': SCRIPTS[name][:2 if name == 'toy_data.py' else 1] + ['--help'] for name in HELP})
     cases.update({'help bench.py compare': ['bench.py', 'compare', '--help']})
@@ -61,8 +62,30 @@ def runs(tmp_path_factory):
     out = {}
     for case, p in procs.items():
         stdout, stderr = p.communicate(timeout=300)
-        out[case] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+        out[case] = [p.returncode, stdout, stderr]
     return out
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """{case: CompletedProcess-like (returncode, stdout, stderr)}, the cases run once per test session: under pytest-xdist
+    the first worker to get here runs them (~25 script start-ups) and writes the results; the others wait and read them."""
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get('PYTEST_XDIST_WORKER') else tmp_path_factory.getbasetemp()
+    results, claim = shared / 'cli_style_runs.json', shared / 'cli_style_runs.claim'
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:   # another worker runs them
+        deadline = time.monotonic() + 600
+        while not results.exists():
+            assert time.monotonic() < deadline, f'{results} never appeared'
+            time.sleep(0.2)
+    else:
+        os.close(fd)
+        cwd = tmp_path_factory.mktemp('cli')   # nothing a script might write lands in the repository
+        tmp = results.with_suffix('.tmp')
+        tmp.write_text(json.dumps(_run_cases(cwd)))
+        os.replace(tmp, results)
+    return {case: subprocess.CompletedProcess(None, *out) for case, out in json.loads(results.read_text()).items()}
 
 
 @pytest.mark.parametrize('name', list(SCRIPTS))
