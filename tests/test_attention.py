@@ -187,6 +187,34 @@ def test_fused_block_causal_self_attention_equals_the_dense_mask(patch_nums, l2)
     assert (qkv.grad - want_sum).abs().max() < 1e-5 * want_sum.abs().max()
 
 
+@pytest.mark.parametrize('l2', [True, False])
+def test_fused_block_causal_self_attention_keeps_four_activations_for_the_backward(l2):
+    """Between forward and backward the function holds four (B, L, C) activations and per-row statistics: q, k and v
+    as the attention read them (qkv itself without the L2 norm; with it the normalised q and k and a copy of v, and
+    the raw qkv is let go) and its output. Keeping qkv as well as the normalised q and k was six."""
+    torch.manual_seed(0)
+    patch_nums = (1, 2, 4, 8)
+    lengths = [pn * pn for pn in patch_nums]
+    B, L, H, c = 2, sum(lengths), 4, 16
+    mask = BlockCausal(block_causal_groups(lengths), block_causal_bias(patch_nums, as_bool=False))
+    qkv = torch.randn(B, L, 3, H, c, requires_grad=True)
+    scale_mul = torch.full((1, H, 1, 1), 2.0, requires_grad=True) if l2 else None
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block_causal.block_causal_self_attention(qkv, scale_mul, 1.0, mask)
+    activation = B * L * H * c * 4
+    assert out.untyped_storage().data_ptr() in kept
+    assert (qkv.untyped_storage().data_ptr() in kept) != l2
+    assert 4 * activation <= sum(kept.values()) < 4.25 * activation, (sum(kept.values()) / activation)   # + norms, log-sum-exps
+    out.sum().backward()   # and the backward runs from what was kept
+    assert qkv.grad is not None and qkv.grad.isfinite().all()
+
+
 def test_fused_block_causal_self_attention_runs_only_where_it_applies():
     lengths = [1, 4, 64]
     L = sum(lengths)
