@@ -84,6 +84,13 @@ def _onednn_weight_grad(grad_NO: torch.Tensor, x_NK: torch.Tensor) -> torch.Tens
     return _onednn_linear(grad_NO.t(), x_NK.t(), None)
 
 
+def _onednn_input_grad(grad_NO: torch.Tensor, weight_OK: torch.Tensor) -> torch.Tensor:
+    """grad_NO · weight_OK → (N, K) by oneDNN, its `weight` operand the transposed view of weight_OK: oneDNN reorders
+    its weight operand anyway, so a contiguous copy first only costs time (the same bits; 0.79 → 0.10 ms for AdaLN's
+    (3072, 512) weight at 4 rows, 13.1 → 12.7 ms for the FFN's at 2,720, 2-core AMD EPYC)."""
+    return _onednn_linear(grad_NO, weight_OK.t(), None)
+
+
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NK, weight_OK, bias_O):
@@ -97,7 +104,7 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_NO = grad_NO.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad_NO, weight_OK.t().contiguous(), None)   # (N, O) @ (O, K)
+            grad_x = _onednn_input_grad(grad_NO, weight_OK)
         if ctx.needs_input_grad[1]:
             grad_w = _onednn_weight_grad(grad_NO, x_NK)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -116,7 +123,7 @@ class _GemmOps:
         return _onednn_linear(x_NK, weight_OK, bias_O) if self.onednn else F.linear(x_NK, weight_OK, bias_O)
 
     def input_grad(self, grad_NO, weight_OK):
-        return _onednn_linear(grad_NO, weight_OK.t().contiguous(), None) if self.onednn else grad_NO.mm(weight_OK)
+        return _onednn_input_grad(grad_NO, weight_OK) if self.onednn else grad_NO.mm(weight_OK)
 
     def weight_grad(self, grad_NO, x_NK):
         return _onednn_weight_grad(grad_NO, x_NK) if self.onednn else grad_NO.t().mm(x_NK)
