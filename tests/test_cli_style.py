@@ -82,10 +82,19 @@ def runs(tmp_path_factory):
     else:
         os.close(fd)
         cwd = tmp_path_factory.mktemp('cli')   # nothing a script might write lands in the repository
-        tmp = results.with_suffix('.tmp')
-        tmp.write_text(json.dumps(_run_cases(cwd)))
-        os.replace(tmp, results)
-    return {case: subprocess.CompletedProcess(None, *out) for case, out in json.loads(results.read_text()).items()}
+        out = {'error': 'the cases did not run'}   # what a waiting worker reads if this one fails: it fails at once too
+        try:
+            out = _run_cases(cwd)
+        except BaseException as e:
+            out = {'error': f'{type(e).__name__}: {e}'}
+            raise
+        finally:
+            tmp = results.with_suffix('.tmp')
+            tmp.write_text(json.dumps(out))
+            os.replace(tmp, results)
+    out = json.loads(results.read_text())
+    assert 'error' not in out, f'running the cases failed in another worker: {out["error"]}'
+    return {case: subprocess.CompletedProcess(None, *res) for case, res in out.items()}
 
 
 @pytest.mark.parametrize('name', list(SCRIPTS))
