@@ -107,12 +107,10 @@ class _BlockCausalSelfAttention(torch.autograd.Function):
             _heads(oup_BLHc, qb, qe).copy_(oup_BHlc)
             lses.append(lse_BHl)
         ctx.scale, ctx.mask, ctx.shape = scale, mask, qkv_BL3Hc.shape
-        if mul_11H1 is not None:   # the backward needs the normalised q and k, and v: not the raw q and k (qkv is let go)
-            v_BLHc = v_BLHc.contiguous()
-        else:   # q, k and v are views of qkv
-            q_BLHc = k_BLHc = v_BLHc = None
-        ctx.save_for_backward(None if mul_11H1 is not None else qkv_BL3Hc, q_BLHc, k_BLHc, v_BLHc, mul_11H1, inv_q, inv_k,
-                              oup_BLHc, *lses)
+        # the backward reads q, k and v as the attention did: with the L2 norm the normalised q and k and a copy of v
+        # (so that the raw qkv is let go), without it qkv itself (q, k and v are views of it)
+        kept = (None, q_BLHc, k_BLHc, v_BLHc.contiguous()) if mul_11H1 is not None else (qkv_BL3Hc, None, None, None)
+        ctx.save_for_backward(*kept, mul_11H1, inv_q, inv_k, oup_BLHc, *lses)
         return oup_BLHc.view(B, L, H * c)
 
     @staticmethod
