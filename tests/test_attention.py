@@ -93,6 +93,19 @@ def test_kv_cached_sampling_matches_teacher_forcing(cfg, shared_aln):
     assert all(b.attn.cached_k is None and not b.attn.caching for b in var.blocks)
 
 
+def logits_and_grads_fast_and_plain(var, labels, x):
+    """{fast: (logits, {parameter name: gradient})} of one forward + backward of `var` with the fast paths on (True) and
+    off (False); the switch is restored afterwards."""
+    outs = {}
+    for fast in (True, False):
+        with fast_paths(fast):
+            var.zero_grad()
+            logits = var(labels, x)
+            logits.square().mean().backward()
+        outs[fast] = (logits.detach(), {n: p.grad.clone() for n, p in var.named_parameters()})
+    return outs
+
+
 def test_grouped_block_causal_attention_equals_the_dense_mask():
     """Teacher forcing by groups of scales gives the dense-mask logits and gradients."""
     from models import VAR
@@ -104,13 +117,7 @@ def test_grouped_block_causal_attention_equals_the_dense_mask():
     assert block_causal_groups([1, 4, 16, 64, 81]) == ((0, 21, 21, True), (21, 85, 85, False), (85, 166, 166, False))
     x = torch.randn(3, var.L - 1, var.Cvae)
     labels = torch.tensor([0, 3, 4])
-    outs = {}
-    for grouped in (True, False):
-        var.set_fast_paths(grouped)
-        var.zero_grad()
-        logits = var(labels, x)
-        logits.square().mean().backward()
-        outs[grouped] = (logits.detach(), {n: p.grad.clone() for n, p in var.named_parameters()})
+    outs = logits_and_grads_fast_and_plain(var, labels, x)
     assert (outs[True][0] - outs[False][0]).abs().max() < 1e-5
     assert all((outs[True][1][n] - outs[False][1][n]).abs().max() < 1e-5 for n in outs[True][1])
     with torch.no_grad():   # progressive training: groups over the first scales only
@@ -248,13 +255,7 @@ def test_training_step_with_fast_paths_equals_the_plain_path(l2, monkeypatch):
     monkeypatch.setattr(block_causal, 'block_causal_self_attention', lambda *a: calls.append(1) or real(*a))
     x = torch.randn(3, var.L - 1, var.Cvae)
     labels = torch.tensor([0, 3, 4])
-    outs = {}
-    for fast in (True, False):
-        var.set_fast_paths(fast)
-        var.zero_grad()
-        logits = var(labels, x)
-        logits.square().mean().backward()
-        outs[fast] = (logits.detach(), {n: p.grad.clone() for n, p in var.named_parameters()})
+    outs = logits_and_grads_fast_and_plain(var, labels, x)
     assert len(calls) == len(var.blocks)   # with the fast paths on only
     assert (outs[True][0] - outs[False][0]).abs().max() < 1e-5
     for n, g in outs[True][1].items():
