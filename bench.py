@@ -42,6 +42,10 @@ Training steps run as train.py's do: the trainer's AmpOptimizer set-up (--dtype=
 fused AdamW where available, gradient clipping at 2. On CUDA, peak memory is torch's peak allocation, and
 float32 is IEEE float32 unless --tf32 (TensorFloat32 matmuls and convolutions, train.py's default there).
 """
+if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
+    from utils.threads import shorten_openmp_spin_for_nnpack
+    shorten_openmp_spin_for_nnpack()
+
 import inspect
 import json
 import os
@@ -304,8 +308,10 @@ def fast_path_lines() -> List[str]:
     from models.kernels.choices import describe_attention
     return describe_choices() + [
         describe_attention(),
-        'oneDNN linear and Winograd are chosen by the CPU rule table of models/kernels/choices.py (vendor, ISA flags, cores; '
+        'oneDNN linear and Winograd are chosen by the CPU rule table of utils/cpu_rules.py (vendor, ISA flags, cores; '
         'never by timing); the size thresholds were measured on a 2-core AMD EPYC with AVX-512',
+        'OpenMP\'s idle spin: every measuring process of `compare`, the reference\'s as well as this code\'s, starts with the '
+        'environment above (bench.py sets it before PyTorch loads, as this project\'s scripts do)',
     ]
 
 

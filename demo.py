@@ -10,6 +10,10 @@
 It ends with one line `class fidelity X.XX (chance Y.YY), grid: PATH`. Every stage reuses what a
 previous run finished (the training scripts resume), so a second run is quick.
 """
+if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
+    from utils.threads import shorten_openmp_spin_for_nnpack
+    shorten_openmp_spin_for_nnpack()
+
 import json
 import logging
 import os

@@ -14,6 +14,10 @@ transparency over white), its short side resized to the model's resolution and t
 a mask must have the image's size and goes through the same resize and crop, so the region edited
 is the one marked (transparent mask pixels count as black: not marked).
 """
+if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
+    from utils.threads import shorten_openmp_spin_for_nnpack
+    shorten_openmp_spin_for_nnpack()
+
 import logging
 import math
 import os

@@ -13,6 +13,10 @@ of these match, and otherwise stops naming each difference, before any model is 
 allocated on the disk in full before any row is written, so a full disk is a clear error at the start,
 never a crash halfway; an unreadable image is an error naming the file.
 """
+if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
+    from utils.threads import shorten_openmp_spin_for_nnpack
+    shorten_openmp_spin_for_nnpack()
+
 import errno
 import json
 import logging

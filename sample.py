@@ -12,6 +12,10 @@ set does not depend on the number of processes, and on the CPU in float32 not on
 in the same --out resumes (skipping the finished images, each decoded and checked first) only when all of
 it matches, and otherwise stops, naming the differences. PNGs, the manifest and the npz are written atomically.
 """
+if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
+    from utils.threads import shorten_openmp_spin_for_nnpack
+    shorten_openmp_spin_for_nnpack()
+
 import json
 import logging
 import math

@@ -5,6 +5,10 @@
 torchrun's own flags cover several machines; a plain `python train.py ...` runs as one process.
 Rerunning the same command resumes from local_output/ar-ckpt-last.pth, mid-epoch included.
 """
+if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
+    from utils.threads import shorten_openmp_spin_for_nnpack
+    shorten_openmp_spin_for_nnpack()
+
 import logging
 import os.path as osp
 import random

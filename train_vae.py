@@ -8,6 +8,10 @@ progress bar as train.py. The tokenizer's weights are also exported as `vae.safe
 more release, `vae.pth`), a plain state dict that loads strictly into VQVAE / build_vae_var and works as
 `train.py --vae_ckpt`. Every validation puts input/reconstruction pairs in tensorboard.
 """
+if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
+    from utils.threads import shorten_openmp_spin_for_nnpack
+    shorten_openmp_spin_for_nnpack()
+
 import logging
 import os.path as osp
 from typing import Dict

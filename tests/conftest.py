@@ -66,7 +66,7 @@ def fake_cpu(monkeypatch):
     """fake_cpu(vendor, flags, cores) makes models.kernels read that CPU (vendor_id and flags as /proc/cpuinfo writes
     them) and choose its kernels again; the real CPU's choice comes back after the test."""
     from models.kernels import choices
-    from models.kernels.cpu_features import CpuFeatures
+    from utils.cpu_rules import CpuFeatures
 
     def fake(vendor: str, flags: str, cores: int) -> CpuFeatures:
         features = CpuFeatures(vendor=vendor, flags=frozenset(flags.split()), cores=cores)

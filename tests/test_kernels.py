@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import build_tiny
 from models import VQVAE, kernels
-from models.kernels import attention_dispatch, choices, conv, cpu_features, matmul, memory, narrow_conv, upsample, winograd
+from models.kernels import attention_dispatch, choices, conv, matmul, memory, narrow_conv, upsample, winograd
 
 
 def test_one_switch_process_wide_and_restored_by_the_context_manager():
@@ -170,32 +170,6 @@ def test_availability_probes_run_on_the_cpu_inside_a_device_context():
     finally:
         matmul.onednn_available.cache_clear()
         conv.onednn_conv_available.cache_clear()
-
-
-CPUINFO_SPR = 'processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\nvendor_id\t: Other\n'
-
-
-def test_cpu_features_are_read_from_the_first_processor_of_proc_cpuinfo():
-    f = cpu_features.parse_cpuinfo(CPUINFO_SPR, cores=2)
-    assert f == cpu_features.CpuFeatures('GenuineIntel', frozenset({'fpu', 'sse', 'avx2', 'avx512f', 'amx_bf16', 'amx_tile'}), 2)
-    assert cpu_features.parse_cpuinfo('', cores=4) == cpu_features.CpuFeatures('', frozenset(), 4)   # not Linux: no flags
-    assert cpu_features.read_cpu_features() == cpu_features.read_cpu_features()                     # no timing: the same read
-
-
-@pytest.mark.parametrize('vendor, flags, cores, onednn, winograd, cpus', [
-    ('AuthenticAMD', 'avx2 avx512f avx512_bf16', 2, True, True, 'AMD with avx512f, <= 8 cores'),   # the measured CPU
-    ('AuthenticAMD', 'avx2 avx512f', 8, True, True, 'AMD with avx512f, <= 8 cores'),
-    ('AuthenticAMD', 'avx2 avx512f', 64, False, False, 'AMD with avx512f, > 8 cores'),
-    ('GenuineIntel', 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile', 2, False, False, 'AMX'),   # the user's Xeon
-    ('GenuineIntel', 'avx2 avx512f', 2, False, False, 'Intel with avx512f, no AMX'),
-    ('AuthenticAMD', 'avx2', 2, False, False, 'avx2 without avx512f'),
-    ('GenuineIntel', 'avx2', 16, False, False, 'avx2 without avx512f'),
-    ('', '', 2, False, False, 'other CPUs'),
-])
-def test_cpu_rule_table_picks_the_kernels_by_vendor_isa_and_cores(vendor, flags, cores, onednn, winograd, cpus):
-    rule = choices.rule_for(cpu_features.CpuFeatures(vendor, frozenset(flags.split()), cores))
-    assert (rule.onednn_linear, rule.winograd, rule.cpus) == (onednn, winograd, cpus) and rule.why
-    assert 'not measured' in rule.why or (onednn and winograd)   # where nothing was measured: the plain kernels
 
 
 def test_the_cpu_rule_reaches_the_kernels_and_the_log(fake_cpu, monkeypatch):

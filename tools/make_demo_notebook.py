@@ -36,12 +36,15 @@ Environment variables point it at other files (the tests use tiny local checkpoi
 
 BUILD_CODE = """import json, os, random, sys
 
+sys.path.insert(0, os.path.abspath('.'))   # the repository root
+from utils.threads import shorten_openmp_spin_for_nnpack
+shorten_openmp_spin_for_nnpack()   # before PyTorch loads: OpenMP's idle spin for this CPU (utils/threads.py)
+
 import numpy as np
 import PIL.Image as PImage
 import torch
 import torchvision
 
-sys.path.insert(0, os.path.abspath('.'))   # the repository root
 from models import build_vae_var, load_pretrained
 from models.pretrained import looks_like_repo_id
 from models.state_dict import PUBLISHED, published_build_kwargs

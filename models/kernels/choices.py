@@ -2,23 +2,10 @@
 
 Two fast paths replace PyTorch's kernel by another library's, and whether that pays depends on the CPU: oneDNN's
 matmul instead of MKL's for the float32 linear layers (matmul.py), NNPACK's Winograd instead of oneDNN's direct
-3×3 conv (winograd.py). They are chosen from the CPU's vendor, ISA flags and core count (cpu_features.py), by the
-first matching rule of CPU_RULES below; never by timing, so the same machine always takes the same kernels.
-Where nothing was measured the rule keeps PyTorch's plain kernel.
-
-    CPU (first match)                 oneDNN linear  Winograd  why
-    AMX (amx_tile or amx_bf16)        off            off       not measured by us; a user's 2-core Xeon with
-                                                               AVX-512 and AMX saw neither gain (step 1.03x vs the
-                                                               reference); MKL runs AVX-512 on Intel, and AMX does
-                                                               not compute float32 anyway
-    AMD, avx512f, <= 8 cores          on             on        measured on a 2-core AMD EPYC (family 26): oneDNN's
-                                                               GEMMs 1.5-2.2x MKL's (MKL takes its AVX2 code on AMD),
-                                                               Winograd 1.3-2.5x oneDNN's direct conv on wide maps;
-                                                               measured with 2 threads, assumed up to 8
-    AMD, avx512f, > 8 cores           off            off       not measured
-    Intel, avx512f without AMX        off            off       not measured; MKL has AVX-512 code on Intel
-    avx2 without avx512f              off            off       not measured
-    anything else (no flags, ARM)     off            off       not measured
+3×3 conv (winograd.py). They are chosen from the CPU's vendor, ISA flags and core count by the first matching rule
+of CPU_RULES; never by timing, so the same machine always takes the same kernels. Where nothing was measured the
+rule keeps PyTorch's plain kernel. The table (with its measurements) is in utils/cpu_rules.py, torch-free so that
+a script can read it before PyTorch is loaded (utils/threads.py); `python bench.py cpu` prints the rule matched.
 
 The other fast paths do fewer operations, move fewer bytes or keep fewer activations with PyTorch's own kernels
 (polyphase upsampling, 3×3 convs to a few channels by taps, channels-last layout, in-place residual adds, images in groups, block-causal attention by
@@ -27,12 +14,13 @@ depend on the CPU and stay on wherever they apply. `set_fast_paths(False)` turns
 """
 import functools
 import logging
-from dataclasses import dataclass
-from typing import Callable, List
+from typing import List
 
 import torch
 
-from .cpu_features import CpuFeatures, read_cpu_features
+from utils.cpu_rules import CPU_RULES, MEASURED_MAX_CORES, CpuRule, read_cpu_features, rule_for
+from utils.threads import describe_openmp_spin
+
 from .switch import SWITCH
 
 __all__ = ['CpuRule', 'CPU_RULES', 'MEASURED_MAX_CORES', 'rule_for', 'cpu_rule', 'describe_choices', 'describe_attention',
@@ -41,42 +29,6 @@ __all__ = ['CpuRule', 'CPU_RULES', 'MEASURED_MAX_CORES', 'rule_for', 'cpu_rule',
 logger = logging.getLogger('models.kernels')
 
 _logged = {'done': False}
-
-MEASURED_MAX_CORES = 8   # the AMD rule's measurement used 2 threads; beyond this many cores it is not assumed
-
-
-@dataclass(frozen=True)
-class CpuRule:
-    """One row of the table: which CPUs it matches, whether each CPU-dependent fast path runs there, and why."""
-    cpus: str
-    matches: Callable[[CpuFeatures], bool]
-    onednn_linear: bool
-    winograd: bool
-    why: str
-
-
-def _amx(f: CpuFeatures) -> bool:
-    return bool({'amx_tile', 'amx_bf16'} & f.flags)
-
-
-CPU_RULES = (
-    CpuRule('AMX', _amx, False, False,
-            'not measured by us; a user\'s 2-core Xeon with AVX-512 and AMX saw neither gain, and AMX does not compute float32'),
-    CpuRule(f'AMD with avx512f, <= {MEASURED_MAX_CORES} cores',
-            lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags and f.cores <= MEASURED_MAX_CORES, True, True,
-            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 1.3-2.5x the direct conv on wide maps'),
-    CpuRule(f'AMD with avx512f, > {MEASURED_MAX_CORES} cores',
-            lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags, False, False, 'not measured at this core count'),
-    CpuRule('Intel with avx512f, no AMX', lambda f: f.vendor == 'GenuineIntel' and 'avx512f' in f.flags, False, False,
-            'not measured; MKL has AVX-512 code on Intel'),
-    CpuRule('avx2 without avx512f', lambda f: 'avx2' in f.flags and 'avx512f' not in f.flags, False, False, 'not measured'),
-    CpuRule('other CPUs', lambda f: True, False, False, 'not measured'),
-)
-
-
-def rule_for(features: CpuFeatures) -> CpuRule:
-    """The first rule of CPU_RULES that matches these features (the last one matches every CPU)."""
-    return next(rule for rule in CPU_RULES if rule.matches(features))
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,6 +78,7 @@ def describe_choices() -> List[str]:
         'flash-attn fused MLP: ' + ('no CUDA' if not torch.cuda.is_available() else
                                     'on (CUDA, models built with fused_if_available)' if fused_mlp_func() is not None else
                                     'off (flash-attn fused_dense not installed; linear + GELU)'),
+        describe_openmp_spin(),
     ]
 
 

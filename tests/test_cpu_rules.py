@@ -1,0 +1,108 @@
+"""utils/cpu_rules.py and utils/threads.py: the CPU is read from /proc/cpuinfo, one table picks the CPU-dependent fast
+paths, and where it picks NNPACK the scripts shorten OpenMP's idle spin before PyTorch loads (a real libgomp, checked
+by the CPU time its idle worker burns)."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from utils import cpu_rules, threads
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CPUINFO_SPR = 'processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\nvendor_id\t: Other\n'
+
+
+def test_cpu_features_are_read_from_the_first_processor_of_proc_cpuinfo():
+    f = cpu_rules.parse_cpuinfo(CPUINFO_SPR, cores=2)
+    assert f == cpu_rules.CpuFeatures('GenuineIntel', frozenset({'fpu', 'sse', 'avx2', 'avx512f', 'amx_bf16', 'amx_tile'}), 2)
+    assert cpu_rules.parse_cpuinfo('', cores=4) == cpu_rules.CpuFeatures('', frozenset(), 4)   # not Linux: no flags
+    assert cpu_rules.read_cpu_features() == cpu_rules.read_cpu_features()                     # no timing: the same read
+
+
+@pytest.mark.parametrize('vendor, flags, cores, onednn, winograd, cpus', [
+    ('AuthenticAMD', 'avx2 avx512f avx512_bf16', 2, True, True, 'AMD with avx512f, <= 8 cores'),   # the measured CPU
+    ('AuthenticAMD', 'avx2 avx512f', 8, True, True, 'AMD with avx512f, <= 8 cores'),
+    ('AuthenticAMD', 'avx2 avx512f', 64, False, False, 'AMD with avx512f, > 8 cores'),
+    ('GenuineIntel', 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile', 2, False, False, 'AMX'),   # the user's Xeon
+    ('GenuineIntel', 'avx2 avx512f', 2, False, False, 'Intel with avx512f, no AMX'),
+    ('AuthenticAMD', 'avx2', 2, False, False, 'avx2 without avx512f'),
+    ('GenuineIntel', 'avx2', 16, False, False, 'avx2 without avx512f'),
+    ('', '', 2, False, False, 'other CPUs'),
+])
+def test_cpu_rule_table_picks_the_kernels_by_vendor_isa_and_cores(vendor, flags, cores, onednn, winograd, cpus):
+    features = cpu_rules.CpuFeatures(vendor, frozenset(flags.split()), cores)
+    rule = cpu_rules.rule_for(features)
+    assert (rule.onednn_linear, rule.winograd, rule.cpus) == (onednn, winograd, cpus) and rule.why
+    assert 'not measured' in rule.why or (onednn and winograd)   # where nothing was measured: the plain kernels
+    # the short OpenMP spin goes with NNPACK, and the user's own setting always wins
+    assert threads.openmp_spin_env(features, environ={}) == ({'GOMP_SPINCOUNT': str(threads.SHORT_SPIN_COUNT)} if winograd else {})
+    for users in ({'GOMP_SPINCOUNT': '300000'}, {'OMP_WAIT_POLICY': 'PASSIVE'}):
+        assert threads.openmp_spin_env(features, environ=users) == {}
+
+
+_PROBE = r'''
+import json, os, sys, time
+sys.path.insert(0, {repo!r})
+from utils.threads import shorten_openmp_spin_for_nnpack
+set_here = shorten_openmp_spin_for_nnpack() if {shorten} else {{}}
+import torch
+torch.set_num_threads(2)
+x = torch.randn(200_000)    # one parallel region per op: 2 threads, little work
+
+
+def idle_ticks():   # CPU clock ticks of every thread but this one (libgomp's worker)
+    total = 0
+    for tid in os.listdir('/proc/self/task'):
+        if int(tid) != os.getpid():
+            stat = open(f'/proc/self/task/{{tid}}/stat').read().rsplit(')', 1)[1].split()
+            total += int(stat[11]) + int(stat[12])
+    return total
+
+
+for _ in range(3):
+    x.add(1)
+before = idle_ticks()
+for _ in range(40):          # a region, then 20 ms with nothing to do
+    x.mul(1.0001)
+    time.sleep(0.02)
+print(json.dumps({{'set': set_here, 'ticks': idle_ticks() - before, 'again': shorten_openmp_spin_for_nnpack()}}))
+'''
+
+
+def _probe(shorten: bool, fake_amd: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY', 'OMP_NUM_THREADS')}
+    code = _PROBE.format(repo=REPO, shorten=shorten)
+    if fake_amd:   # this check is about libgomp, not this machine's CPU: read the measured AMD's rule
+        code = code.replace('from utils.threads import', 'import utils.cpu_rules as r; r.read_cpu_features = lambda: '
+                            'r.CpuFeatures("AuthenticAMD", frozenset({"avx2", "avx512f"}), 2)\nfrom utils.threads import')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='libgomp spins only with a second core for its worker')
+def test_the_short_spin_reaches_libgomp_before_torch_loads_and_not_after():
+    plain = _probe(shorten=False, fake_amd=True)
+    short = _probe(shorten=True, fake_amd=True)
+    # libgomp's default: the idle worker burns ~5-15 ms after each of the 40 regions (290 ms on a 2-core AMD EPYC)
+    if plain['ticks'] < 10:
+        pytest.skip(f"libgomp's default spin did not show here ({plain['ticks']} ticks): nothing to shorten")
+    assert short['set'] == {'GOMP_SPINCOUNT': str(threads.SHORT_SPIN_COUNT)}
+    assert short['ticks'] <= plain['ticks'] // 4, (short, plain)   # 0-1 ticks of 10 ms there
+    assert short['again'] == {} and plain['again'] == {}          # once PyTorch is loaded, nothing is set
+
+
+def test_every_script_that_runs_the_tokenizer_shortens_the_spin_before_importing_torch():
+    for script in ('train.py', 'sample.py', 'extract_tokens.py', 'edit.py', 'train_vae.py', 'demo.py', 'bench.py'):
+        body = ast.parse(open(os.path.join(REPO, script)).read()).body
+        first_import = next(i for i, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom)) or
+                            (isinstance(node, ast.If) and 'shorten_openmp_spin_for_nnpack' in ast.unparse(node)))
+        node = body[first_import]
+        assert isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'", script
+        assert 'shorten_openmp_spin_for_nnpack()' in ast.unparse(node), script
+    cell = ''.join(json.load(open(os.path.join(REPO, 'demo_sample.ipynb')))['cells'][1]['source'])
+    assert cell.index('shorten_openmp_spin_for_nnpack()') < cell.index('import torch')
