@@ -76,16 +76,12 @@ def worker(mode: str, depth: int, bs: int, steps: int, dtype: str) -> Dict:
 
 def _launch(mode: str, args, procs: int) -> List[Dict]:
     """`procs` worker processes of one mode; their results, by rank."""
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    import dist
+    threads = str(args.threads)
+    base = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1')
     with tempfile.TemporaryDirectory() as tmp:
         running = []
-        for rank in range(procs):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs),
-                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads),
-                       MKL_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1')
+        for rank, env in enumerate(dist.local_group_envs(procs, base)):
             out = os.path.join(tmp, f'{rank}.json')
             argv = [sys.executable, os.path.abspath(__file__), mode, str(args.depth), str(args.bs), str(args.steps), args.dtype, out]
             running.append((subprocess.Popen(argv, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True), out))

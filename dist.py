@@ -6,13 +6,15 @@ nccl on CUDA, gloo on the CPU. A plain `python script.py` runs as one process.
 import datetime
 import logging
 import os
-from typing import Any, List, Optional
+import socket
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as tdist
 
 __all__ = ['initialize', 'initialized', 'describe', 'get_rank', 'get_local_rank', 'get_world_size', 'get_device', 'is_master',
-           'is_local_master', 'barrier', 'allreduce', 'broadcast', 'all_gather_object', 'broadcast_object', 'finalize']
+           'is_local_master', 'barrier', 'allreduce', 'broadcast', 'all_gather_object', 'broadcast_object', 'finalize',
+           'local_group_envs']
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +126,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def finalize() -> None:
     if initialized():
         tdist.destroy_process_group()
+
+
+def local_group_envs(procs: int, base: Optional[Dict[str, str]] = None) -> List[Dict[str, str]]:
+    """The environment torchrun gives each of `procs` processes of one group on this machine (rank by rank: RANK,
+    LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT on 127.0.0.1), on top of `base`
+    (default: this process's environment): for launching a group without torchrun's agent (benchmarks, tests)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    return [dict(os.environ if base is None else base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs),
+                 LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)) for rank in range(procs)]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dist
 from conftest import REPO, TINY_TRAIN_FLAGS, run_script, script_env
 
 # 24 training images, global batch 8 in 2 accumulation steps: 6 micro steps an epoch, 12 in all
@@ -32,14 +33,9 @@ def run_procs(argv, procs, env=None, check=True, timeout=240):
     if procs == 1:
         res = run_script(argv, env=env, check=check, timeout=timeout)
         return subprocess.CompletedProcess(res.args, res.returncode, res.stdout, res.stderr)
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as logs:
         procs_logs = []
-        for rank in range(procs):
-            e = dict(env or script_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs),
-                     MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+        for rank, e in enumerate(dist.local_group_envs(procs, env or script_env())):
             out, err = open(Path(logs) / f'{rank}.out', 'w+'), open(Path(logs) / f'{rank}.err', 'w+')
             procs_logs.append((subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, env=e, stdout=out, stderr=err), out, err))
         codes = []
