@@ -18,13 +18,12 @@ from typing import List
 
 import torch
 
-from utils.cpu_rules import CPU_RULES, MEASURED_MAX_CORES, CpuRule, read_cpu_features, rule_for
+from utils.cpu_rules import CpuRule, read_cpu_features, rule_for
 from utils.threads import describe_openmp_spin
 
 from .switch import SWITCH
 
-__all__ = ['CpuRule', 'CPU_RULES', 'MEASURED_MAX_CORES', 'rule_for', 'cpu_rule', 'describe_choices', 'describe_attention',
-           'log_choices_once']
+__all__ = ['cpu_rule', 'describe_choices', 'describe_attention', 'log_choices_once']
 
 logger = logging.getLogger('models.kernels')
 
