@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from . import kernels
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from .config import PATCH_NUMS_256
-from .kernels import BACKENDS, BlockCausal, Linear, block_causal_groups, choose_backend, describe_backends
+from .kernels import BACKENDS, BlockCausal, Linear, choose_backend, describe_backends
 from .pretrained import HubMixin
 from . import sampling
 from .state_dict import check_state_dict
@@ -243,7 +243,7 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         attn_bias = attn_bias.to(dtype=main_type)
         if self.grouped_attention and self.attn_backend != 'math':
             n_scales = len(self.patch_nums) if prog_si < 0 else prog_si + 1
-            attn_bias = BlockCausal(block_causal_groups([pn * pn for pn in self.patch_nums[:n_scales]]), attn_bias)
+            attn_bias = BlockCausal.over_scales([pn * pn for pn in self.patch_nums[:n_scales]], attn_bias)
 
         for b in self.blocks:
             if self.grad_ckpt and self.training and torch.is_grad_enabled():

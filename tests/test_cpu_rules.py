@@ -23,21 +23,22 @@ def test_cpu_features_are_read_from_the_first_processor_of_proc_cpuinfo():
     assert cpu_rules.read_cpu_features() == cpu_rules.read_cpu_features()                     # no timing: the same read
 
 
-@pytest.mark.parametrize('vendor, flags, cores, onednn, winograd, cpus', [
-    ('AuthenticAMD', 'avx2 avx512f avx512_bf16', 2, True, True, 'AMD with avx512f, <= 8 cores'),   # the measured CPU
-    ('AuthenticAMD', 'avx2 avx512f', 8, True, True, 'AMD with avx512f, <= 8 cores'),
-    ('AuthenticAMD', 'avx2 avx512f', 64, False, False, 'AMD with avx512f, > 8 cores'),
-    ('GenuineIntel', 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile', 2, False, False, 'AMX'),   # the user's Xeon
-    ('GenuineIntel', 'avx2 avx512f', 2, False, False, 'Intel with avx512f, no AMX'),
-    ('AuthenticAMD', 'avx2', 2, False, False, 'avx2 without avx512f'),
-    ('GenuineIntel', 'avx2', 16, False, False, 'avx2 without avx512f'),
-    ('', '', 2, False, False, 'other CPUs'),
+@pytest.mark.parametrize('vendor, flags, cores, onednn, winograd, c_attention, cpus', [
+    ('AuthenticAMD', 'avx2 avx512f avx512_bf16', 2, True, True, True, 'AMD with avx512f, <= 8 cores'),   # the measured CPU
+    ('AuthenticAMD', 'avx2 avx512f', 8, True, True, True, 'AMD with avx512f, <= 8 cores'),
+    ('AuthenticAMD', 'avx2 avx512f', 64, False, False, False, 'AMD with avx512f, > 8 cores'),
+    ('GenuineIntel', 'avx2 avx512f avx512_bf16 amx_bf16 amx_tile', 2, False, False, False, 'AMX'),   # the user's Xeon
+    ('GenuineIntel', 'avx2 avx512f', 2, False, False, False, 'Intel with avx512f, no AMX'),
+    ('AuthenticAMD', 'avx2', 2, False, False, False, 'avx2 without avx512f'),
+    ('GenuineIntel', 'avx2', 16, False, False, False, 'avx2 without avx512f'),
+    ('', '', 2, False, False, False, 'other CPUs'),
 ])
-def test_cpu_rule_table_picks_the_kernels_by_vendor_isa_and_cores(vendor, flags, cores, onednn, winograd, cpus):
+def test_cpu_rule_table_picks_the_kernels_by_vendor_isa_and_cores(vendor, flags, cores, onednn, winograd, c_attention, cpus):
     features = cpu_rules.CpuFeatures(vendor, frozenset(flags.split()), cores)
     rule = cpu_rules.rule_for(features)
-    assert (rule.onednn_linear, rule.winograd, rule.cpus) == (onednn, winograd, cpus) and rule.why
-    assert 'not measured' in rule.why or (onednn and winograd)   # where nothing was measured: the plain kernels
+    assert (rule.onednn_linear, rule.winograd, rule.c_attention, rule.cpus) == (onednn, winograd, c_attention, cpus) and rule.why
+    assert 'not measured' in rule.why or (onednn and winograd and c_attention)   # where nothing was measured: the plain kernels
+    assert not rule.c_attention or 'avx512f' in features.flags   # the C kernel is AVX-512 code
     # the short OpenMP spin goes with NNPACK, and the user's own setting always wins
     assert threads.openmp_spin_env(features, environ={}) == ({'GOMP_SPINCOUNT': str(threads.SHORT_SPIN_COUNT)} if winograd else {})
     for users in ({'GOMP_SPINCOUNT': '300000'}, {'OMP_WAIT_POLICY': 'PASSIVE'}):

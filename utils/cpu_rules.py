@@ -2,19 +2,24 @@
 CPU-dependent fast paths run here. Torch-free, so that a script can read its rule before PyTorch is loaded
 (utils/threads.py); models/kernels/choices.py applies it to the kernels and says what it chose.
 
-    CPU (first match)                 oneDNN linear  Winograd  why
-    AMX (amx_tile or amx_bf16)        off            off       not measured by us; a user's 2-core Xeon with
-                                                               AVX-512 and AMX saw neither gain (step 1.03x vs the
-                                                               reference); MKL runs AVX-512 on Intel, and AMX does
-                                                               not compute float32 anyway
-    AMD, avx512f, <= 8 cores          on             on        measured on a 2-core AMD EPYC (family 26): oneDNN's
-                                                               GEMMs 1.5-2.2x MKL's (MKL takes its AVX2 code on AMD),
-                                                               Winograd 1.3-2.5x oneDNN's direct conv on wide maps;
-                                                               measured with 2 threads, assumed up to 8
-    AMD, avx512f, > 8 cores           off            off       not measured
-    Intel, avx512f without AMX        off            off       not measured; MKL has AVX-512 code on Intel
-    avx2 without avx512f              off            off       not measured
-    anything else (no flags, ARM)     off            off       not measured
+    CPU (first match)                 oneDNN linear  Winograd  C attention  why
+    AMX (amx_tile or amx_bf16)        off            off       off          not measured by us; a user's 2-core Xeon
+                                                                            with AVX-512 and AMX saw neither gain of
+                                                                            the first two (step 1.03x vs the
+                                                                            reference); MKL runs AVX-512 on Intel, and
+                                                                            AMX does not compute float32 anyway
+    AMD, avx512f, <= 8 cores          on             on        on           measured on a 2-core AMD EPYC (family 26):
+                                                                            oneDNN's GEMMs 1.5-2.2x MKL's (MKL takes
+                                                                            its AVX2 code on AMD), Winograd 1.3-2.5x
+                                                                            oneDNN's direct conv on wide maps, the C
+                                                                            attention 2.5-2.8x PyTorch's flash kernel
+                                                                            (d8 training, forward and backward);
+                                                                            measured with 2 threads, assumed up to 8
+    AMD, avx512f, > 8 cores           off            off       off          not measured
+    Intel, avx512f without AMX        off            off       off          not measured; MKL has AVX-512 code on Intel
+    avx2 without avx512f              off            off       off          not measured (and the C attention is
+                                                                            AVX-512 code)
+    anything else (no flags, ARM)     off            off       off          not measured
 
 Where a rule sends convolutions to NNPACK, this project's scripts also shorten OpenMP's idle spin (utils/threads.py).
 
@@ -80,6 +85,7 @@ class CpuRule:
     matches: Callable[[CpuFeatures], bool]
     onednn_linear: bool
     winograd: bool
+    c_attention: bool
     why: str
 
 
@@ -88,17 +94,19 @@ def _amx(f: CpuFeatures) -> bool:
 
 
 CPU_RULES = (
-    CpuRule('AMX', _amx, False, False,
+    CpuRule('AMX', _amx, False, False, False,
             'not measured by us; a user\'s 2-core Xeon with AVX-512 and AMX saw neither gain, and AMX does not compute float32'),
     CpuRule(f'AMD with avx512f, <= {MEASURED_MAX_CORES} cores',
-            lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags and f.cores <= MEASURED_MAX_CORES, True, True,
-            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 1.3-2.5x the direct conv on wide maps'),
+            lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags and f.cores <= MEASURED_MAX_CORES, True, True, True,
+            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 1.3-2.5x the direct conv on wide maps, '
+            'the C attention 2.5-2.8x PyTorch\'s flash kernel'),
     CpuRule(f'AMD with avx512f, > {MEASURED_MAX_CORES} cores',
-            lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags, False, False, 'not measured at this core count'),
-    CpuRule('Intel with avx512f, no AMX', lambda f: f.vendor == 'GenuineIntel' and 'avx512f' in f.flags, False, False,
+            lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags, False, False, False,
+            'not measured at this core count'),
+    CpuRule('Intel with avx512f, no AMX', lambda f: f.vendor == 'GenuineIntel' and 'avx512f' in f.flags, False, False, False,
             'not measured; MKL has AVX-512 code on Intel'),
-    CpuRule('avx2 without avx512f', lambda f: 'avx2' in f.flags and 'avx512f' not in f.flags, False, False, 'not measured'),
-    CpuRule('other CPUs', lambda f: True, False, False, 'not measured'),
+    CpuRule('avx2 without avx512f', lambda f: 'avx2' in f.flags and 'avx512f' not in f.flags, False, False, False, 'not measured'),
+    CpuRule('other CPUs', lambda f: True, False, False, False, 'not measured'),
 )
 
 

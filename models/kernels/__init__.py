@@ -14,6 +14,8 @@ operation; each picks its fast path where it applies and otherwise runs what the
     attention                  SDPA / flash-attn / xformers / math; block-causal by groups of scales (attention_dispatch.py)
     block_causal               CPU teacher forcing from the qkv projection: L2 norm, attention by groups of scales and
                                heads merged in one autograd function, gradients in the qkv layout (block_causal.py)
+    c_attention                the C attention kernel both of the above call where the CPU's rule chooses it, compiled
+                               on first use (c_attention.py, csrc/, native.py)
 
 `set_fast_paths(False)` or `with fast_paths(False):` turns every fast path off, process-wide (switch.py);
 `describe_choices()` says what runs here and why (logged once when the first tokenizer is built); which kernels a

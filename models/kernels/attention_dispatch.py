@@ -6,7 +6,9 @@ matmul-softmax reference that every other path is tested against. The backend is
 (`VAR.set_attn_backend`, as in the reference's flash_if_available).
 
 Block-causal teacher forcing (a `BlockCausal` spec) goes group by group of scales with the fast paths on
-(switch.py), and with them off (or on 'math') through one dense L×L mask as in the reference.
+(switch.py), and with them off (or on 'math') through one dense L×L mask as in the reference. With the fast paths on,
+unmasked float32 CPU attention without autograd (sampling's queries against the KV cache) goes through this package's
+C kernel where the CPU's rule chooses it (c_attention.py).
 
 Letters: B batch, H heads, L query tokens, S key tokens, c head dim.
 """
@@ -19,9 +21,10 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .switch import SWITCH
+from . import c_attention
+from .switch import SWITCH, plain_cpu_float32
 
-__all__ = ['BACKENDS', 'attention', 'BlockCausal', 'block_causal_groups', 'backend_status', 'choose_backend',
+__all__ = ['BACKENDS', 'attention', 'BlockCausal', 'block_causal_groups', 'block_causal_key_ends', 'backend_status', 'choose_backend',
            'describe_backends', 'flash_attn_func', 'xformers_attn_func']
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,20 @@ def _math_attention(q_BHLc, k_BHSc, v_BHSc, scale: float, attn_bias: Optional[to
     return attn_BHLS @ v_BHSc
 
 
+def _c_kernel_applies(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor) -> bool:
+    """Unmasked attention without autograd (a scale against the KV cache in sampling) by the C kernel (c_attention.py):
+    float32 CPU, fast paths on, a CPU and head dimension it suits."""
+    return (SWITCH.on and plain_cpu_float32(q_BHLc) and all(t.dtype == torch.float32 for t in (k_BHSc, v_BHSc))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHLc, k_BHSc, v_BHSc)))
+            and all(t.stride(-1) == 1 for t in (q_BHLc, k_BHSc, v_BHSc)) and c_attention.usable(q_BHLc.shape[-1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _all_keys(L: int, S: int) -> torch.Tensor:
+    """(L,) int32: every query row reads all S keys."""
+    return torch.full((L,), S, dtype=torch.int32)
+
+
 def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, scale: float,
               attn_bias=None, dropout_p: float = 0.0, backend: str = 'sdpa') -> torch.Tensor:
     """softmax(scale·q·kᵀ + bias)·v → (B, H, L, c).
@@ -97,6 +114,10 @@ def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, 
         attn_bias = attn_bias.bias
     if backend == 'math':
         return _math_attention(q_BHLc, k_BHSc, v_BHSc, scale, attn_bias, dropout_p)
+    if attn_bias is None and dropout_p == 0.0 and _c_kernel_applies(q_BHLc, k_BHSc, v_BHSc):
+        L, S = q_BHLc.shape[2], k_BHSc.shape[2]
+        oup_BLHc, _ = c_attention.forward(q_BHLc.transpose(1, 2), k_BHSc.transpose(1, 2), v_BHSc.transpose(1, 2), _all_keys(L, S), scale)
+        return oup_BLHc.transpose(1, 2)
     on_cuda = q_BHLc.is_cuda
     if backend == 'flash' and on_cuda and attn_bias is None and q_BHLc.dtype in (torch.float16, torch.bfloat16):
         fn = flash_attn_func()
@@ -126,9 +147,24 @@ class BlockCausal:
     groups: (q_begin, q_end, k_end, masked). Queries [q_begin, q_end) attend to keys [0, k_end); a masked
     group also needs `bias` (the dense additive mask) over that window. Large scales form unmasked groups
     of their own (their queries see the whole prefix), small ones share one masked group.
+    key_end: None, or (L,) int32 on the CPU: query row i reads keys [0, key_end[i]) (what `bias` says row by row, for
+    kernels that take the mask as row lengths: block_causal.py). Build both with `over_scales`.
     """
     groups: Tuple[Tuple[int, int, int, bool], ...]
     bias: torch.Tensor
+    key_end: Optional[torch.Tensor] = None
+
+    @classmethod
+    def over_scales(cls, scale_lengths: Sequence[int], bias: torch.Tensor) -> 'BlockCausal':
+        """The mask of scales of these token counts (bias: their dense block-causal mask, as the model keeps it)."""
+        return cls(block_causal_groups(scale_lengths), bias, block_causal_key_ends(tuple(scale_lengths)))
+
+
+@functools.lru_cache(maxsize=64)
+def block_causal_key_ends(scale_lengths: Tuple[int, ...]) -> torch.Tensor:
+    """(L,) int32: every token of a scale reads the tokens of its own and the coarser scales, [0, end of its scale)."""
+    lengths = torch.tensor(scale_lengths, dtype=torch.int64)
+    return torch.repeat_interleave(lengths.cumsum(0), lengths).to(torch.int32)
 
 
 def block_causal_groups(scale_lengths: Sequence[int], alone_from: int = 64) -> Tuple[Tuple[int, int, int, bool], ...]:

@@ -11,6 +11,9 @@ dense mask, transpose) up to float rounding, with fewer passes over memory:
   slice by slice, k's and v's accumulated over groups in place (no zero-filled full-size gradient per group,
   no stacking of q, k, v gradients, no permute copy);
 - the L2 normalisation is one norm and one multiply forward, one dot product and one multiply-add backward;
+- where the CPU's rule says so, the head dimension is 64 and the mask gives its rows' key ends (BlockCausal.over_scales),
+  the attention itself, forward and backward, is this package's C kernel (c_attention.py) instead of PyTorch's
+  flash kernel group by group; it writes q's, k's and v's gradients straight into the (B, L, 3, H, c) buffer;
 - between forward and backward it keeps four (B, L, C) activations: with the L2 norm the normalised q and k, a copy
   of v and the output, and lets the raw qkv go (keeping both was six: 89 MB more for a d8 step at batch 4; its peak
   resident memory 3.04-3.06 against 3.08-3.11 GiB in `bench.py train --tokens`, the same speed, 2-core AMD EPYC);
@@ -26,10 +29,11 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import c_attention
 from .attention_dispatch import BlockCausal
 from .switch import SWITCH, plain_cpu_float32
 
-__all__ = ['applies', 'block_causal_self_attention']
+__all__ = ['applies', 'block_causal_self_attention', 'c_kernel_applies']
 
 _NORM_EPS = 1e-12   # F.normalize's default
 
@@ -57,6 +61,12 @@ def _check_groups(groups, L: int) -> None:
     if not (groups and all(qb == ends[i] and qb < qe <= ke <= L for i, (qb, qe, ke, _) in enumerate(groups)) and ends[-1] == L):
         raise ValueError(f'block-causal groups {groups} do not tile the {L} tokens in order with q_end <= k_end <= {L} '
                          '(build them with block_causal_groups over the scales fed)')
+
+
+def c_kernel_applies(head_dim: int, mask: BlockCausal) -> bool:
+    """Whether the attention goes through the C kernel (c_attention.py): the mask gives its rows' key ends, the head
+    dimension and this CPU suit it."""
+    return mask.key_end is not None and c_attention.usable(head_dim)
 
 
 def _l2_normalise(x_BLHc: torch.Tensor, mul=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +97,24 @@ def _heads(x_BLHc: torch.Tensor, begin: int, end: int) -> torch.Tensor:
     return x_BLHc[:, begin:end].transpose(1, 2)
 
 
+def _flash_backward(mask: BlockCausal, lses, scale: float, grad_oup_BLHc, q_BLHc, k_BLHc, v_BLHc, oup_BLHc,
+                    grad_q_BLHc, grad_k_BLHc, grad_v_BLHc) -> None:
+    """PyTorch's flash backward group by group: q's gradient written slice by slice, k's and v's summed over groups."""
+    L = q_BLHc.shape[1]
+    by_keys = sorted(zip(mask.groups, lses), key=lambda group_lse: -group_lse[0][2])   # the first reads all L keys
+    for i, ((qb, qe, ke, masked), lse_BHl) in enumerate(by_keys):
+        gq_BHlc, gk_BHSc, gv_BHSc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _heads(grad_oup_BLHc, qb, qe), _heads(q_BLHc, qb, qe), _heads(k_BLHc, 0, ke), _heads(v_BLHc, 0, ke),
+            _heads(oup_BLHc, qb, qe), lse_BHl, 0.0, False,
+            attn_mask=mask.bias[..., qb:qe, :ke] if masked else None, scale=scale)
+        _heads(grad_q_BLHc, qb, qe).copy_(gq_BHlc)
+        for total_BLHc, part_BHSc in ((grad_k_BLHc, gk_BHSc), (grad_v_BLHc, gv_BHSc)):
+            if i == 0:
+                _heads(total_BLHc, 0, L).copy_(part_BHSc)
+            else:
+                _heads(total_BLHc, 0, ke).add_(part_BHSc)
+
+
 class _BlockCausalSelfAttention(torch.autograd.Function):
 
     @staticmethod
@@ -98,14 +126,18 @@ class _BlockCausalSelfAttention(torch.autograd.Function):
         if mul_11H1 is not None:
             q_BLHc, inv_q = _l2_normalise(q_BLHc, mul_11H1)
             k_BLHc, inv_k = _l2_normalise(k_BLHc)
-        oup_BLHc = qkv_BL3Hc.new_empty(B, L, H, c)
-        lses = []
-        for qb, qe, ke, masked in mask.groups:
-            oup_BHlc, lse_BHl = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                _heads(q_BLHc, qb, qe), _heads(k_BLHc, 0, ke), _heads(v_BLHc, 0, ke),
-                attn_mask=mask.bias[..., qb:qe, :ke] if masked else None, scale=scale)
-            _heads(oup_BLHc, qb, qe).copy_(oup_BHlc)
-            lses.append(lse_BHl)
+        ctx.c_kernel = c_kernel_applies(c, mask)
+        if ctx.c_kernel:   # all rows at once, each reading its keys
+            oup_BLHc, lse_BHL = c_attention.forward(q_BLHc, k_BLHc, v_BLHc, mask.key_end, scale)
+            lses = [lse_BHL]
+        else:              # PyTorch's flash kernel, group by group of scales
+            oup_BLHc, lses = qkv_BL3Hc.new_empty(B, L, H, c), []
+            for qb, qe, ke, masked in mask.groups:
+                oup_BHlc, lse_BHl = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    _heads(q_BLHc, qb, qe), _heads(k_BLHc, 0, ke), _heads(v_BLHc, 0, ke),
+                    attn_mask=mask.bias[..., qb:qe, :ke] if masked else None, scale=scale)
+                _heads(oup_BLHc, qb, qe).copy_(oup_BHlc)
+                lses.append(lse_BHl)
         ctx.scale, ctx.mask, ctx.shape = scale, mask, qkv_BL3Hc.shape
         # the backward reads q, k and v as the attention did: with the L2 norm the normalised q and k and a copy of v
         # (so that the raw qkv is let go), without it qkv itself (q, k and v are views of it)
@@ -123,22 +155,15 @@ class _BlockCausalSelfAttention(torch.autograd.Function):
             q_BLHc, k_BLHc, v_BLHc = qkv_BL3Hc.unbind(dim=2)
         grad_oup_BLHc = grad_BLC.contiguous().view(B, L, H, c)
         grad_BL3Hc = oup_BLHc.new_empty(B, L, 3, H, c)
-        # gradients of the (normalised) q, k, v: q's written group by group, k's and v's summed over groups
+        # gradients of the (normalised) q, k and v
         grad_q_BLHc = oup_BLHc.new_empty(B, L, H, c) if l2 else grad_BL3Hc[:, :, 0]
         grad_k_BLHc = oup_BLHc.new_empty(B, L, H, c) if l2 else grad_BL3Hc[:, :, 1]
         grad_v_BLHc = grad_BL3Hc[:, :, 2]
-        by_keys = sorted(zip(ctx.mask.groups, lses), key=lambda group_lse: -group_lse[0][2])   # the first reads all L keys
-        for i, ((qb, qe, ke, masked), lse_BHl) in enumerate(by_keys):
-            gq_BHlc, gk_BHSc, gv_BHSc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _heads(grad_oup_BLHc, qb, qe), _heads(q_BLHc, qb, qe), _heads(k_BLHc, 0, ke), _heads(v_BLHc, 0, ke),
-                _heads(oup_BLHc, qb, qe), lse_BHl, 0.0, False,
-                attn_mask=ctx.mask.bias[..., qb:qe, :ke] if masked else None, scale=ctx.scale)
-            _heads(grad_q_BLHc, qb, qe).copy_(gq_BHlc)
-            for total_BLHc, part_BHSc in ((grad_k_BLHc, gk_BHSc), (grad_v_BLHc, gv_BHSc)):
-                if i == 0:
-                    _heads(total_BLHc, 0, L).copy_(part_BHSc)
-                else:
-                    _heads(total_BLHc, 0, ke).add_(part_BHSc)
+        if ctx.c_kernel:
+            c_attention.backward(grad_oup_BLHc, q_BLHc, k_BLHc, v_BLHc, oup_BLHc, lses[0], ctx.mask.key_end, ctx.scale,
+                                 grad_q_BLHc, grad_k_BLHc, grad_v_BLHc)
+        else:
+            _flash_backward(ctx.mask, lses, ctx.scale, grad_oup_BLHc, q_BLHc, k_BLHc, v_BLHc, oup_BLHc, grad_q_BLHc, grad_k_BLHc, grad_v_BLHc)
         grad_mul_1H11 = None
         if l2:
             dot_BLH1 = _l2_normalise_backward(grad_q_BLHc, q_BLHc, inv_q, mul_11H1, grad_BL3Hc[:, :, 0])

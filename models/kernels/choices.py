@@ -1,8 +1,9 @@
 """Which fast path each operation takes on this CPU, and why: one table of rules, one log line per kernel, once.
 
-Two fast paths replace PyTorch's kernel by another library's, and whether that pays depends on the CPU: oneDNN's
+Three fast paths replace PyTorch's kernel by another one, and whether that pays depends on the CPU: oneDNN's
 matmul instead of MKL's for the float32 linear layers (matmul.py), NNPACK's Winograd instead of oneDNN's direct
-3×3 conv (winograd.py). They are chosen from the CPU's vendor, ISA flags and core count by the first matching rule
+3×3 conv (winograd.py), this package's C kernel instead of PyTorch's flash kernel for attention
+(c_attention.py). They are chosen from the CPU's vendor, ISA flags and core count by the first matching rule
 of CPU_RULES; never by timing, so the same machine always takes the same kernels. Where nothing was measured the
 rule keeps PyTorch's plain kernel. The table (with its measurements) is in utils/cpu_rules.py, torch-free so that
 a script can read it before PyTorch is loaded (utils/threads.py); `python bench.py cpu` prints the rule matched.
@@ -45,12 +46,14 @@ def _on_off(fast: bool, available: bool, where: str, missing: str) -> str:
 def describe_choices() -> List[str]:
     """One line per kernel: on or off, where it applies and why (the switch, the CPU's rule, this PyTorch build)."""
     # imported here, not at the top: the kernels read this module's cpu_rule()
+    from .c_attention import C_HEAD_DIM, status as c_attention_status
     from .conv import onednn_conv_available
     from .matmul import fused_mlp_func, onednn_available
     from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
     from .narrow_conv import NARROW_MAX_OUT_CHANNELS, NARROW_MIN_IN_CHANNELS
     from .winograd import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_HW, nnpack_available
     fast, rule = SWITCH.on, cpu_rule()
+    c_status = c_attention_status() if fast else ''
     onednn, nnpack = onednn_available(), nnpack_available()
     f32_cpu = 'float32 CPU, autocast and torch.compile off'
     by_cpu = f'this CPU ({read_cpu_features().describe()}) matches "{rule.cpus}": {rule.why}'
@@ -69,6 +72,9 @@ def describe_choices() -> List[str]:
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),
         'grouped block-causal attention: ' + _on_off(fast, True, 'teacher forcing, any backend but math', ''),
         'CPU teacher-forcing attention in one function: ' + _on_off(fast, True, 'float32 CPU, block-causal mask, no attention dropout, autocast and torch.compile off: L2 norm, groups of scales and head merge, gradients into the qkv layout (block_causal.py)', ''),
+        'C attention kernel: ' + _on_off(fast, not c_status, f'float32 CPU, head dim {C_HEAD_DIM}, chosen for this CPU: teacher forcing in the function above '
+                                         f'(forward and backward) and sampling against the KV cache (c_attention.py, built once: native.py)',
+                                         f'{c_status}; PyTorch\'s flash kernel'),
         'training MLP recomputing its GELU: ' + _on_off(fast, True, f'{f32_cpu}; GEMMs by the linear layers\' choice', ''),
         'training AdaLN recomputing LN(x): ' + _on_off(fast, True, 'training without autocast, any device', ''),
         'batch-invariant oneDNN conv: ' + ('on (float32 CPU inference, whatever the switch: a reproducibility guarantee)'
