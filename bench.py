@@ -28,6 +28,7 @@ Runtime shims for the reference, applied from here and never by editing DIR: bot
 flash_if_available=False and fused_if_available=False (flash-attn, xformers and the fused MLP are CUDA kernels), and
 the measuring processes see no GPU (CUDA_VISIBLE_DEVICES empty: the reference picks its sampling generator's device
 from torch.cuda.is_available()). Its `torch.cuda.amp.autocast(enabled=False)` blocks run as they are on the CPU.
+The training step's optimiser is fused AdamW on the CPU and CUDA alike, as both trainers build it by default (--afuse).
 `compare --reference=DIR --device=cuda` runs the same harness on the GPU the way both codebases are used there (d16 and
 batch 32 are good sizes): TF32 allowed (the reference's --tf32 default), each side's default attention and MLP kernels,
 fused AdamW, and the rows: a training step with live tokenisation under bfloat16 autocast, the same under float16
@@ -369,10 +370,11 @@ def _tokenise(vae, img_B3HW):
 
 def _train_steps(vae, var, img_B3HW, label_B, steps: int, live: bool, dtype: str = 'fp32'):
     """The reference trainer's step: logits under its autocast (tokenisation outside it), label-smoothed cross entropy,
-    backward (float16: through a loss scaler, unscaled before clipping), clip at 2, AdamW step."""
+    backward (float16: through a loss scaler, unscaled before clipping), clip at 2, AdamW step (fused, as both trainers
+    build it by default: the reference's and this project's --afuse=True; PyTorch has a fused AdamW on the CPU too)."""
     var.train()
     device = img_B3HW.device
-    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=device.type == 'cuda' or None)
+    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     scaler = torch.amp.GradScaler(device.type) if dtype == 'fp16' else None
     tokens = None if live else _tokenise(vae, img_B3HW)   # pre-extracted: outside the timed region
     times, loss = [], None
