@@ -4,6 +4,7 @@ Letters: B batch, L tokens (of all scales fed so far), C width, D condition widt
 c head dim (C / H), S cached key tokens.
 """
 import math
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -61,11 +62,35 @@ class SelfAttention(nn.Module):
         self.attn_drop: float = attn_drop
         self.backend = backend
 
-        # KV cache, used only while sampling
+        # KV cache, used only while sampling: cached_k / cached_v (B, H, S, c) hold the keys and values so far
         self.caching, self.cached_k, self.cached_v = False, None, None
+        self.cache_capacity, self._kv_buffers = 0, None
 
-    def kv_caching(self, enable: bool) -> None:
+    def kv_caching(self, enable: bool, capacity: int = 0) -> None:
+        """Start (or stop) caching keys and values. capacity > 0: the number of tokens to come, for which the cache is
+        allocated once at the first call (no copy of the cache so far at each scale; more tokens than that: an error)."""
         self.caching, self.cached_k, self.cached_v = enable, None, None
+        self.cache_capacity, self._kv_buffers = (capacity if enable else 0), None
+
+    def _append_to_cache(self, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every token so far, these included: (B, H, S, c) each."""
+        if not self.cache_capacity:   # no capacity given: the cache grows by concatenation, as in the reference
+            if self.cached_k is not None:
+                k_BHLc, v_BHLc = torch.cat((self.cached_k, k_BHLc), dim=2), torch.cat((self.cached_v, v_BHLc), dim=2)
+            self.cached_k, self.cached_v = k_BHLc, v_BHLc
+            return k_BHLc, v_BHLc
+        begin = 0 if self.cached_k is None else self.cached_k.shape[2]
+        end = begin + k_BHLc.shape[2]
+        if end > self.cache_capacity:
+            raise RuntimeError(f'the KV cache holds {self.cache_capacity} tokens and {end} were fed: pass the number of '
+                               'tokens to come as kv_caching(True, capacity)')
+        if self._kv_buffers is None:
+            B, H, _, c = k_BHLc.shape
+            self._kv_buffers = tuple(t.new_empty(B, H, self.cache_capacity, c) for t in (k_BHLc, v_BHLc))
+        for buffer_BHSc, new_BHLc in zip(self._kv_buffers, (k_BHLc, v_BHLc)):
+            buffer_BHSc[:, :, begin:end].copy_(new_BHLc)
+        self.cached_k, self.cached_v = (buffer_BHSc[:, :, :end] for buffer_BHSc in self._kv_buffers)
+        return self.cached_k, self.cached_v
 
     def forward(self, x_BLC: torch.Tensor, attn_bias) -> torch.Tensor:
         """x (B, L, C); attn_bias None, a mask broadcastable to (B, H, L, S) or a kernels.BlockCausal → (B, L, C)."""
@@ -90,11 +115,7 @@ class SelfAttention(nn.Module):
             k_BHLc = F.normalize(k_BHLc, dim=-1)
 
         if self.caching:
-            if self.cached_k is None:
-                self.cached_k, self.cached_v = k_BHLc, v_BHLc
-            else:
-                k_BHLc = self.cached_k = torch.cat((self.cached_k, k_BHLc), dim=2)  # B, H, S, c
-                v_BHLc = self.cached_v = torch.cat((self.cached_v, v_BHLc), dim=2)
+            k_BHLc, v_BHLc = self._append_to_cache(k_BHLc, v_BHLc)   # B, H, S, c
 
         oup_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, scale=self.scale, attn_bias=attn_bias, dropout_p=dropout_p, backend=self.backend)
         return oup_BHLc.transpose(1, 2).reshape(B, L, -1)

@@ -199,9 +199,10 @@ def uniform_labels(num_classes: int, B: int, rng: RNG, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- the loop
 @contextmanager
 def kv_cache(var: nn.Module) -> Iterator[None]:
-    """Every block caches its keys and values while inside; the caches are cleared on the way out."""
+    """Every block caches its keys and values while inside, in a cache of all var.L tokens allocated once; the caches
+    are freed on the way out."""
     for b in var.blocks:
-        b.attn.kv_caching(True)
+        b.attn.kv_caching(True, capacity=var.L)
     try:
         yield
     finally:

@@ -166,3 +166,32 @@ def test_the_module_docstring_example_runs():
     assert scope['img_B3HW'].shape == scope['greedy_B3HW'].shape == (4, 3, 64, 64)
     want = var.autoregressive_infer_cfg(B=4, label_B=[1, 2, 3, 4], g_seed=0, cfg=2.0, top_k=900, top_p=0.96)
     assert not torch.equal(scope['img_B3HW'], want), 'a constant schedule is not the linear ramp'
+
+
+def test_kv_cache_is_allocated_once_and_samples_what_a_growing_cache_samples(models, monkeypatch):
+    """The loop's KV cache holds all var.L tokens from its first scale on (every scale writes into the same storage,
+    none copies the cache so far) and samples the very images a cache grown by concatenation (the reference's) does;
+    freed afterwards, and more tokens than its capacity is an error."""
+    _, var = models
+    storages = []
+    record = Recorder()
+
+    def note_storage(draw):
+        storages.append({b.attn.cached_k.untyped_storage().data_ptr() for b in var.blocks})
+        return record(draw)
+
+    img = sample_next_scale(var, torch.tensor([0, 3]), rng=generators(1, 2, var), hooks=[note_storage])
+    assert len(storages) == len(var.patch_nums) and all(s == storages[0] for s in storages)
+    assert all(b.attn.cached_k is None and b.attn._kv_buffers is None for b in var.blocks)
+    grown = []
+    real_kv_caching = type(var.blocks[0].attn).kv_caching
+    monkeypatch.setattr(type(var.blocks[0].attn), 'kv_caching', lambda self, enable, capacity=0: grown.append(1) or real_kv_caching(self, enable))
+    assert torch.equal(sample_next_scale(var, torch.tensor([0, 3]), rng=generators(1, 2, var)), img) and grown
+    monkeypatch.undo()
+    attn = var.blocks[0].attn
+    attn.kv_caching(True, capacity=3)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match='the KV cache holds 3 tokens and 4 were fed'):
+            attn(torch.randn(2, 4, var.C), attn_bias=None)
+    finally:
+        attn.kv_caching(False)
