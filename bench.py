@@ -309,7 +309,7 @@ def fast_path_lines() -> List[str]:
     from models.kernels.choices import describe_attention
     return describe_choices() + [
         describe_attention(),
-        'oneDNN linear and Winograd are chosen by the CPU rule table of utils/cpu_rules.py (vendor, ISA flags, cores; '
+        'oneDNN linear, Winograd and the C attention kernel are chosen by the CPU rule table of utils/cpu_rules.py (vendor, ISA flags, cores; '
         'never by timing); the size thresholds were measured on a 2-core AMD EPYC with AVX-512',
         'OpenMP\'s idle spin: every measuring process of `compare`, the reference\'s as well as this code\'s, starts with the '
         'environment above (bench.py sets it before PyTorch loads, as this project\'s scripts do)',
