@@ -9,9 +9,10 @@ rule keeps PyTorch's plain kernel. The table (with its measurements) is in utils
 a script can read it before PyTorch is loaded (utils/threads.py); `python bench.py cpu` prints the rule matched.
 
 The other fast paths do fewer operations, move fewer bytes or keep fewer activations with PyTorch's own kernels
-(polyphase upsampling, 3×3 convs to a few channels by taps, channels-last layout, in-place residual adds, images in groups, block-causal attention by
-groups of scales, the training MLP and AdaLN recomputing their GELU and layer norm in the backward), so they do not
-depend on the CPU and stay on wherever they apply. `set_fast_paths(False)` turns all of them off.
+(polyphase upsampling, 3×3 convs to a few channels by taps, channels-last layout, in-place residual adds, images in
+groups with their large activations from the heap, block-causal attention by groups of scales, the training MLP and
+AdaLN recomputing their GELU and layer norm in the backward), so they do not depend on the CPU and stay on wherever
+they apply. `set_fast_paths(False)` turns all of them off.
 """
 import functools
 import logging
@@ -48,6 +49,7 @@ def describe_choices() -> List[str]:
     # imported here, not at the top: the kernels read this module's cpu_rule()
     from .c_attention import C_HEAD_DIM, status as c_attention_status
     from .conv import onednn_conv_available
+    from .heap import glibc
     from .matmul import fused_mlp_func, onednn_available
     from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
     from .narrow_conv import NARROW_MAX_OUT_CHANNELS, NARROW_MIN_IN_CHANNELS
@@ -70,6 +72,8 @@ def describe_choices() -> List[str]:
         'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where Winograd applies', ''),
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),
+        'tokenizer activations from the heap: ' + _on_off(fast, glibc() is not None, 'CPU without autograd, glibc: its mmap threshold raised during the call (heap.py)',
+                                                          'the C library is not glibc'),
         'grouped block-causal attention: ' + _on_off(fast, True, 'teacher forcing, any backend but math', ''),
         'CPU teacher-forcing attention in one function: ' + _on_off(fast, True, 'float32 CPU, block-causal mask, no attention dropout, autocast and torch.compile off: L2 norm, groups of scales and head merge, gradients into the qkv layout (block_causal.py)', ''),
         'C attention kernel: ' + _on_off(fast, not c_status, f'float32 CPU, head dim {C_HEAD_DIM}, chosen for this CPU: teacher forcing in the function above '
