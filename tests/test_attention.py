@@ -174,11 +174,18 @@ def test_fused_block_causal_self_attention_equals_the_dense_mask(patch_nums, l2)
     qkv = (torch.randn(B, L, 3, H, c) * 2).requires_grad_()
     scale_mul = (torch.randn(1, H, 1, 1) * 0.3 + 1.4).exp().requires_grad_() if l2 else None
     scale = 1.0 if l2 else 0.25 / c ** 0.5
-    w = torch.randn(B, L, H * c)
     assert block_causal.applies(qkv, mask, 0.0, 'sdpa')
+    assert_fused_equals_plain(qkv, scale_mul, scale, mask)
+
+
+def assert_fused_equals_plain(qkv, scale_mul, scale: float, mask: BlockCausal) -> None:
+    """block_causal_self_attention's output and the gradients of qkv and of the q scale (when given) equal the plain
+    path's in float64 within float32 rounding; a gradient with stride 0 (from .sum()) is taken as well."""
+    B, L, _, H, c = qkv.shape
+    w = torch.randn(B, L, H * c)
     got = block_causal.block_causal_self_attention(qkv, scale_mul, scale, mask)
     (got * w).sum().backward()
-    leaves = [qkv] + ([scale_mul] if l2 else [])
+    leaves = [qkv] + ([scale_mul] if scale_mul is not None else [])
     got_grads = [t.grad for t in leaves]
     for t in leaves:
         t.grad = None
@@ -188,7 +195,7 @@ def test_fused_block_causal_self_attention_equals_the_dense_mask(patch_nums, l2)
     assert (got - want).abs().max() < 1e-5 * want.abs().max()
     for name, g, t in zip(('qkv', 'scale_mul'), got_grads, leaves):
         assert (g - t.grad).abs().max() < 1e-5 * t.grad.abs().max(), name
-    qkv.grad = None   # a gradient with stride 0 (from .sum()) is taken as well
+    qkv.grad = None
     block_causal.block_causal_self_attention(qkv, scale_mul, scale, mask).sum().backward()
     want_sum = torch.autograd.grad(plain_self_attention(qkv, scale_mul, scale, mask.bias).sum(), qkv)[0]
     assert (qkv.grad - want_sum).abs().max() < 1e-5 * want_sum.abs().max()

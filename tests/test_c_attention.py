@@ -13,7 +13,7 @@ import torch
 from conftest import build_tiny
 from models.kernels import BlockCausal, attention, block_causal, c_attention, fast_paths, native
 from models.kernels.choices import describe_choices
-from test_attention import block_causal_bias, logits_and_grads_fast_and_plain, plain_self_attention
+from test_attention import assert_fused_equals_plain, block_causal_bias, logits_and_grads_fast_and_plain, plain_self_attention
 from utils.cpu_rules import read_cpu_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,25 +63,9 @@ def test_c_kernel_equals_the_plain_path(patch_nums, B, H, l2, c_kernel_on, monke
     qkv = (torch.randn(B, L, 3, H, c) * 2).requires_grad_()
     scale_mul = (torch.randn(1, H, 1, 1) * 0.3 + 1.4).exp().requires_grad_() if l2 else None
     scale = 1.0 if l2 else 0.25 / math.sqrt(c)
-    w = torch.randn(B, L, H * c)
     calls = spy_on_c_kernel(monkeypatch)
-    got = block_causal.block_causal_self_attention(qkv, scale_mul, scale, mask)
-    (got * w).sum().backward()
-    assert calls == ['block_causal_attention_forward', 'block_causal_attention_backward']
-    leaves = [qkv] + ([scale_mul] if l2 else [])
-    got_grads = [t.grad for t in leaves]
-    for t in leaves:
-        t.grad = None
-    want = plain_self_attention(qkv, scale_mul, scale, mask.bias)
-    (want * w.double()).sum().backward()
-    assert got.shape == (B, L, H * c) and got.dtype == torch.float32
-    assert (got - want).abs().max() < 1e-5 * want.abs().max()
-    for name, g, t in zip(('qkv', 'scale_mul'), got_grads, leaves):
-        assert (g - t.grad).abs().max() < 1e-5 * t.grad.abs().max(), name
-    qkv.grad = None
-    block_causal.block_causal_self_attention(qkv, scale_mul, scale, mask).sum().backward()
-    want_sum = torch.autograd.grad(plain_self_attention(qkv, scale_mul, scale, mask.bias).sum(), qkv)[0]
-    assert (qkv.grad - want_sum).abs().max() < 1e-5 * want_sum.abs().max()
+    assert_fused_equals_plain(qkv, scale_mul, scale, mask)
+    assert calls == ['block_causal_attention_forward', 'block_causal_attention_backward'] * 2
 
 
 @needs_avx512
