@@ -1,6 +1,9 @@
 """models/kernels/heap.py: inside `large_buffers_from_heap` a freed large buffer's pages serve the next one (no new
 page faults), outside they are faulted in anew; the tokenizer's CPU inference runs inside it, training does not."""
-import resource
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,14 +11,20 @@ import torch
 from conftest import build_tiny
 from models.kernels import fast_paths, heap, memory
 
+REPO = Path(__file__).resolve().parents[1]
 needs_glibc = pytest.mark.skipif(heap.glibc() is None, reason='the C library is not glibc')
+
+_PROBE = r'''
+import json, resource, sys
+sys.path.insert(0, {repo!r})
+import torch
+from models.kernels import heap
 
 MB42 = 42 * 2 ** 20 // 4   # floats: the published tokenizer's 160 channels at 256 px
 
 
-def faults_of_allocations(n: int = 4) -> int:
-    """Page faults of allocating, filling and freeing a 42 MB tensor n times (the first two, which may grow the heap,
-    not counted)."""
+def faults(n=4):
+    """Page faults of allocating, filling and freeing a 42 MB tensor n times (after two that may grow the heap)."""
     for _ in range(2):
         torch.empty(MB42).fill_(1.0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -24,26 +33,36 @@ def faults_of_allocations(n: int = 4) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def resident_bytes() -> int:
+def resident():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * 4096
 
 
+out = {{'outside': faults()}}
+with heap.large_buffers_from_heap():
+    out['inside'] = faults()
+    with heap.large_buffers_from_heap():   # nested: the same setting
+        out['nested'] = faults()
+    out['again'] = faults()                # still inside the outer one
+    held = [torch.ones(MB42) for _ in range(4)]
+    del held                               # 168 MB freed into the heap, still resident while inside
+    out['before_exit'] = resident()
+out['after_exit'] = resident()
+print(json.dumps(out))
+'''
+
+
 @needs_glibc
 def test_inside_freed_large_buffers_serve_the_next_without_page_faults_and_go_back_on_the_way_out():
-    pages = 4 * MB42 * 4 // 4096
-    outside = faults_of_allocations()
-    with heap.large_buffers_from_heap():
-        inside = faults_of_allocations()
-        with heap.large_buffers_from_heap():   # nested: the same setting
-            nested = faults_of_allocations()
-        again = faults_of_allocations()        # still inside the outer one
-        held = [torch.ones(MB42) for _ in range(4)]
-        del held                                # 168 MB freed into the heap, still resident while inside
-        before_exit = resident_bytes()
-    assert resident_bytes() < before_exit - 3 * MB42 * 4, 'malloc_trim hands the freed memory back on the way out'
-    assert outside > 0.9 * pages, outside       # outside: a fresh mapping, faulted in, each time
-    assert inside < 0.05 * pages and nested < 0.05 * pages and again < 0.05 * pages, (inside, nested, again)
+    """In a fresh process (its heap as a tokenizer call finds it): 42 MB buffers faulted in anew each time outside,
+    served from the heap without faults inside (nested too), and the freed memory handed back on the way out."""
+    done = subprocess.run([sys.executable, '-c', _PROBE.format(repo=str(REPO))], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    pages = 4 * 42 * 2 ** 20 // 4096
+    assert out['outside'] > 0.9 * pages, out
+    assert max(out['inside'], out['nested'], out['again']) < 0.05 * pages, out
+    assert out['after_exit'] < out['before_exit'] - 3 * 42 * 2 ** 20, 'malloc_trim hands the freed memory back on the way out'
 
 
 def test_tokenizer_inference_runs_inside_it_and_training_does_not(monkeypatch):

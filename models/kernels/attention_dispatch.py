@@ -157,11 +157,10 @@ class BlockCausal:
     @classmethod
     def over_scales(cls, scale_lengths: Sequence[int], bias: torch.Tensor) -> 'BlockCausal':
         """The mask of scales of these token counts (bias: their dense block-causal mask, as the model keeps it)."""
-        return cls(block_causal_groups(scale_lengths), bias, block_causal_key_ends(tuple(scale_lengths)))
+        return cls(block_causal_groups(scale_lengths), bias, block_causal_key_ends(scale_lengths))
 
 
-@functools.lru_cache(maxsize=64)
-def block_causal_key_ends(scale_lengths: Tuple[int, ...]) -> torch.Tensor:
+def block_causal_key_ends(scale_lengths: Sequence[int]) -> torch.Tensor:
     """(L,) int32: every token of a scale reads the tokens of its own and the coarser scales, [0, end of its scale)."""
     lengths = torch.tensor(scale_lengths, dtype=torch.int64)
     return torch.repeat_interleave(lengths.cumsum(0), lengths).to(torch.int32)

@@ -1,6 +1,7 @@
 """Memory layout and working set of the tokenizer's inference: channels-last or NCHW activations, in-place residual
-adds, images in groups under a byte budget, large activations from the heap (heap.py). Each has the reference's plain behaviour as its switched-off path
-(switch.py): the layout the caller gave, `shortcut + h`, the whole batch at once.
+adds, images in groups under a byte budget with their large activations from the heap (heap.py). Each has the
+reference's plain behaviour as its switched-off path (switch.py): the layout the caller gave, `shortcut + h`, the
+whole batch at once.
 
 Letters: B batch, C channels, h/w height/width, H/W image height/width.
 """
@@ -65,8 +66,8 @@ def images_per_group(x_BChw: torch.Tensor, ch: int, H: int, W: int) -> int:
 def in_image_groups(fn: Callable[[torch.Tensor], torch.Tensor], x_BChw: torch.Tensor, ch: int, H: int, W: int) -> torch.Tensor:
     """fn(x) for a batch-independent fn, computed on groups of images (images_per_group) and concatenated; in CPU
     inference with the fast paths on, with its large activations taken from the heap (heap.py)."""
-    n = images_per_group(x_BChw, ch, H, W)
-    if n >= x_BChw.shape[0] and not (SWITCH.on and x_BChw.device.type == 'cpu' and not torch.is_grad_enabled()):
+    if not (SWITCH.on and x_BChw.device.type == 'cpu' and not torch.is_grad_enabled()):   # the whole batch, as the reference
         return fn(x_BChw)
+    n = images_per_group(x_BChw, ch, H, W)
     with large_buffers_from_heap():
         return fn(x_BChw) if n >= x_BChw.shape[0] else torch.cat([fn(chunk) for chunk in x_BChw.split(n)])
