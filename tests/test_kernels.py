@@ -174,24 +174,25 @@ def test_availability_probes_run_on_the_cpu_inside_a_device_context():
 
 def test_the_cpu_rule_reaches_the_kernels_and_the_log(fake_cpu, monkeypatch):
     """On a CPU whose rule says no (the user's Xeon with AMX) linear and 3x3 conv take PyTorch's kernels; on the
-    measured AMD, oneDNN and NNPACK; describe_choices says which rule matched and why."""
-    from models.kernels import winograd
-    onednn, nnpack = [], []
-    real_lp, real_nnpack = matmul._onednn_linear, torch._nnpack_spatial_convolution
+    measured AMD, oneDNN and Winograd; describe_choices says which rule matched and why."""
+    from models.kernels import c_winograd, winograd
+    onednn, wino = [], []
+    real_lp, real_wino = matmul._onednn_linear, winograd.winograd_conv3x3
     monkeypatch.setattr(matmul, '_onednn_linear', lambda *a, **k: onednn.append(1) or real_lp(*a, **k))
-    monkeypatch.setattr(torch, '_nnpack_spatial_convolution', lambda *a, **k: nnpack.append(1) or real_nnpack(*a, **k))
+    monkeypatch.setattr(winograd, 'winograd_conv3x3', lambda *a, **k: wino.append(1) or real_wino(*a, **k))
     torch.manual_seed(0)
     lin, x = kernels.Linear(16, 8), torch.randn(4, 16)
     conv_x, conv_w = torch.randn(1, 128, 64, 64), torch.randn(128, 128, 3, 3) * 0.03
     for (vendor, flags), used in ((('GenuineIntel', 'avx2 avx512f amx_bf16 amx_tile'), False), (('AuthenticAMD', 'avx2 avx512f'), True)):
         fake_cpu(vendor, flags, 2)
-        onednn.clear(), nnpack.clear()
+        onednn.clear(), wino.clear()
         with torch.no_grad():
             y = lin(x)
             conv_y = winograd.conv3x3(conv_x, conv_w)
         assert torch.allclose(y, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         assert torch.allclose(conv_y, conv.conv2d_reference(conv_x, conv_w, padding=1), rtol=1e-3, atol=1e-3)
-        assert bool(onednn) == (used and matmul.onednn_available()) and bool(nnpack) == (used and winograd.nnpack_available())
+        winograd_here = winograd.nnpack_available() or not c_winograd.status()
+        assert bool(onednn) == (used and matmul.onednn_available()) and bool(wino) == (used and winograd_here)
         lines = kernels.describe_choices()
         assert lines[0].startswith(f'CPU rule: this CPU ({vendor}') and ('"AMX"' in lines[0]) != used
         assert ('oneDNN linear: on' in '\n'.join(lines)) == (used and matmul.onednn_available())

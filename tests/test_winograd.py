@@ -1,64 +1,80 @@
-"""Winograd 3×3 convs (NNPACK) of CPU inference: same numbers as the direct conv, used exactly where they pay."""
+"""Winograd 3×3 convs of CPU inference, by this package's C kernel and by NNPACK: same numbers as the direct conv,
+used exactly where they pay."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models import VQVAE
 from models.basic_vae import Upsample2x
-from models.kernels import fast_paths, winograd
+from models.kernels import c_winograd, fast_paths, winograd
 from models.kernels.winograd import Conv3x3, winograd_conv3x3
 
-pytestmark = [pytest.mark.skipif(not winograd.nnpack_available(), reason='this PyTorch build has no NNPACK for this CPU'),
-              pytest.mark.usefixtures('cpu_with_fast_kernels')]   # the kernels as chosen on the CPU they were measured on
+pytestmark = pytest.mark.usefixtures('cpu_with_fast_kernels')   # the kernels as chosen on the CPU they were measured on
+
+NNPACK_CALL = torch._nnpack_spatial_convolution
 
 
-@pytest.fixture
-def nnpack_calls(monkeypatch):
-    """Counts the images that went through NNPACK."""
-    calls = []
-    real = torch._nnpack_spatial_convolution
+class Calls(list):
+    """Input shapes given to the implementation `impl`."""
+    impl = ''
 
-    def counting(x, *args, **kwargs):
-        calls.append(tuple(x.shape))
-        return real(x, *args, **kwargs)
-    monkeypatch.setattr(torch, '_nnpack_spatial_convolution', counting)
+
+@pytest.fixture(params=['c', 'nnpack'])
+def winograd_calls(request, monkeypatch):
+    """Each Winograd implementation in turn (the C kernel where it runs here, NNPACK where this PyTorch has it; the
+    other one switched off), counting the input shapes it is given."""
+    calls = Calls()
+    if request.param == 'c':
+        if c_winograd.status():
+            pytest.skip(f'the C Winograd kernel does not run here: {c_winograd.status()}')
+        real = c_winograd.conv3x3
+        monkeypatch.setattr(c_winograd, 'conv3x3', lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    else:
+        if not winograd.nnpack_available():
+            pytest.skip('this PyTorch build has no NNPACK for this CPU')
+        monkeypatch.setattr(c_winograd, 'status', lambda: 'switched off by the test')
+        monkeypatch.setattr(torch, '_nnpack_spatial_convolution', lambda x, *a: calls.append(tuple(x.shape)) or NNPACK_CALL(x, *a))
+    calls.impl = request.param
     return calls
 
 
-def test_winograd_conv_equals_the_direct_conv():
+def test_winograd_conv_equals_the_direct_conv(winograd_calls):
     torch.manual_seed(0)
     x = torch.randn(3, 128, 64, 64)
     w, b = torch.randn(160, 128, 3, 3) * 0.03, torch.randn(160)
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
     for x_in in (x, x.contiguous(memory_format=torch.channels_last)):
         got = winograd_conv3x3(x_in, w, b)
-        assert got.shape == ref.shape and got.dtype == torch.float32 and got.is_contiguous()
+        layout = torch.channels_last if winograd_calls.impl == 'c' else torch.contiguous_format   # what each reads
+        assert got.shape == ref.shape and got.dtype == torch.float32 and got.is_contiguous(memory_format=layout)
         assert (got.double() - ref).abs().max() / ref.abs().max() < 1e-4
         assert (got.double() - ref).abs().max() / ref.abs().max() > 1e-9   # really another algorithm, not a copy of the direct conv
+    assert len(winograd_calls) == (2 if winograd_calls.impl == 'c' else 6)   # NNPACK: image by image
 
 
-def test_conv3x3_goes_by_winograd_only_where_it_pays_and_applies(nnpack_calls):
+def test_conv3x3_goes_by_winograd_only_where_it_pays_and_applies(winograd_calls):
     torch.manual_seed(0)
     conv = Conv3x3(128, 128)
     assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {'weight', 'bias'}   # checkpoint keys unchanged
     big, small = torch.randn(2, 128, 64, 64), torch.randn(2, 128, 32, 32)
     with torch.no_grad():
         out = conv(big)
-        assert nnpack_calls == [(1, 128, 64, 64)] * 2   # one image at a time
+        # NNPACK one image at a time (its fast inference path), the C kernel the batch at once
+        assert winograd_calls == ([(2, 128, 64, 64)] if winograd_calls.impl == 'c' else [(1, 128, 64, 64)] * 2)
         assert torch.allclose(out, F.conv2d(big, conv.weight, conv.bias, padding=1), atol=1e-4)
-        nnpack_calls.clear()
+        winograd_calls.clear()
         conv(small)                                 # a 32² map: oneDNN's direct conv is as fast
         Conv3x3(64, 64)(torch.randn(1, 64, 64, 64))  # 64 channels: the direct conv is faster
         with torch.autocast('cpu', dtype=torch.bfloat16):
             conv(big)                               # autocast asks for bfloat16
         with fast_paths(False):
             conv(big)                               # switched off (VQVAE.set_fast_paths(False))
-        assert nnpack_calls == []
+        assert winograd_calls == []
     out = conv(big)                                 # autograd on (tokenizer training): the direct conv, differentiable
-    assert nnpack_calls == [] and out.requires_grad
+    assert winograd_calls == [] and out.requires_grad
 
 
-def test_upsample_goes_by_phases_not_by_winograd(nnpack_calls):
+def test_upsample_goes_by_phases_not_by_winograd(winograd_calls):
     """Where the 3×3 conv at the large size would go by Winograd, the upsampling conv still goes by phases on the
     small input (faster and closer to the plain path: kernels/upsample.py)."""
     torch.manual_seed(0)
@@ -66,13 +82,13 @@ def test_upsample_goes_by_phases_not_by_winograd(nnpack_calls):
     x = torch.randn(2, 128, 32, 32)
     with torch.no_grad():
         fast = up(x)
-        assert nnpack_calls == []
+        assert winograd_calls == []
         with fast_paths(False):
             plain = up(x)
     assert fast.shape == (2, 128, 64, 64) and (fast - plain).abs().max() < 1e-4
 
 
-def test_tokenizer_with_winograd_matches_the_plain_path(nnpack_calls):
+def test_tokenizer_with_winograd_matches_the_plain_path(winograd_calls):
     """A tokenizer wide enough for Winograd (ch=128, 64-px images): features, tokens and images as on the plain path."""
     torch.manual_seed(0)
     vae = VQVAE(vocab_size=64, z_channels=8, ch=128, v_patch_nums=(1, 2, 4), test_mode=True)
@@ -80,19 +96,21 @@ def test_tokenizer_with_winograd_matches_the_plain_path(nnpack_calls):
     with torch.no_grad():
         f_fast, idx_fast = vae.encode(img), vae.img_to_idxBl(img)
         rec_fast = vae.idxBl_to_img(idx_fast, same_shape=True, last_one=True)
-        assert nnpack_calls and all(s[0] == 1 and s[-2:] == (64, 64) for s in nnpack_calls)
-        n_fast = len(nnpack_calls)
+        assert winograd_calls and all(s[-2:] == (64, 64) for s in winograd_calls)
+        n_fast = len(winograd_calls)
         vae.set_fast_paths(False)
         f_ref, idx_ref = vae.encode(img), vae.img_to_idxBl(img)
         rec_ref = vae.idxBl_to_img(idx_ref, same_shape=True, last_one=True)
-        assert len(nnpack_calls) == n_fast   # the plain path never calls NNPACK
+        assert len(winograd_calls) == n_fast   # the plain path never goes by Winograd
     assert (f_fast - f_ref).abs().max() < 1e-4
     assert all(torch.equal(a, b) for a, b in zip(idx_fast, idx_ref))
     assert (rec_fast - rec_ref).abs().max() < 1e-3 and rec_fast.is_contiguous()
 
 
+@pytest.mark.skipif(not winograd.nnpack_available(), reason='this PyTorch build has no NNPACK for this CPU')
 def test_a_failing_nnpack_falls_back_to_the_direct_conv_and_says_so(monkeypatch, caplog):
     torch.manual_seed(0)
+    monkeypatch.setattr(c_winograd, 'status', lambda: 'switched off by the test')   # NNPACK is the Winograd here
     calls = []
 
     def failing(x, *args, **kwargs):

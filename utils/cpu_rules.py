@@ -10,8 +10,9 @@ CPU-dependent fast paths run here. Torch-free, so that a script can read its rul
                                                                             AMX does not compute float32 anyway
     AMD, avx512f, <= 8 cores          on             on        on           measured on a 2-core AMD EPYC (family 26):
                                                                             oneDNN's GEMMs 1.5-2.2x MKL's (MKL takes
-                                                                            its AVX2 code on AMD), Winograd 1.3-2.5x
-                                                                            oneDNN's direct conv on wide maps, the C
+                                                                            its AVX2 code on AMD), Winograd 2.9-4.3x
+                                                                            oneDNN's direct conv on wide maps (the C
+                                                                            kernel; NNPACK's 1.3-2.5x), the C
                                                                             attention 2.5-2.8x PyTorch's flash kernel
                                                                             (d8 training, forward and backward);
                                                                             measured with 2 threads, assumed up to 8
@@ -21,7 +22,8 @@ CPU-dependent fast paths run here. Torch-free, so that a script can read its rul
                                                                             AVX-512 code)
     anything else (no flags, ARM)     off            off       off          not measured
 
-Where a rule sends convolutions to NNPACK, this project's scripts also shorten OpenMP's idle spin (utils/threads.py).
+Where a rule sends convolutions to Winograd (NNPACK's threads or this package's), this project's scripts also shorten
+OpenMP's idle spin (utils/threads.py).
 
 Linux: /proc/cpuinfo's `vendor_id` and `flags` of the first processor (the kernel's names: avx2, avx512f,
 amx_tile, amx_bf16, ...) and the CPUs this process may run on. Elsewhere (or unreadable): no vendor and no
@@ -98,7 +100,7 @@ CPU_RULES = (
             'not measured by us; a user\'s 2-core Xeon with AVX-512 and AMX saw neither gain, and AMX does not compute float32'),
     CpuRule(f'AMD with avx512f, <= {MEASURED_MAX_CORES} cores',
             lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags and f.cores <= MEASURED_MAX_CORES, True, True, True,
-            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 1.3-2.5x the direct conv on wide maps, '
+            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 2.9-4.3x the direct conv on wide maps (the C kernel; NNPACK 1.3-2.5x), '
             'the C attention 2.5-2.8x PyTorch\'s flash kernel'),
     CpuRule(f'AMD with avx512f, > {MEASURED_MAX_CORES} cores',
             lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags, False, False, False,

@@ -53,23 +53,28 @@ def describe_choices() -> List[str]:
     from .matmul import fused_mlp_func, onednn_available
     from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
     from .narrow_conv import NARROW_MAX_OUT_CHANNELS, NARROW_MIN_IN_CHANNELS
+    from .c_winograd import status as c_winograd_status
     from .winograd import WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_HW, nnpack_available
     fast, rule = SWITCH.on, cpu_rule()
     c_status = c_attention_status() if fast else ''
     onednn, nnpack = onednn_available(), nnpack_available()
+    c_winograd = c_winograd_status() if fast and rule.winograd else 'not chosen'
+    winograd_by = ('this package\'s F(4x4, 3x3) C kernel, channels-last (c_winograd.py, built once: native.py)' if not c_winograd else
+                   f'NNPACK\'s F(6x6, 3x3), NCHW (the C kernel: {c_winograd})')
     f32_cpu = 'float32 CPU, autocast and torch.compile off'
     by_cpu = f'this CPU ({read_cpu_features().describe()}) matches "{rule.cpus}": {rule.why}'
     return [
         'CPU rule: ' + by_cpu,
         'oneDNN linear: ' + _on_off(fast, onednn and rule.onednn_linear, f'{f32_cpu}, oneDNN available, chosen for this CPU',
                                     'this PyTorch build or CPU has no oneDNN; F.linear' if not onednn else 'not chosen for this CPU; F.linear'),
-        'Winograd 3x3 conv (NNPACK): ' + _on_off(
-            fast, nnpack and rule.winograd,
-            f'{f32_cpu}, no autograd, >= {WINOGRAD_MIN_CHANNELS} channels and >= {WINOGRAD_MIN_HW} positions, NNPACK available, chosen for this CPU',
-            'this PyTorch build or CPU has no NNPACK; the direct conv' if not nnpack else 'not chosen for this CPU; the direct conv'),
+        'Winograd 3x3 conv: ' + _on_off(
+            fast, (nnpack or not c_winograd) and rule.winograd,
+            f'{f32_cpu}, no autograd, >= {WINOGRAD_MIN_CHANNELS} channels and >= {WINOGRAD_MIN_HW} positions, chosen for this CPU: {winograd_by}',
+            'not chosen for this CPU; the direct conv' if not rule.winograd else
+            f'the C kernel: {c_winograd}, and this PyTorch build or CPU has no NNPACK; the direct conv'),
         'polyphase upsampling: ' + _on_off(fast, True, 'every Upsample2x on the CPU (also where its 3x3 conv at the large size would go by Winograd: faster)', ''),
         '3x3 convs to a few channels by taps: ' + _on_off(fast, True, f'{f32_cpu}, no autograd, <= {NARROW_MAX_OUT_CHANNELS} outputs from >= {NARROW_MIN_IN_CHANNELS} inputs (the decoder\'s conv to RGB)', ''),
-        'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where Winograd applies', ''),
+        'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where NNPACK\'s Winograd applies', ''),
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
         'tokenizer in groups of images: ' + _on_off(fast, True, f'CPU without autograd, {CPU_CHUNK_BYTES >> 20} MiB of activation per group', ''),
         'tokenizer activations from the heap: ' + _on_off(fast, glibc() is not None, 'CPU without autograd, glibc: its mmap threshold raised during the call (heap.py)',

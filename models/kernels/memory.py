@@ -11,7 +11,7 @@ import torch
 
 from .heap import large_buffers_from_heap
 from .switch import SWITCH
-from .winograd import WINOGRAD_MIN_CHANNELS, winograd_applies
+from .winograd import WINOGRAD_MIN_CHANNELS, winograd_applies, winograd_reads_channels_last
 
 __all__ = ['CHANNELS_LAST_MIN_WIDTH', 'CPU_CHUNK_BYTES', 'channels_last_pays', 'to_conv_layout', 'residual_add',
            'images_per_group', 'in_image_groups']
@@ -35,11 +35,11 @@ def channels_last_pays(ch: int) -> bool:
 
 def to_conv_layout(x_BChw: torch.Tensor, ch: int, channels_last: bool) -> torch.Tensor:
     """The encoder's or decoder's input (base width `ch`) in the memory layout its convs run fastest on: NCHW where
-    the wide ones go by Winograd (NNPACK reads NCHW), else channels-last where the net asks for it (`channels_last`,
+    the wide ones go by NNPACK's Winograd (it reads NCHW), else channels-last where the net asks for it (`channels_last`,
     see channels_last_pays); unchanged with the fast paths off."""
     if not SWITCH.on or x_BChw.device.type != 'cpu':   # measured on CPUs; on CUDA a channels-last GroupNorm converts back
         return x_BChw
-    if ch >= WINOGRAD_MIN_CHANNELS and winograd_applies(x_BChw):
+    if ch >= WINOGRAD_MIN_CHANNELS and winograd_applies(x_BChw) and not winograd_reads_channels_last():
         return x_BChw.contiguous()
     if channels_last:
         return x_BChw.contiguous(memory_format=torch.channels_last)

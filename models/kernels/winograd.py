@@ -1,4 +1,5 @@
-"""3×3 convolutions of CPU inference by Winograd's minimal filtering (NNPACK's F(6×6, 3×3)).
+"""3×3 convolutions of CPU inference by Winograd's minimal filtering: this package's F(4×4, 3×3) (c_winograd.py) where
+the CPU has AVX-512, else NNPACK's F(6×6, 3×3).
 
 A direct 3×3 conv spends 9 multiply-adds per output and channel pair. Winograd's F(6×6, 3×3) gets a 6×6
 output tile from an 8×8 input tile with 64 products, 1.78 per output, plus cheap tile transforms. PyTorch
@@ -6,7 +7,8 @@ ships NNPACK, which implements it, but calls it only for batches of 16 images or
 oneDNN. One image at a time it is 2.0-2.5× faster than oneDNN's direct conv for the tokenizer's wide,
 large layers (160 channels at 256²: 70 vs 149-178 ms; 320 at 64²: 15 vs 33 ms, on a 2-core Zen 4), and
 slower on small maps (640 channels at 16²: 20 vs 10 ms) and narrow layers (32 channels at 128²), hence
-the thresholds below.
+the thresholds below. This package's C kernel (c_winograd.py) is another 1.8-2.3× faster than NNPACK on those layers;
+it reads and writes channels-last.
 
 The result differs from a direct conv by float rounding only, about 2e-5 of the output's scale (the
 transforms add and subtract before multiplying): decoded images move by ~5e-5, far inside the reference
@@ -20,13 +22,14 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from . import c_winograd
 from .choices import cpu_rule
 from .conv import Conv2d, conv2d
 from .narrow_conv import conv3x3_by_taps, taps_apply
 from .switch import SWITCH, plain_cpu_float32
 
 __all__ = ['Conv3x3', 'conv3x3', 'conv3x3_uses_winograd', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays',
-           'nnpack_available', 'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
+           'nnpack_available', 'winograd_reads_channels_last', 'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +54,15 @@ def nnpack_available() -> bool:
 
 
 def winograd_applies(x: torch.Tensor) -> bool:
-    """Whether `x` may go through the Winograd path: float32 on the CPU, autograd, autocast and torch.compile off, NNPACK
-    present and chosen for this CPU (choices.py)."""
-    return plain_cpu_float32(x) and not torch.is_grad_enabled() and cpu_rule().winograd and nnpack_available()
+    """Whether `x` may go through the Winograd path: float32 on the CPU, autograd, autocast and torch.compile off, chosen
+    for this CPU (choices.py), this package's kernel or NNPACK there."""
+    return (plain_cpu_float32(x) and not torch.is_grad_enabled() and cpu_rule().winograd
+            and (not c_winograd.status() or nnpack_available()))
+
+
+def winograd_reads_channels_last() -> bool:
+    """Whether the Winograd convs here read channels-last (this package's kernel) rather than NCHW (NNPACK)."""
+    return not c_winograd.status()
 
 
 def winograd_pays(in_channels: int, out_channels: int, h: int, w: int) -> bool:
@@ -62,11 +71,16 @@ def winograd_pays(in_channels: int, out_channels: int, h: int, w: int) -> bool:
 
 
 def winograd_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: torch.Tensor = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) by NNPACK's Winograd, one image at a time (its fast inference path).
+    """F.conv2d(x, weight, bias, padding=1) by Winograd: this package's kernel (channels-last) where it runs, else
+    NNPACK's, one image at a time (its fast inference path).
 
-    Give it one image where you can (VQVAE decodes and encodes image by image on the CPU): a batch costs
+    Give NNPACK one image where you can (VQVAE decodes and encodes image by image on the CPU): a batch costs
     a copy of the output to put the images together.
     """
+    if c_winograd.usable(weight_OC33.shape[1], weight_OC33.shape[0]):
+        return c_winograd.conv3x3(x_BChw, weight_OC33, bias_O)
+    if not nnpack_available():
+        return F.conv2d(x_BChw, weight_OC33, bias_O, padding=1)
     x_BChw, weight_OC33 = x_BChw.contiguous(), weight_OC33.contiguous()
     try:
         if x_BChw.shape[0] == 1:
