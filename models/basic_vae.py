@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import Conv2d, Conv3x3, channels_last_pays, residual_add, to_conv_layout, upsample2x_conv3x3
+from .kernels import Conv2d, Conv3x3, channels_last_pays, norm_silu_conv3x3, residual_add, to_conv_layout, upsample2x_conv3x3
 
 __all__ = ['Encoder', 'Decoder', 'ResnetBlock', 'AttnBlock', 'Upsample2x', 'Downsample2x', 'Normalize']
 
@@ -59,11 +59,9 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Identity()
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        # Without autograd the SiLUs run in place on the norms' fresh outputs, as in the reference; with it they
-        # allocate (autograd needs their inputs).
-        no_grad = not torch.is_grad_enabled()
-        h_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=no_grad))
-        h_BChw = self.conv2(self.dropout(F.silu(self.norm2(h_BChw), inplace=no_grad)))
+        # conv(dropout(silu(norm(x)))), in one pass where the conv allows (kernels/winograd.py)
+        h_BChw = norm_silu_conv3x3(x_BChw, self.norm1, self.conv1)
+        h_BChw = norm_silu_conv3x3(h_BChw, self.norm2, self.conv2, self.dropout)
         return residual_add(self.nin_shortcut(x_BChw), h_BChw)   # in place into h without autograd (kernels/memory.py)
 
 

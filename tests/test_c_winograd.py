@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from models import VQVAE
-from models.kernels import c_winograd, native, winograd
+from models.kernels import c_winograd, fast_paths, native, winograd
 from models.kernels.choices import describe_choices
 from models.kernels.winograd import Conv3x3
 
@@ -66,7 +66,7 @@ def test_tokenizer_decodes_by_the_c_kernel_channels_last(cpu_with_fast_kernels, 
     torch.manual_seed(0)
     calls = []
     real = c_winograd.conv3x3
-    monkeypatch.setattr(c_winograd, 'conv3x3', lambda x, *a: calls.append(x.shape[1:]) or real(x, *a))
+    monkeypatch.setattr(c_winograd, 'conv3x3', lambda x, *a, **k: calls.append(x.shape[1:]) or real(x, *a, **k))
     vae = VQVAE(vocab_size=64, z_channels=8, ch=160, v_patch_nums=(1, 2, 4), test_mode=True)
     img = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -109,3 +109,75 @@ def test_without_the_c_kernel_nnpack_computes_the_winograd_convs(cpu_with_fast_k
 def test_describe_choices_names_the_c_kernel(cpu_with_fast_kernels):
     line = next(line for line in describe_choices() if line.startswith('Winograd 3x3 conv'))
     assert line.startswith('Winograd 3x3 conv: on') and 'F(4x4, 3x3) C kernel' in line
+
+
+@needs_kernel
+@pytest.mark.parametrize('B, C, O, h, w', [(2, 64, 48, 6, 10), (1, 160, 160, 40, 36)])
+@pytest.mark.parametrize('affine', [True, False])
+def test_group_norm_and_silu_read_into_the_conv_equal_the_three_ops(B, C, O, h, w, affine):
+    """conv(silu(GroupNorm(x))) with the norm and SiLU applied as the kernel reads its input: the float64 ops' result,
+    on an input whose mean is far from zero (the statistics in double)."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(32, C, eps=1e-6, affine=affine)
+    if affine:
+        torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(B, C, h, w) * 3 + 20
+    weight, b = torch.randn(O, C, 3, 3) / (3 * C ** 0.5), torch.randn(O)
+    with torch.no_grad():
+        got = c_winograd.conv3x3(x, weight, b, norm=norm)
+        want = F.conv2d(F.silu(F.group_norm(x.double(), 32, *(norm.weight.double(), norm.bias.double()) if affine else (), eps=1e-6)),
+                        weight.double(), b.double(), padding=1)
+    assert relative_error(got, want) < 3e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize('B, C, O, h, w', [(1, 32, 16, 1, 1), (2, 48, 64, 5, 3), (1, 160, 160, 24, 20)])
+def test_upsampling_read_into_the_conv_equals_interpolate_then_conv(B, C, O, h, w):
+    torch.manual_seed(0)
+    x, weight, b = torch.randn(B, C, h, w), torch.randn(O, C, 3, 3) / (3 * C ** 0.5), torch.randn(O)
+    got = c_winograd.conv3x3(x, weight, b, upsample=True)
+    want = F.conv2d(F.interpolate(x.double(), scale_factor=2, mode='nearest'), weight.double(), b.double(), padding=1)
+    assert got.shape == (B, O, 2 * h, 2 * w) and relative_error(got, want) < 3e-5
+
+
+@needs_kernel
+def test_resnet_block_folds_its_norms_into_the_c_kernel_only_without_active_dropout(cpu_with_fast_kernels, monkeypatch):
+    from models.basic_vae import ResnetBlock
+    torch.manual_seed(0)
+    norms = []
+    real = c_winograd.conv3x3
+    monkeypatch.setattr(c_winograd, 'conv3x3', lambda x, *a, norm=None, **k: norms.append(norm) or real(x, *a, norm=norm, **k))
+    block = ResnetBlock(in_channels=128, out_channels=128, dropout=0.5).eval()
+    x = torch.randn(1, 128, 64, 64)
+    with torch.no_grad():
+        fast = block(x)
+        assert norms == [block.norm1, block.norm2]   # both convs read silu(norm(·)) themselves
+        norms.clear()
+        with fast_paths(False):
+            plain = block(x)
+        block.train()
+        torch.manual_seed(1)
+        dropped = block(x)                           # dropout active: the second conv's input is made in memory
+    assert norms == [block.norm1, None]
+    assert (fast - plain).abs().max() < 1e-4 * plain.abs().max() and dropped.shape == plain.shape
+
+
+def test_an_edited_header_rebuilds_the_kernel(tmp_path, monkeypatch):
+    """The cache name covers the headers of csrc/ a kernel includes, not only its source."""
+    import shutil
+    csrc = tmp_path / 'csrc'
+    shutil.copytree(native.CSRC, csrc)
+    monkeypatch.setattr(native, 'CSRC', csrc)
+    monkeypatch.setenv('VAR_KERNEL_CACHE', str(tmp_path / 'kernels'))
+    names = []   # the names the library would be built under: all this test needs, nothing is built
+    monkeypatch.setattr(native, '_compiler', lambda: ('cc', 'cc 1.0'))
+    monkeypatch.setattr(native, '_build', lambda source, target, cc: names.append(target.name) or 'not built by this test')
+    native.library.cache_clear()
+    try:
+        native.library(c_winograd.C_KERNEL)
+        (csrc / 'vector_math.h').write_text((csrc / 'vector_math.h').read_text() + '\n/* edited */\n')
+        native.library.cache_clear()
+        native.library(c_winograd.C_KERNEL)
+    finally:
+        native.library.cache_clear()
+    assert len(names) == 2 and names[0] != names[1]

@@ -31,10 +31,10 @@ from .matmul import Linear, linear, mlp_gelu
 from .memory import channels_last_pays, in_image_groups, residual_add, to_conv_layout
 from .switch import fast_paths, fast_paths_enabled, set_fast_paths
 from .upsample import upsample2x_conv3x3
-from .winograd import Conv3x3, conv3x3
+from .winograd import Conv3x3, conv3x3, norm_silu_conv3x3
 
 __all__ = ['block_causal', 'ada_layer_norm', 'fast_paths', 'set_fast_paths', 'fast_paths_enabled', 'describe_choices', 'log_choices_once',
-           'Linear', 'linear', 'mlp_gelu', 'Conv2d', 'conv2d', 'Conv3x3', 'conv3x3', 'upsample2x_conv3x3',
+           'Linear', 'linear', 'mlp_gelu', 'Conv2d', 'conv2d', 'Conv3x3', 'conv3x3', 'norm_silu_conv3x3', 'upsample2x_conv3x3',
            'channels_last_pays', 'to_conv_layout', 'residual_add', 'in_image_groups',
            'BACKENDS', 'BlockCausal', 'attention', 'backend_status', 'block_causal_groups', 'choose_backend',
            'describe_backends']

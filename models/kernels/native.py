@@ -4,7 +4,7 @@ A kernel here is plain C with x86 intrinsics and no PyTorch headers, so it build
 compiler and needs no build step at install time. It is compiled only where the CPU's rule uses it (utils/cpu_rules.py),
 the first time a model needs it, into `$VAR_KERNEL_CACHE` (default `$XDG_CACHE_HOME/var_kernels`, else
 `~/.cache/var_kernels`), under a name made from the source, the flags and the compiler's version: an edited source is
-rebuilt, a cached one is loaded as is. The library is written under a temporary name and renamed into place, so
+rebuilt (an edited header of csrc/ too), a cached one is loaded as is. The library is written under a temporary name and renamed into place, so
 processes starting together (torchrun) never load half a file. Where there is no compiler, the cache cannot be
 written or the build fails, `library` says why and the caller keeps PyTorch's kernel (nothing is wrong, only slower);
 the reason is logged once.
@@ -81,7 +81,8 @@ def library(name: str) -> Tuple[Optional[ctypes.CDLL], str]:
     cc, version = _compiler()
     if cc is None:
         return _unavailable(name, version)
-    digest = hashlib.sha256(source.read_bytes() + ' '.join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+    headers = b''.join(h.read_bytes() for h in sorted(CSRC.glob('*.h')))   # what a source may include
+    digest = hashlib.sha256(source.read_bytes() + headers + ' '.join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / f'{name}-{digest}.so'
     if not target.exists():
         try:

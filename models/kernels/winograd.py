@@ -18,8 +18,10 @@ Letters: B batch, C/O input/output channels, h/w height/width.
 """
 import functools
 import logging
+from typing import Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import c_winograd
@@ -28,7 +30,7 @@ from .conv import Conv2d, conv2d
 from .narrow_conv import conv3x3_by_taps, taps_apply
 from .switch import SWITCH, plain_cpu_float32
 
-__all__ = ['Conv3x3', 'conv3x3', 'conv3x3_uses_winograd', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays',
+__all__ = ['Conv3x3', 'conv3x3', 'norm_silu_conv3x3', 'conv3x3_uses_winograd', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays',
            'nnpack_available', 'winograd_reads_channels_last', 'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,19 @@ def conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: torch.Tenso
     if taps_apply(x_BChw, C, O):
         return conv3x3_by_taps(x_BChw, weight_OC33, bias_O)
     return conv2d(x_BChw, weight_OC33, bias_O, padding=(1, 1))
+
+
+def norm_silu_conv3x3(x_BChw: torch.Tensor, norm: nn.GroupNorm, conv: 'Conv3x3', dropout: Optional[nn.Module] = None) -> torch.Tensor:
+    """conv(dropout(silu(norm(x)))), the step of the tokenizer's ResnetBlock. Where the conv goes by this package's
+    Winograd kernel (and dropout does nothing), in one pass: the kernel normalises and applies SiLU as it reads its
+    input, so neither is made in memory (c_winograd.py). Otherwise the three ops, SiLU in place without autograd."""
+    O, C, h, w = conv.weight.shape[0], conv.weight.shape[1], x_BChw.shape[-2], x_BChw.shape[-1]
+    dropout_off = (dropout is None or isinstance(dropout, nn.Identity)
+                   or (isinstance(dropout, nn.Dropout) and (not dropout.training or dropout.p == 0)))
+    if dropout_off and conv3x3_uses_winograd(x_BChw, C, O, h, w) and isinstance(norm, nn.GroupNorm) and c_winograd.usable(C, O):
+        return c_winograd.conv3x3(x_BChw, conv.weight, conv.bias, norm=norm)
+    h_BChw = F.silu(norm(x_BChw), inplace=not torch.is_grad_enabled())
+    return conv(dropout(h_BChw) if dropout is not None else h_BChw)
 
 
 class Conv3x3(Conv2d):

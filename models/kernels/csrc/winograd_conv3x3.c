@@ -14,11 +14,18 @@
  * Tiles [tile_begin, tile_end) of B · ceil(H/4) · ceil(W/4) (in image, tile row, tile column order) let several threads
  * share a call (the caller splits; no state is shared). Returns 0, or 1 when memory ran out.
  * `winograd_weights` makes U from the weights, input channels [c_begin, c_end) a call.
+ *
+ * Two layers before a conv can be folded into its input transform, which reads each input pixel anyway: a nearest
+ * ×2 upsampling (`up`: x is H/2 × W/2 and never upsampled in memory) and a group norm followed by SiLU (`scale_BC`,
+ * `shift_BC`: the norm as a per-image, per-channel affine map from the statistics `channel_sums` gathers). The zero
+ * padding stays zero: it pads the conv's input, after both.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "vector_math.h"
 
 #define MR 6      /* tiles per register block */
 #define NP 36     /* positions of a 6×6 tile */
@@ -45,15 +52,26 @@ static inline void output_1d(const __m512 m0, const __m512 m1, const __m512 m2, 
     s[3 * ss] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.f), d, b), m5);
 }
 
-/* V[p][r][c0 .. c0+15] = (Bᵀ d B)[p] for the tile whose input starts at (y0, x0) of image x_HWC (zero outside) */
-static void transform_input(const float *x_HWC, int H, int W, int C, int y0, int x0, int c0, float *V, int64_t vps) {
+/* The conv's input at (yy, xx) inside its H × W, channels c0 .. c0+15: x itself, or x nearest-upsampled ×2 (x is then
+ * H/2 × W/2), then, where `scale` is given, silu(scale · x + shift) per channel (a group norm and SiLU before the conv) */
+static inline __m512 conv_input(const float *x_hwC, int W, int C, int up, const float *scale, const float *shift,
+                                int yy, int xx, int c0) {
+    const int w = up ? W / 2 : W;
+    __m512 v = _mm512_loadu_ps(x_hwC + ((int64_t)(yy >> up) * w + (xx >> up)) * C + c0);
+    if (scale) v = silu512(_mm512_fmadd_ps(v, _mm512_loadu_ps(scale + c0), _mm512_loadu_ps(shift + c0)));
+    return v;
+}
+
+/* V[p][r][c0 .. c0+15] = (Bᵀ d B)[p] for the tile whose input starts at (y0, x0) of the conv's input (zero outside) */
+static void transform_input(const float *x_hwC, int H, int W, int C, int up, const float *scale, const float *shift,
+                            int y0, int x0, int c0, float *V, int64_t vps) {
     __m512 d[6][6], t[6][6];
     const int inside = y0 >= 0 && x0 >= 0 && y0 + 6 <= H && x0 + 6 <= W;
     for (int i = 0; i < 6; i++)
         for (int j = 0; j < 6; j++) {
             const int yy = y0 + i, xx = x0 + j;
             d[i][j] = inside || (yy >= 0 && yy < H && xx >= 0 && xx < W)
-                ? _mm512_loadu_ps(x_HWC + ((int64_t)yy * W + xx) * C + c0) : _mm512_setzero_ps();
+                ? conv_input(x_hwC, W, C, up, scale, shift, yy, xx, c0) : _mm512_setzero_ps();
         }
     for (int j = 0; j < 6; j++) input_1d(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], &t[0][j], 6);
     for (int a = 0; a < 6; a++) {
@@ -159,8 +177,36 @@ int winograd_weights(int c_begin, int c_end, int C, int O, const float *g_C9O, f
     return 0;
 }
 
-int winograd_conv3x3(int tile_begin, int tile_end, int B, int H, int W, int C, int O, const float *x_BHWC,
-                     const float *U_PCO, const float *bias_O, float *y_BHWO) {
+/* sums_R2C[r][0][c], [r][1][c] = Σ x, Σ x² over the W pixels of row r of x (rows [row_begin, row_end) of B · H), in double:
+ * a group norm's statistics before the conv (the caller adds rows and channels of a group) */
+int channel_sums(int row_begin, int row_end, int W, int C, const float *x_RWC, double *sums_R2C) {
+    for (int r = row_begin; r < row_end; r++)
+        for (int c0 = 0; c0 < C; c0 += 16) {
+            const float *x = x_RWC + (int64_t)r * W * C + c0;
+            __m512d s[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, q[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+            for (int j0 = 0; j0 < W; j0 += 64) {   /* 64 pixels in float, then into double */
+                __m512 sf = _mm512_setzero_ps(), qf = _mm512_setzero_ps();
+                for (int j = j0; j < W && j < j0 + 64; j++) {
+                    const __m512 v = _mm512_loadu_ps(x + (int64_t)j * C);
+                    sf = _mm512_add_ps(sf, v);
+                    qf = _mm512_fmadd_ps(v, v, qf);
+                }
+                s[0] = _mm512_add_pd(s[0], _mm512_cvtps_pd(_mm512_castps512_ps256(sf)));
+                s[1] = _mm512_add_pd(s[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sf), 1))));
+                q[0] = _mm512_add_pd(q[0], _mm512_cvtps_pd(_mm512_castps512_ps256(qf)));
+                q[1] = _mm512_add_pd(q[1], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(qf), 1))));
+            }
+            double *out = sums_R2C + (int64_t)r * 2 * C + c0;
+            _mm512_storeu_pd(out, s[0]);
+            _mm512_storeu_pd(out + 8, s[1]);
+            _mm512_storeu_pd(out + C, q[0]);
+            _mm512_storeu_pd(out + C + 8, q[1]);
+        }
+    return 0;
+}
+
+int winograd_conv3x3(int tile_begin, int tile_end, int B, int H, int W, int C, int O, const float *x_BhwC, int up,
+                     const float *scale_BC, const float *shift_BC, const float *U_PCO, const float *bias_O, float *y_BHWO) {
     (void)B;
     const int th = (H + 3) / 4, tw = (W + 3) / 4, TB = tiles_per_block(C, O);
     const int64_t vps = (int64_t)TB * C, mps = (int64_t)TB * O, ups = (int64_t)C * O;
@@ -171,8 +217,10 @@ int winograd_conv3x3(int tile_begin, int tile_end, int B, int H, int W, int C, i
         const int rows = tile_end - t0 < TB ? tile_end - t0 : TB;
         for (int r = 0; r < rows; r++) {
             const int t = t0 + r, b = t / (th * tw), ty = t / tw % th, tx = t % tw;
-            const float *x = x_BHWC + (int64_t)b * H * W * C;
-            for (int c0 = 0; c0 < C; c0 += 16) transform_input(x, H, W, C, 4 * ty - 1, 4 * tx - 1, c0, V + (int64_t)r * C, vps);
+            const float *x = x_BhwC + (int64_t)b * (H >> up) * (W >> up) * C;
+            const float *scale = scale_BC ? scale_BC + (int64_t)b * C : NULL, *shift = shift_BC ? shift_BC + (int64_t)b * C : NULL;
+            for (int c0 = 0; c0 < C; c0 += 16)
+                transform_input(x, H, W, C, up, scale, shift, 4 * ty - 1, 4 * tx - 1, c0, V + (int64_t)r * C, vps);
         }
         products((rows + MR - 1) / MR * MR, C, O, V, U_PCO, M, vps, ups, mps);
         for (int r = 0; r < rows; r++) {
