@@ -122,7 +122,7 @@ class ScaleDraw:
     """One scale's sampling, as hooks see it. h_BlCv is what the next scales are built from."""
     si: int
     ratio: float
-    logits_2BlV: torch.Tensor   # raw logits: conditional rows [:B], unconditional rows [B:]
+    logits_2BlV: Optional[torch.Tensor]   # raw logits: conditional rows [:B], unconditional rows [B:]; None without hooks
     logits_BlV: torch.Tensor    # guided logits, as the sampler left them
     idx_Bl: torch.Tensor        # token ids
     h_BlCv: torch.Tensor        # their codebook rows, or the sampler's soft mix of rows
@@ -272,6 +272,8 @@ def sample_next_scale(var: nn.Module, label_B: torch.Tensor, rng: RNG = None,
             logits_2BlV = var.get_logits(x_2BlC, cond_2BD)
             t = guidance(si=si, ratio=ratio)
             logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
+            if not hooks:   # nobody reads the raw logits: freed before the sampler's V-wide temporaries, as in the reference
+                logits_2BlV = None
             token_draw = _checked_draw(sampler(logits_BlV, si=si, ratio=ratio, rng=rng), logits_BlV.shape, sampler)
             if token_draw.soft_BlV is None:
                 h_BlCv = embedding(token_draw.idx_Bl)

@@ -195,3 +195,27 @@ def test_kv_cache_is_allocated_once_and_samples_what_a_growing_cache_samples(mod
             attn(torch.randn(2, 4, var.C), attn_bias=None)
     finally:
         attn.kv_caching(False)
+
+
+def test_the_raw_logits_are_freed_before_the_sampler_runs_unless_a_hook_reads_them(models, monkeypatch):
+    """The doubled batch's raw logits (2B, l, V) are not alive while the sampler makes its V-wide temporaries (the
+    reference frees them there too), unless a hook needs them: they made this code's sampling peak the higher one."""
+    import weakref
+    vae, var = models
+    raw = []
+    real_get_logits = type(var).get_logits
+    monkeypatch.setattr(var, 'get_logits', lambda *a, **k: raw.append(weakref.ref(out := real_get_logits(var, *a, **k))) or out)
+    alive = []
+
+    def argmax(logits_BlV, *, si, ratio, rng):
+        alive.append(raw[-1]() is not None)
+        return TokenDraw(logits_BlV.argmax(dim=-1))
+
+    label_B = torch.tensor([2, 4])
+    with torch.no_grad():
+        plain = sample_next_scale(var, label_B, generators(0, 2, var), sampler=argmax)
+        assert alive and not any(alive)
+        alive.clear()
+        hooked = sample_next_scale(var, label_B, generators(0, 2, var), sampler=argmax, hooks=[Recorder()])
+        assert alive and all(alive)
+    assert torch.equal(plain, hooked)
