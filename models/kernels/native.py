@@ -3,9 +3,9 @@
 A kernel here is plain C with x86 intrinsics and no PyTorch headers, so it builds in about a second with any C11
 compiler and needs no build step at install time. It is compiled only where the CPU's rule uses it (utils/cpu_rules.py),
 the first time a model needs it, into `$VAR_KERNEL_CACHE` (default `$XDG_CACHE_HOME/var_kernels`, else
-`~/.cache/var_kernels`), under a name made from the source, the flags and the compiler's version: an edited source is
-rebuilt (an edited header of csrc/ too), a cached one is loaded as is. The library is written under a temporary name and renamed into place, so
-processes starting together (torchrun) never load half a file. Where there is no compiler, the cache cannot be
+`~/.cache/var_kernels`), under a name made from the source, the headers of csrc/, the flags and the compiler's version:
+an edited source or header is rebuilt, a cached one is loaded as is. The library is written under a temporary name and
+renamed into place, so processes starting together (torchrun) never load half a file. Where there is no compiler, the cache cannot be
 written or the build fails, `library` says why and the caller keeps PyTorch's kernel (nothing is wrong, only slower);
 the reason is logged once.
 
