@@ -59,8 +59,8 @@ def describe_choices() -> List[str]:
     c_status = c_attention_status() if fast else ''
     onednn, nnpack = onednn_available(), nnpack_available()
     c_winograd = c_winograd_status() if fast and rule.winograd else 'not chosen'
-    winograd_by = ('this package\'s F(4x4, 3x3) C kernel, channels-last, a ResnetBlock\'s GroupNorm + SiLU read into it '
-                   '(c_winograd.py, built once: native.py)' if not c_winograd else
+    winograd_by = ('this package\'s F(4x4, 3x3) C kernel, channels-last, reading norm + SiLU or x2 upsampling (c_winograd.py)'
+                   if not c_winograd else
                    f'NNPACK\'s F(6x6, 3x3), NCHW (the C kernel: {c_winograd})')
     f32_cpu = 'float32 CPU, autocast and torch.compile off'
     by_cpu = f'this CPU ({read_cpu_features().describe()}) matches "{rule.cpus}": {rule.why}'
@@ -73,9 +73,8 @@ def describe_choices() -> List[str]:
             f'{f32_cpu}, no autograd, >= {WINOGRAD_MIN_CHANNELS} channels and >= {WINOGRAD_MIN_HW} positions, chosen for this CPU: {winograd_by}',
             'not chosen for this CPU; the direct conv' if not rule.winograd else
             f'the C kernel: {c_winograd}, and this PyTorch build or CPU has no NNPACK; the direct conv'),
-        'polyphase upsampling: ' + _on_off(fast, True, 'every Upsample2x on the CPU' + (
-            ', but where its 3x3 conv at the large size goes by Winograd: there the C kernel reads the small input as upsampled'
-            if not c_winograd else ' (also where its 3x3 conv at the large size would go by NNPACK\'s Winograd: faster)'), ''),
+        'polyphase upsampling: ' + _on_off(fast, True, 'Upsample2x on the CPU' + (
+            ' where the C Winograd kernel does not read it' if not c_winograd else ', NNPACK\'s Winograd or not (faster)'), ''),
         '3x3 convs to a few channels by taps: ' + _on_off(fast, True, f'{f32_cpu}, no autograd, <= {NARROW_MAX_OUT_CHANNELS} outputs from >= {NARROW_MIN_IN_CHANNELS} inputs (the decoder\'s conv to RGB)', ''),
         'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where NNPACK\'s Winograd applies', ''),
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),
