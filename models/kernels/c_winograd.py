@@ -40,13 +40,13 @@ def _has_avx512() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """(weights, conv) with their ctypes signatures, or None where the library cannot be built (native.py)."""
+    """(weights, conv, channel sums) with their ctypes signatures, or None where the library cannot be built (native.py)."""
     lib, _ = native.library(C_KERNEL)
     if lib is None:
         return None
     weights, conv, sums = lib.winograd_weights, lib.winograd_conv3x3, lib.channel_sums
     weights.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2                 # c range, C, O, g, U
-    conv.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5   # tiles, B, H, W, C, O, x, up, scale, shift, U, bias, y
+    conv.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5   # tiles, H, W, C, O, x, up, scale, shift, U, bias, y
     sums.argtypes = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2                    # row range, W, C, x, sums
     weights.restype = conv.restype = sums.restype = ctypes.c_int
     return weights, conv, sums
@@ -112,6 +112,6 @@ def conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: torch.Tenso
     bias_O = bias_O.detach().contiguous() if bias_O is not None else None
     y_BOhw = torch.empty((B, O, h, w), dtype=x_BChw.dtype, memory_format=torch.channels_last)
     tiles = B * ((h + 3) // 4) * ((w + 3) // 4)
-    native.run_split(conv, tiles, (B, h, w, C, O, x_BhwC.data_ptr(), int(upsample), _pointer(scale_BC), _pointer(shift_BC),
+    native.run_split(conv, tiles, (h, w, C, O, x_BhwC.data_ptr(), int(upsample), _pointer(scale_BC), _pointer(shift_BC),
                                    U_PCO.data_ptr(), _pointer(bias_O), y_BOhw.data_ptr()))
     return y_BOhw

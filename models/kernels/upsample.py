@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import c_winograd
 from .conv import conv2d
 from .switch import SWITCH
-from .winograd import conv3x3, conv3x3_uses_winograd
+from .winograd import conv3x3, conv3x3_uses_c_kernel
 
 __all__ = ['upsample2x_conv3x3', 'upsample2x_conv3x3_reference', 'phase_kernels']
 
@@ -52,7 +52,7 @@ def upsample2x_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: 
     if not SWITCH.on or x_BChw.device.type != 'cpu':   # measured on CPUs only
         return upsample2x_conv3x3_reference(x_BChw, weight_OC33, bias_O)
     C = weight_OC33.shape[1]
-    if conv3x3_uses_winograd(x_BChw, C, O, 2 * h, 2 * w) and c_winograd.usable(C, O):   # upsampled as the kernel reads
+    if conv3x3_uses_c_kernel(x_BChw, C, O, 2 * h, 2 * w):   # upsampled as the kernel reads
         return c_winograd.conv3x3(x_BChw, weight_OC33, bias_O, upsample=True)
     kernels = phase_kernels(weight_OC33)
     x_pad = F.pad(x_BChw, (1, 1, 1, 1))

@@ -30,7 +30,7 @@ from .conv import Conv2d, conv2d
 from .narrow_conv import conv3x3_by_taps, taps_apply
 from .switch import SWITCH, plain_cpu_float32
 
-__all__ = ['Conv3x3', 'conv3x3', 'norm_silu_conv3x3', 'conv3x3_uses_winograd', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays',
+__all__ = ['Conv3x3', 'conv3x3', 'norm_silu_conv3x3', 'conv3x3_uses_winograd', 'conv3x3_uses_c_kernel', 'winograd_conv3x3', 'winograd_applies', 'winograd_pays',
            'nnpack_available', 'winograd_reads_channels_last', 'WINOGRAD_MIN_HW', 'WINOGRAD_MIN_CHANNELS']
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,12 @@ def winograd_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: to
         return F.conv2d(x_BChw, weight_OC33, bias_O, padding=1)
 
 
+def conv3x3_uses_c_kernel(x_BChw: torch.Tensor, in_channels: int, out_channels: int, h: int, w: int) -> bool:
+    """Whether a 3×3 conv of `x` (h×w: its size) goes by Winograd through this package's kernel, which can also read
+    the layer before it (a GroupNorm + SiLU, a ×2 upsampling) into its input."""
+    return conv3x3_uses_winograd(x_BChw, in_channels, out_channels, h, w) and c_winograd.usable(in_channels, out_channels)
+
+
 def conv3x3_uses_winograd(x_BChw: torch.Tensor, in_channels: int, out_channels: int, h: int, w: int) -> bool:
     """Whether a 3×3 conv of `x` (h×w: its size) goes by Winograd."""
     return SWITCH.on and winograd_pays(in_channels, out_channels, h, w) and winograd_applies(x_BChw)
@@ -118,7 +124,7 @@ def norm_silu_conv3x3(x_BChw: torch.Tensor, norm: nn.GroupNorm, conv: 'Conv3x3',
     O, C, h, w = conv.weight.shape[0], conv.weight.shape[1], x_BChw.shape[-2], x_BChw.shape[-1]
     dropout_off = (dropout is None or isinstance(dropout, nn.Identity)
                    or (isinstance(dropout, nn.Dropout) and (not dropout.training or dropout.p == 0)))
-    if dropout_off and conv3x3_uses_winograd(x_BChw, C, O, h, w) and isinstance(norm, nn.GroupNorm) and c_winograd.usable(C, O):
+    if dropout_off and isinstance(norm, nn.GroupNorm) and conv3x3_uses_c_kernel(x_BChw, C, O, h, w):
         return c_winograd.conv3x3(x_BChw, conv.weight, conv.bias, norm=norm)
     h_BChw = F.silu(norm(x_BChw), inplace=not torch.is_grad_enabled())
     return conv(dropout(h_BChw) if dropout is not None else h_BChw)

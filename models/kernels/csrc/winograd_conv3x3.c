@@ -205,9 +205,8 @@ int channel_sums(int row_begin, int row_end, int W, int C, const float *x_RWC, d
     return 0;
 }
 
-int winograd_conv3x3(int tile_begin, int tile_end, int B, int H, int W, int C, int O, const float *x_BhwC, int up,
+int winograd_conv3x3(int tile_begin, int tile_end, int H, int W, int C, int O, const float *x_BhwC, int up,
                      const float *scale_BC, const float *shift_BC, const float *U_PCO, const float *bias_O, float *y_BHWO) {
-    (void)B;
     const int th = (H + 3) / 4, tw = (W + 3) / 4, TB = tiles_per_block(C, O);
     const int64_t vps = (int64_t)TB * C, mps = (int64_t)TB * O, ups = (int64_t)C * O;
     float *V = aligned_alloc(64, sizeof(float) * NP * vps), *M = aligned_alloc(64, sizeof(float) * NP * mps);
