@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import dist
-from utils.arg_util import FlagError, ModelFlags, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
+from utils.arg_util import FlagError, ModelFlags, flag, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
 from utils.ckpt import remove_stale_temps, write_bytes_atomic
 from utils.cli import run_main
 from utils.imgs import IMAGE_READ_ERRORS, save_png_atomic, to_uint8_BHW3
@@ -52,6 +52,8 @@ MANIFEST_FORMAT = 'var-sample-set/1'   # image i: label i // per_class, generato
 class SampleArgs(ModelFlags):
     out: str = 'samples'                 # PNG folder; the npz is <out>.npz
     per_class: int = 50
+    classes: str = flag('', "the classes to sample, comma-separated ids or names (e.g. 980,volcano); 'null': unconditional "
+                            "(the null class of classifier-free guidance); '': every class 0 .. num_classes-1", group='sampling')
     cfg: float = 1.5
     top_k: int = 900                     # 0: no top-k filtering
     top_p: float = 0.96                  # 1: no nucleus filtering

@@ -7,7 +7,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from models.config import PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED_DEPTHS, ConfigError, VARConfig, VQVAEConfig, configs_to_dict
 from utils.cli import UserError
-from utils.flags import parse_dataclass, str2bool   # the one flag parser of every script, re-exported here
+from utils.flags import flag, parse_dataclass, str2bool   # the one flag parser of every script, re-exported here
 
 __all__ = ['ModelFlags', 'derive_scales', 'derive_batch', 'FlagError', 'Args', 'parse_args', 'VAEArgs', 'parse_vae_args', 'VAE_MODEL_KEYS', 'ExtractArgs', 'parse_extract_args', 'parse_dataclass', 'str2bool', 'PN_SHORTCUTS', 'parse_patch_nums', 'MODEL_KEYS',
            'VQVAE_FLAGS', 'VAR_FLAGS', 'vqvae_config_from_flags', 'flags_from_vqvae_config', 'var_config_from_flags', 'flags_from_var_config']
@@ -279,6 +279,9 @@ class Args(TokenizerShape):
     val_every_ep: int = 10       # validate (and write the checkpoints) every this many epochs and at the end
     nonfinite_patience: int = 50  # stop after this many consecutive steps with a non-finite loss or gradient
     local_out_dir_path: str = 'local_output'
+    init_from: str = flag('', "start from these weights only (fresh optimizer, schedule and epoch): a published file or depth "
+                              "(var_d16.pth, 16), a save_pretrained folder or Hub id, or a train.py checkpoint; '': from scratch",
+                          group='checkpoints and resume')
     vis_every_ep: int = 0        # tensorboard grid of samples (fixed classes and seeds, EMA weights with --ema) every this many epochs and after the last; 0: a tenth of the run; -1: never
     save_pretrained: bool = True  # at the end, write the final model (EMA weights with --ema) to local_out_dir_path/pretrained: config.json, model.safetensors, vae/
     push_to_hub: str = ''        # Hugging Face repo id: at the end, push the same folder there (checked for network and login before training)
@@ -348,6 +351,8 @@ class VAEArgs(TokenizerShape):
     local_out_dir_path: str = 'local_output_vae'
     vae_ckpt: str = ''           # weights to start from (fine-tuning); '' trains from scratch; a published name is downloaded
     eval_only: bool = False      # only measure PSNR, SSIM and codebook usage on the val folder, then stop
+    recon_npz: str = flag('', "with --eval_only: also write the val images' reconstructions to this .npz (arr_0, N x H x W x 3 "
+                              "uint8) and the originals beside it (<stem>_ref.npz), for rFID; '': none", group='evaluation')
     quant_resi: float = 0.5
     using_znorm: bool = False
     beta: float = 0.25           # commitment weight inside the vq loss

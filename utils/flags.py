@@ -6,9 +6,9 @@ of this project (bench.py's measuring process imports `models` from another work
 import argparse
 import dataclasses
 import sys
-from typing import Optional, Sequence, Type, TypeVar, Union, get_args, get_origin
+from typing import Any, Optional, Sequence, Type, TypeVar, Union, get_args, get_origin
 
-__all__ = ['parse_dataclass', 'str2bool']
+__all__ = ['flag', 'GROUPS', 'parse_dataclass', 'str2bool']
 
 
 def str2bool(v: Union[str, bool]) -> bool:
@@ -23,6 +23,21 @@ def str2bool(v: Union[str, bool]) -> bool:
 
 
 T = TypeVar('T')
+
+# --help lists a script's flags under these headings, in this order (a field's metadata 'group')
+GROUPS = ('data', 'model', 'optimisation', 'schedule', 'checkpoints and resume', 'distributed', 'logging', 'sampling',
+          'evaluation', 'environment')
+
+
+def flag(default: Any = dataclasses.MISSING, help: str = '', *, group: str = '', **metadata: Any) -> Any:
+    """A dataclass field that is a flag: its default, its one line of --help (allowed values included) and its group.
+
+    The help text lives here, with the declaration, and nowhere else; parse_dataclass prints it with the default.
+    Further metadata: 'choices', 'metavar', 'positional'. A mutable default (a list, a dict) is not supported.
+    """
+    if group and group not in GROUPS:
+        raise ValueError(f'flag group {group!r} is not one of {GROUPS}')
+    return dataclasses.field(default=default, metadata={'help': help, 'group': group, **metadata})
 
 
 def _field_type(tp):
