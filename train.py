@@ -12,7 +12,7 @@ if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin
 import logging
 import os.path as osp
 import random
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -25,7 +25,9 @@ from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args, var_config_f
 from utils.cli import run_main
 from utils.data import build_dataset
 from utils.engine import CheckpointNames, run_training
+from utils.init_from import InitSource, load_source_weights, start_from
 from utils.lr_control import filter_params
+from utils.model_loading import given_flags
 from utils.parallel import checkpoint_store, wrap_for_training
 from utils.progressive import ProgressiveSchedule
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
@@ -99,33 +101,41 @@ def check_push_to_hub(args: Args) -> None:
 
 
 def build_data(args: Args, token_batches: bool):
-    """(train set, val set, token metadata or None); sets --num_classes=0 to the data's class count."""
+    """(train set, val set, token metadata or None, class names: id = position); sets --num_classes=0 to the data's class count."""
     if token_batches:
         from utils.token_data import build_token_datasets
         num_folder_classes, train_set, val_set, meta = build_token_datasets(args.tokens_path, args.patch_nums, hflip=args.hflip, seed=args.seed)
+        class_names = list(meta['classes'])
     else:
-        num_folder_classes, train_set, val_set, meta = build_dataset(args.data_path, final_reso=args.data_load_reso, hflip=args.hflip,
-                                                                    mid_reso=args.mid_reso, seed=args.seed)
+        num_folder_classes, train_set, val_set, class_names = build_dataset(args.data_path, final_reso=args.data_load_reso, hflip=args.hflip,
+                                                                           mid_reso=args.mid_reso, seed=args.seed)
         meta = None
     if args.num_classes == 0:
         args.num_classes = num_folder_classes
     elif args.num_classes < num_folder_classes:
         raise FlagError(f'--num_classes={args.num_classes} but the data has {num_folder_classes} classes')
-    return train_set, val_set, meta
+    return train_set, val_set, meta, class_names
 
 
-def build_models(args: Args, device: torch.device, meta: Optional[Dict], n_train: int):
+def build_models(args: Args, device: torch.device, meta: Optional[Dict], n_train: int, init: Optional[InitSource] = None,
+                 class_names: Optional[List[str]] = None):
     """(tokenizer, VAR, VAR as trained: compiled and/or in DDP, or sharded in place with --fsdp=1), the same initial weights on
-    every process and in every rerun."""
+    every process and in every rerun; with `init` (--init_from), its weights (the class embedding following class_names)."""
     torch.manual_seed(args.seed)
     vae_local = build_vqvae(vqvae_config_from_flags(args), device)
     var_wo_ddp = build_var(var_config_from_flags(args), vae_local, flash_if_available=args.fuse, fused_if_available=args.fuse,
                            init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini)
-    logger.info('tokenizer weights: %s', load_vae(vae_local, args.vae_ckpt))
+    if init is not None:
+        load_source_weights(init, vae_local, var_wo_ddp, class_names)
+    if init is not None and init.vae_state is not None:   # the tokenizer of --init_from's source
+        vae_from = init.vae_what
+    else:
+        vae_from = f'--vae_ckpt={args.vae_ckpt} ({load_vae(vae_local, args.vae_ckpt)})'
+    logger.info('tokenizer weights: %s', vae_from)
     if meta is not None:
         from utils.token_data import TokensError, tokenizer_fingerprint
         if meta['tokenizer'] != tokenizer_fingerprint(vae_local.state_dict()):
-            raise TokensError(f'the tokens in {args.tokens_path} were extracted with another tokenizer than --vae_ckpt={args.vae_ckpt}')
+            raise TokensError(f'the tokens in {args.tokens_path} were extracted with another tokenizer than {vae_from}')
         logger.info('training from the token maps in %s (%d images and their flips; no other augmentation)', args.tokens_path, n_train)
     var_wo_ddp.grad_ckpt = args.grad_ckpt
     logger.info('VAR d%d: %.2fM parameters; tokenizer: %.2fM', args.depth, sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6,
@@ -149,15 +159,18 @@ def main(args: Args) -> Dict[str, float]:
         logger.info('seed %d drawn for the rest of this run', args.seed)
     if ckpt is not None and args.num_classes == 0:
         args.num_classes = ckpt['args']['num_classes']
+    # --init_from: the weights' shape checked against the flags and read now; a resumable checkpoint wins over it
+    init = start_from(args, ckpt, given_flags(args.cmd.split()), out_dir)
 
     # ------------------------------------------------------------------ build data
-    train_set, val_set, meta = build_data(args, token_batches)
+    train_set, val_set, meta, class_names = build_data(args, token_batches)
     if ckpt is not None:
         check_resume_config(ckpt['args'], args, MODEL_KEYS, osp.join(out_dir, LAST))
     sampler, ld_train, ld_val = build_loaders(args, train_set, val_set, start_ep, start_it, device)
 
     # ------------------------------------------------------------------ build models, optimizer and trainer
-    vae_local, var_wo_ddp, var = build_models(args, device, meta, len(train_set))
+    vae_local, var_wo_ddp, var = build_models(args, device, meta, len(train_set), init, class_names)
+    del init
     task = VARTask(build_trainer(args, device, vae_local, var_wo_ddp, var, len(sampler)), args, out_dir, ld_val, token_batches)
     if ckpt is not None:   # with --fsdp=1 the tensors are read now, into the sharded layout (another process count reshards)
         checkpoint_store(args).restore(task, ckpt, [task.trainer.var_opt.optimizer], skip=('trainer/vae_local/',))

@@ -280,8 +280,12 @@ class Args(TokenizerShape):
     nonfinite_patience: int = 50  # stop after this many consecutive steps with a non-finite loss or gradient
     local_out_dir_path: str = 'local_output'
     init_from: str = flag('', "start from these weights only (fresh optimizer, schedule and epoch): a published file or depth "
-                              "(var_d16.pth, 16), a save_pretrained folder or Hub id, or a train.py checkpoint; '': from scratch",
-                          group='checkpoints and resume')
+                              "(var_d16.pth, 16: a local file first, else the Hub), a save_pretrained folder or Hub id, a VAR state "
+                              "dict, or a train.py checkpoint (its EMA weights when it has them, else its trained ones). Their shape "
+                              "flags (--depth --saln --anorm --pn, the tokenizer's) are taken when not given and must agree when given; "
+                              "the tokenizer comes with them unless --vae_ckpt is given; the class embedding follows the data's "
+                              "classes (by name where both sides name them). A resumable checkpoint in local_out_dir_path wins; "
+                              "'': from scratch", group='checkpoints and resume')
     vis_every_ep: int = 0        # tensorboard grid of samples (fixed classes and seeds, EMA weights with --ema) every this many epochs and after the last; 0: a tenth of the run; -1: never
     save_pretrained: bool = True  # at the end, write the final model (EMA weights with --ema) to local_out_dir_path/pretrained: config.json, model.safetensors, vae/
     push_to_hub: str = ''        # Hugging Face repo id: at the end, push the same folder there (checked for network and login before training)
