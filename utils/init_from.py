@@ -23,10 +23,11 @@ from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Seq
 import torch
 
 import dist
-from models.config import PUBLISHED_DEPTHS, VARConfig, VQVAEConfig
+from models.config import PUBLISHED_DEPTHS, VARConfig, VQVAEConfig, build_var, build_vqvae
 from models.pretrained import PUBLISHED_VAE, looks_like_repo_id, saved_var_files
 from models.state_dict import PUBLISHED, published_configs
-from utils.arg_util import FlagError, check_train_flags, derive_scales, flags_from_var_config, flags_from_vqvae_config, pn_flag
+from utils.arg_util import (FlagError, check_train_flags, derive_scales, flags_from_var_config, flags_from_vqvae_config, pn_flag,
+                            var_config_from_flags, vqvae_config_from_flags)
 from utils.ckpt import verify_checksum
 from utils.class_names import CLASSES_JSON, _norm as class_name_key, imagenet_class_names, read_classes_json
 from utils.cli import UserError
@@ -185,7 +186,7 @@ def read_source(spec: str) -> InitSource:
         raise FlagError(f'--init_from={spec}: the published tokenizer, not a VAR; the tokenizer is --vae_ckpt')
     if osp.isfile(spec):
         if osp.basename(spec) in published:
-            return _published(spec, osp.basename(spec), spec)
+            return _published(spec, osp.basename(spec), osp.abspath(spec))
         obj = _read_file(spec, spec)
         if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict) and 'var_wo_ddp' in obj['trainer']:
             return _trainer_ckpt(spec, obj)
@@ -269,10 +270,21 @@ def start_from(args, ckpt: Optional[Mapping], given: Collection[str], out_dir: s
         _check_scales(args, src)
     logger.info('--init_from: the weights of %s; the model\'s shape is theirs%s', src.what,
                 f' (flags not given, taken from them: {", ".join(taken)})' if taken else '')
+    vae_meta, var_meta = _meta_models(args, src.num_classes)
     src.var_state = src.read_var()
+    _check_fits(var_meta, src.var_state, src.what, src.spec)
     if src.read_vae is not None:
         src.vae_state, src.vae_what = src.read_vae()
+        _check_fits(vae_meta, src.vae_state, f'its tokenizer {src.vae_what}', src.spec)
     return src
+
+
+def _meta_models(args, num_classes: int):
+    """The tokenizer and VAR of the flags with the source's class count, on the meta device: their keys and shapes, no memory."""
+    vae = build_vqvae(vqvae_config_from_flags(args), 'meta')
+    var = build_var(var_config_from_flags({**args.state_dict(), 'num_classes': num_classes}), vae, 'meta', flash_if_available=False,
+                    fused_if_available=False)   # --num_classes may still be 0 (the data's count, read later)
+    return vae, var
 
 
 # ------------------------------------------------------------------ the weights
@@ -333,15 +345,13 @@ def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], what:
 @torch.no_grad()
 def load_source_weights(src: InitSource, vae: torch.nn.Module, var: torch.nn.Module, class_names: Optional[Sequence[str]]) -> None:
     """Load the source's VAR weights into the freshly built `var` (strictly; the class embedding by class_embedding_rows) and its
-    tokenizer into `vae` when it brings one (else train.py loads --vae_ckpt); one log line when class rows were re-initialised."""
+    tokenizer into `vae` when it brings one (else train.py loads --vae_ckpt); one log line when the class rows are not the source's."""
     state = dict(src.var_state)
     if 'class_emb.weight' in state:
         state['class_emb.weight'], note = class_embedding_rows(state['class_emb.weight'].to(var.class_emb.weight),
                                                                var.class_emb.weight.detach(), src.class_names, class_names)
         if note:
             logger.info('--init_from: %s', note)
-    _check_fits(var, state, src.what, src.spec)
-    var.load_state_dict(state, strict=True)
+    var.load_state_dict(state, strict=True)   # start_from checked the keys and shapes
     if src.vae_state is not None:
-        _check_fits(vae, src.vae_state, f'its tokenizer {src.vae_what}', src.spec)
         vae.load_state_dict(src.vae_state, strict=True)
