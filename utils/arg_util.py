@@ -214,71 +214,91 @@ MODEL_KEYS = tuple(dict.fromkeys(_args_keys(VAR_FLAGS) + ('patch_size',)
 @dataclass
 class TokenizerShape:
     """The tokenizer's build arguments, shared by every script (the published tokenizer by default)."""
-    vocab_size: int = 4096
-    z_channels: int = 32
-    vae_ch: int = 160
-    share_quant_resi: int = 4
+    vocab_size: int = flag(4096, "the tokenizer's codebook size V, VAR's vocabulary (must fit the tokenizer's weights)", group='model')
+    z_channels: int = flag(32, "the tokenizer's latent channels Cvae: the width of one codebook entry", group='model')
+    vae_ch: int = flag(160, "the tokenizer's base convolution width (a multiple of 32: GroupNorm with 32 groups)", group='model')
+    share_quant_resi: int = flag(4, "the tokenizer's phi convs after quantisation: 0 one per scale, 1 one for all, n >= 2 n shared "
+                                    "by neighbouring scales", group='model')
 
 
 @dataclass
 class Args(TokenizerShape):
-    # data and experiment
-    data_path: str = '/path/to/imagenet'
-    exp_name: str = 'text'
-    # VAE
-    vfast: int = 0          # torch.compile the tokenizer; 0: no, 1: 'reduce-overhead', 2: 'max-autotune', 3: 'default'
-    vae_ckpt: str = 'vae_ch160v4096z32.pth'   # local path; a published file name not found locally is downloaded from FoundationVision/var
-    # VAR
-    tfast: int = 0          # torch.compile VAR; same values as vfast
-    depth: int = 16         # VAR depth (width 64·depth, depth heads)
-    num_classes: int = 0    # 0: the number of class folders in data_path/train
-    # VAR initialization
-    ini: float = -1         # -1: automated init std √(1/(3C))
-    hd: float = 0.02        # head.w *= hd
-    aln: float = 0.5        # the multiplier of ada_lin.w's initialization
-    alng: float = 1e-5      # the multiplier of ada_lin.w[gamma channels]'s initialization
-    # VAR optimization
-    fp16: int = 0           # 1: float16 with a loss scaler, 2: bfloat16
-    tblr: float = 1e-4      # base lr
-    tlr: Optional[float] = None  # derived as in the reference: lr = base lr * (bs / 256); a value given here is ignored
-    fixed_tlr: float = 0    # > 0: use this peak lr as it is, not scaled by the batch size (not in the reference)
-    twd: float = 0.05       # initial wd
-    twde: float = 0         # final wd, = twde or twd
-    tclip: float = 2.       # <= 0 for not using grad clip
-    ls: float = 0.0         # label smooth
-    bs: int = 768           # global batch size (per optimizer step)
-    ac: int = 1             # gradient accumulation
-    ep: int = 250
-    wp: float = 0           # warm-up epochs; 0: ep/50
-    wp0: float = 0.005      # initial lr ratio at the beginning of lr warm up
-    wpe: float = 0.01       # final lr ratio at the end of training
-    sche: str = 'lin0'      # lr schedule: lin0, lin, lin00, linX (X a fraction), cos, exp
-    opt: str = 'adamw'
-    afuse: bool = True      # fused AdamW where available
-    ema: float = 0          # > 0: keep an EMA of the weights with this decay, saved beside them
-    grad_ckpt: bool = False  # activation checkpointing of the transformer blocks
-    fsdp: int = 0           # 1: shard weights, gradients and optimizer state over the processes (FSDP2; checkpoints: DCP folders); 0: DDP
-    # other hps
-    saln: bool = False      # whether to use shared adaln
-    anorm: bool = True      # whether to use L2 normalized attention
-    fuse: bool = True       # whether to use fused ops (flash-attn, xformers, fused MLP) when installed
-    # data
-    pn: str = PN_SHORTCUTS['256']
-    patch_size: int = 16
-    mid_reso: float = 1.125  # aug: first resize the short side to mid_reso * final size, then crop
-    hflip: bool = False     # augmentation: horizontal flip
-    workers: int = 0        # DataLoader worker processes per process; 0: load in the main process
-    tokens_path: str = ''   # train from token maps written by extract_tokens.py instead of images
-    # progressive training
-    pg: float = 0.0         # > 0: progressive training during [0%, pg] of training
-    pg0: int = 4            # progressive initial stage, 0: from the 1st token map, 1: from the 2nd token map, etc
-    pgwp: float = 0         # warm-up epochs at each progressive stage; 0: ep/300
-    # checkpoints, evaluation, logs
-    ckpt_every_min: float = 30   # write ar-ckpt-last.pth every this many minutes (<= 0: off)
-    ckpt_every_it: int = 0       # and every this many iterations (0: off)
-    val_every_ep: int = 10       # validate (and write the checkpoints) every this many epochs and at the end
-    nonfinite_patience: int = 50  # stop after this many consecutive steps with a non-finite loss or gradient
-    local_out_dir_path: str = 'local_output'
+    data_path: str = flag('/path/to/imagenet', 'ImageNet-style folder: train/ and val/, one subfolder of images per class (not read '
+                                               'with --tokens_path)', group='data')
+    exp_name: str = flag('text', "a name for the run, kept in the checkpoint's args (nothing else reads it)", group='logging')
+    vfast: int = flag(0, 'torch.compile the tokenizer: 0 off, 1 mode reduce-overhead, 2 max-autotune, 3 default (--fsdp=1: 0 only)',
+                      group='environment')
+    vae_ckpt: str = flag('vae_ch160v4096z32.pth', "the frozen tokenizer's weights: a state dict (.pth, .safetensors) or a train_vae.py "
+                                                  'checkpoint; a published file name not found locally is downloaded from '
+                                                  'FoundationVision/var', group='model')
+    tfast: int = flag(0, 'torch.compile VAR: 0 off, 1 mode reduce-overhead, 2 max-autotune, 3 default (--fsdp=1: 0 only)',
+                      group='environment')
+    depth: int = flag(16, 'VAR depth: depth blocks of width 64 x depth with depth heads (published: 16, 20, 24, 30, 36)',
+                      group='model')
+    num_classes: int = flag(0, "classes of VAR's class embedding; 0: the number of class folders in data_path/train (or of "
+                               '--tokens_path)', group='model')
+    ini: float = flag(-1, 'std of the initial Linear and Embedding weights; < 0: sqrt(1 / (3 x width))', group='model')
+    hd: float = flag(0.02, "multiplier of the output head's initial weights", group='model')
+    aln: float = flag(0.5, "multiplier of the AdaLN projections' initial scale and shift weights", group='model')
+    alng: float = flag(1e-5, "multiplier of the AdaLN projections' initial gamma weights", group='model')
+    fp16: int = flag(0, 'mixed precision: 0 float32, 1 float16 with a loss scaler, 2 bfloat16', group='optimisation')
+    tblr: float = flag(1e-4, 'base learning rate (> 0): the peak lr is tblr x bs / 256', group='optimisation')
+    tlr: Optional[float] = flag(None, 'ignored, as in the reference (with a warning): the peak lr is --tblr x bs / 256; to set it '
+                                      'directly use --fixed_tlr', group='optimisation')
+    fixed_tlr: float = flag(0, '> 0: the peak lr as given, not scaled by the batch size (--tblr is not used); 0: off',
+                            group='optimisation')
+    twd: float = flag(0.05, 'weight decay at the start, cosine-annealed to --twde (biases, 1-D weights and embeddings get none)',
+                      group='optimisation')
+    twde: float = flag(0, 'weight decay at the end of training; 0: --twd throughout', group='optimisation')
+    tclip: float = flag(2., 'clip the gradient norm at this value; <= 0: no clipping', group='optimisation')
+    ls: float = flag(0.0, 'label smoothing of the cross entropy, in [0, 1); 0: off', group='optimisation')
+    bs: int = flag(768, 'global batch size per optimizer step, over all processes and --ac micro steps', group='optimisation')
+    ac: int = flag(1, 'gradient accumulation: micro steps per optimizer step (>= 1)', group='optimisation')
+    ep: int = flag(250, 'training epochs (>= 1)', group='schedule')
+    wp: float = flag(0, 'epochs of linear lr warm-up from --wp0; 0: ep / 50', group='schedule')
+    wp0: float = flag(0.005, 'lr ratio at the start of the warm-up, in [0, 1]', group='schedule')
+    wpe: float = flag(0.01, 'lr ratio at the end of training (> 0 with --sche=exp)', group='schedule')
+    sche: str = flag('lin0', 'lr schedule after the warm-up, down to --wpe: lin0 (flat for 5%, then linear), lin (flat for 15%), '
+                             'lin00 (linear), linX (X a fraction in (0, 1), e.g. lin0.3), cos, exp; --pg > 0 sets lin<pg>',
+                     group='schedule')
+    opt: str = flag('adamw', 'optimizer: adamw (adam is its alias)', group='optimisation')
+    afuse: bool = flag(True, "fused AdamW where the device has it (PyTorch's fused=True)", group='optimisation')
+    ema: float = flag(0, '> 0: also keep an EMA of the weights with this decay, in [0, 1) (e.g. 0.9999), saved beside them; 0: none',
+                      group='optimisation')
+    grad_ckpt: bool = flag(False, 'activation checkpointing of the transformer blocks: less memory, one more forward',
+                           group='optimisation')
+    fsdp: int = flag(0, '0: DDP, every process holds the whole model; 1: FSDP2, weights, gradients and optimizer state sharded over '
+                        'the processes (checkpoints: DCP folders)', group='distributed')
+    saln: bool = flag(False, 'one AdaLN projection shared by all blocks (as in the published d36)', group='model')
+    anorm: bool = flag(True, 'L2-normalised queries and keys with a learned scale (as in every published VAR)', group='model')
+    fuse: bool = flag(True, "flash-attn or xformers attention and flash-attn's fused MLP on CUDA where installed; off: PyTorch's "
+                            'SDPA and plain layers', group='environment')
+    pn: str = flag(PN_SHORTCUTS['256'], "the scales: increasing token-map sides joined by '_', or 256, 512, 1024 for the "
+                                        'standard sets', group='model')
+    patch_size: int = flag(16, 'pixels per token side at the last scale: 16 (the tokenizer downsamples by 16), so the image side '
+                               'is 16 x the last of --pn', group='model')
+    mid_reso: float = flag(1.125, "augmentation: resize the short side to mid_reso x the image side (>= 1), then crop (train: at "
+                                  'random, val: the centre)', group='data')
+    hflip: bool = flag(False, "augmentation: random horizontal flips (--tokens_path: the flipped image's token maps half of the "
+                              'time)', group='data')
+    workers: int = flag(0, 'DataLoader worker processes per process; 0: load in the main process', group='data')
+    tokens_path: str = flag('', 'train from the token maps extract_tokens.py wrote in this folder instead of images; '
+                                "'': from --data_path", group='data')
+    pg: float = flag(0.0, 'progressive training: > 0 grows the trained scales from --pg0 to all during this fraction of '
+                          'training, in [0, 1); 0: off', group='schedule')
+    pg0: int = flag(4, 'with --pg > 0: the first stage, k trains scales 0 .. k (at most the number of scales - 1)',
+                    group='schedule')
+    pgwp: float = flag(0, "with --pg > 0: epochs over which a new stage's tokens warm up to full loss weight; 0: ep / 300",
+                       group='schedule')
+    ckpt_every_min: float = flag(30, 'also write ar-ckpt-last.pth (the one before: ar-ckpt-prev.pth) every this many minutes, '
+                                     'besides after every epoch; <= 0: off', group='checkpoints and resume')
+    ckpt_every_it: int = flag(0, 'and every this many iterations; 0: off', group='checkpoints and resume')
+    val_every_ep: int = flag(10, 'validate every this many epochs (>= 1) and after the last; ar-ckpt-best.pth has the best '
+                                 'validation loss', group='evaluation')
+    nonfinite_patience: int = flag(50, 'a step with a non-finite loss or gradient is skipped; stop after this many in a row (>= 1)',
+                                   group='optimisation')
+    local_out_dir_path: str = flag('local_output', "the run's folder: checkpoints, log.txt, tensorboard events; the same command "
+                                                   'again resumes from its ar-ckpt-last.pth', group='checkpoints and resume')
     init_from: str = flag('', "start from these weights only (fresh optimizer, schedule and epoch): a published file or depth "
                               "(var_d16.pth, 16: a local file first, else the Hub), a save_pretrained folder or Hub id, a VAR state "
                               "dict, or a train.py checkpoint (its EMA weights when it has them, else its trained ones). Their shape "
@@ -286,13 +306,17 @@ class Args(TokenizerShape):
                               "the tokenizer comes with them unless --vae_ckpt is given; the class embedding follows the data's "
                               "classes (by name where both sides name them). A resumable checkpoint in local_out_dir_path wins; "
                               "'': from scratch", group='checkpoints and resume')
-    vis_every_ep: int = 0        # tensorboard grid of samples (fixed classes and seeds, EMA weights with --ema) every this many epochs and after the last; 0: a tenth of the run; -1: never
-    save_pretrained: bool = True  # at the end, write the final model (EMA weights with --ema) to local_out_dir_path/pretrained: config.json, model.safetensors, vae/
-    push_to_hub: str = ''        # Hugging Face repo id: at the end, push the same folder there (checked for network and login before training)
-    # environment
-    tf32: bool = True       # TensorFloat32 matmuls on CUDA
-    seed: Optional[int] = None   # None: a random seed, recorded in the checkpoint so that a resume continues the same streams
-    same_seed_for_all_ranks: int = 0  # shuffling seed shared by all ranks
+    vis_every_ep: int = flag(0, 'a tensorboard grid of samples (fixed classes and seeds; EMA weights with --ema) every this many '
+                                'epochs and after the last; 0: a tenth of the run, -1: never', group='logging')
+    save_pretrained: bool = flag(True, 'at the end, write the final model (EMA weights with --ema) to local_out_dir_path/pretrained: '
+                                       'config.json, model.safetensors, vae/', group='checkpoints and resume')
+    push_to_hub: str = flag('', 'a Hugging Face repo id: at the end, push that folder there (network and login are checked before '
+                                "training); '': no push", group='checkpoints and resume')
+    tf32: bool = flag(True, 'TensorFloat32 matmuls and convolutions on CUDA (off: IEEE float32)', group='environment')
+    seed: Optional[int] = flag(None, 'seed of the initialisation, the augmentations and every step; None: drawn at random and '
+                                     'recorded in the checkpoint, so that a resume continues the same streams', group='environment')
+    same_seed_for_all_ranks: int = flag(0, "seed of the data order (every process shuffles with it and takes its slice of each "
+                                           'global batch)', group='data')
 
     # derived; set by finalize(), not flags
     patch_nums: Tuple[int, ...] = field(default=(), metadata={'derived': True})
@@ -350,58 +374,76 @@ VAE_MODEL_KEYS = _args_keys(VQVAE_FLAGS)
 @dataclass
 class VAEArgs(TokenizerShape):
     """Flags of train_vae.py: the multi-scale VQVAE tokenizer, from scratch or fine-tuned."""
-    data_path: str = '/path/to/imagenet'
-    exp_name: str = 'vae'
-    local_out_dir_path: str = 'local_output_vae'
-    vae_ckpt: str = ''           # weights to start from (fine-tuning); '' trains from scratch; a published name is downloaded
-    eval_only: bool = False      # only measure PSNR, SSIM and codebook usage on the val folder, then stop
+    data_path: str = flag('/path/to/imagenet', 'ImageNet-style folder: train/ and val/, one subfolder of images per class',
+                          group='data')
+    exp_name: str = flag('vae', "a name for the run, kept in the checkpoint's args (nothing else reads it)", group='logging')
+    local_out_dir_path: str = flag('local_output_vae', "the run's folder: checkpoints, vae.safetensors, log.txt, tensorboard events; "
+                                                       'the same command again resumes from its vae-ckpt-last.pth',
+                                   group='checkpoints and resume')
+    vae_ckpt: str = flag('', 'weights to fine-tune (or, with --eval_only, to evaluate): a state dict (.pth, .safetensors) or a '
+                             "train_vae.py checkpoint; a published file name not found locally is downloaded; '': from scratch",
+                         group='checkpoints and resume')
+    eval_only: bool = flag(False, 'only measure PSNR, SSIM and codebook usage on the val folder, then stop (the weights: --vae_ckpt, '
+                                  'else local_out_dir_path/vae-ckpt-last.pth)', group='evaluation')
     recon_npz: str = flag('', "with --eval_only: also write the val images' reconstructions to this .npz (arr_0, N x H x W x 3 "
                               "uint8) and the originals beside it (<stem>_ref.npz), for rFID; '': none", group='evaluation')
-    quant_resi: float = 0.5
-    using_znorm: bool = False
-    beta: float = 0.25           # commitment weight inside the vq loss
-    pn: str = PN_SHORTCUTS['256']
-    patch_size: int = 16
-    # data
-    mid_reso: float = 1.125
-    hflip: bool = False
-    workers: int = 0
-    # optimisation
-    bs: int = 64                 # global batch size
-    ac: int = 1
-    ep: int = 100
-    lr: float = 1e-4             # peak lr of the tokenizer (not scaled by bs)
-    wd: float = 0.0
-    wp: float = 1                # warm-up epochs
-    wp0: float = 0.01
-    wpe: float = 0.1
-    sche: str = 'cos'
-    clip: float = 0.0            # gradient clip (<= 0: off)
-    fp16: int = 0                # 1: float16 with a loss scaler, 2: bfloat16
-    afuse: bool = True
-    fsdp: int = 0                # 1: shard the tokenizer's weights, gradients and optimizer state over the processes (FSDP2); 0: DDP
-    # losses
-    rec_loss: str = 'l1'         # pixel reconstruction: l1 or l2
-    rec_weight: float = 1.0
-    vq_weight: float = 1.0       # weight of the multi-scale vq loss
-    lpips_weight: float = 1.0    # perceptual loss weight (0: off, no VGG weights needed)
-    lpips_vgg: str = ''          # VGG16 ImageNet weights file ('' : torchvision's download)
-    lpips_lin: str = ''          # LPIPS v0.1 linear weights file ('' : the LPIPS release download)
-    disc_start: int = 20000      # iteration at which the adversarial loss starts (< 0: never)
-    disc_weight: float = 0.5
-    disc_lr: float = 0.0         # 0: = lr
-    disc_ch: int = 64
-    disc_layers: int = 3
-    reinit_dead: int = 0         # every this many iterations, re-initialise unused codebook entries (0: off)
-    dead_threshold: float = 0.03  # an entry is unused when its EMA hits fall below this fraction of a uniform share
-    # checkpoints and logs
-    ckpt_every_min: float = 30
-    ckpt_every_it: int = 0
-    val_every_ep: int = 1
-    nonfinite_patience: int = 50
-    tf32: bool = True
-    seed: Optional[int] = None
-    same_seed_for_all_ranks: int = 0
+    quant_resi: float = flag(0.5, 'the phi convs after quantisation: phi(h) = (1 - r) h + r conv(h) with r = |quant_resi|; 0: none',
+                             group='model')
+    using_znorm: bool = flag(False, 'the nearest codebook entry by cosine similarity instead of L2 distance', group='model')
+    beta: float = flag(0.25, 'commitment weight inside the vq loss', group='losses')
+    pn: str = flag(PN_SHORTCUTS['256'], "the scales: increasing token-map sides joined by '_', or 256, 512, 1024 for the "
+                                        'standard sets', group='model')
+    patch_size: int = flag(16, 'pixels per token side at the last scale: 16 (the tokenizer downsamples by 16), so the image side '
+                               'is 16 x the last of --pn', group='model')
+    mid_reso: float = flag(1.125, "augmentation: resize the short side to mid_reso x the image side (>= 1), then crop (train: at "
+                                  'random, val: the centre)', group='data')
+    hflip: bool = flag(False, 'augmentation: random horizontal flips', group='data')
+    workers: int = flag(0, 'DataLoader worker processes per process; 0: load in the main process', group='data')
+    bs: int = flag(64, 'global batch size per optimizer step, over all processes and --ac micro steps', group='optimisation')
+    ac: int = flag(1, 'gradient accumulation: micro steps per optimizer step (>= 1)', group='optimisation')
+    ep: int = flag(100, 'training epochs (>= 1)', group='schedule')
+    lr: float = flag(1e-4, 'peak lr of the tokenizer (not scaled by the batch size)', group='optimisation')
+    wd: float = flag(0.0, 'weight decay (the codebook, biases and 1-D weights get none)', group='optimisation')
+    wp: float = flag(1, 'epochs of linear lr warm-up from --wp0 (>= 0)', group='schedule')
+    wp0: float = flag(0.01, 'lr ratio at the start of the warm-up, in [0, 1]', group='schedule')
+    wpe: float = flag(0.1, 'lr ratio at the end of training (> 0 with --sche=exp)', group='schedule')
+    sche: str = flag('cos', 'lr schedule after the warm-up, down to --wpe: lin0 (flat for 5%, then linear), lin (flat for 15%), '
+                            'lin00 (linear), linX (X a fraction in (0, 1), e.g. lin0.3), cos, exp', group='schedule')
+    clip: float = flag(0.0, 'clip the gradient norm of the tokenizer and the discriminator at this value; <= 0: no clipping',
+                       group='optimisation')
+    fp16: int = flag(0, 'mixed precision: 0 float32, 1 float16 with a loss scaler, 2 bfloat16', group='optimisation')
+    afuse: bool = flag(True, "fused AdamW where the device has it (PyTorch's fused=True)", group='optimisation')
+    fsdp: int = flag(0, "0: DDP; 1: FSDP2, the tokenizer's weights, gradients and optimizer state sharded over the processes "
+                        '(needs --disc_start=-1 --reinit_dead=0)', group='distributed')
+    rec_loss: str = flag('l1', 'pixel reconstruction loss: l1 or l2', group='losses')
+    rec_weight: float = flag(1.0, 'weight of the pixel reconstruction loss', group='losses')
+    vq_weight: float = flag(1.0, 'weight of the multi-scale vq loss', group='losses')
+    lpips_weight: float = flag(1.0, 'weight of the LPIPS perceptual loss; 0: off (no VGG weights needed)', group='losses')
+    lpips_vgg: str = flag('', "a local VGG16 ImageNet weights file for LPIPS; '': torchvision's download", group='losses')
+    lpips_lin: str = flag('', "a local LPIPS v0.1 linear weights file; '': the LPIPS release's download", group='losses')
+    disc_start: int = flag(20000, 'iteration at which the adversarial loss of a PatchGAN discriminator starts; < 0: never (no '
+                                  'discriminator)', group='losses')
+    disc_weight: float = flag(0.5, 'multiplier of the adaptive adversarial weight (gradient norms at the decoder\'s last layer)',
+                              group='losses')
+    disc_lr: float = flag(0.0, "the discriminator's peak lr; 0: --lr", group='optimisation')
+    disc_ch: int = flag(64, "the discriminator's first conv width", group='model')
+    disc_layers: int = flag(3, "the discriminator's depth: its 4x4 convs halve the side this many times", group='model')
+    reinit_dead: int = flag(0, 'every this many iterations, give unused codebook entries new values from the batch; 0: off',
+                            group='optimisation')
+    dead_threshold: float = flag(0.03, 'with --reinit_dead: an entry is unused when its hits (an EMA) fall below this fraction of '
+                                       'a uniform share', group='optimisation')
+    ckpt_every_min: float = flag(30, 'also write vae-ckpt-last.pth (the one before: vae-ckpt-prev.pth) every this many minutes, '
+                                     'besides after every epoch; <= 0: off', group='checkpoints and resume')
+    ckpt_every_it: int = flag(0, 'and every this many iterations; 0: off', group='checkpoints and resume')
+    val_every_ep: int = flag(1, 'validate (PSNR, SSIM, codebook usage) every this many epochs (>= 1) and after the last; '
+                                'vae-ckpt-best.pth has the highest PSNR', group='evaluation')
+    nonfinite_patience: int = flag(50, 'a step with a non-finite loss or gradient is skipped; stop after this many in a row (>= 1)',
+                                   group='optimisation')
+    tf32: bool = flag(True, 'TensorFloat32 matmuls and convolutions on CUDA (off: IEEE float32)', group='environment')
+    seed: Optional[int] = flag(None, 'seed of the initialisation, the augmentations and every step; None: drawn at random and '
+                                     'recorded in the checkpoint (0 with --eval_only)', group='environment')
+    same_seed_for_all_ranks: int = flag(0, "seed of the data order (every process shuffles with it and takes its slice of each "
+                                           'global batch)', group='data')
 
     patch_nums: Tuple[int, ...] = field(default=(), metadata={'derived': True})
     data_load_reso: int = field(default=0, metadata={'derived': True})
@@ -439,15 +481,23 @@ def parse_vae_args(argv: Optional[Sequence[str]] = None) -> VAEArgs:
 @dataclass
 class ExtractArgs(TokenizerShape):
     """Flags of extract_tokens.py."""
-    data_path: str = '/path/to/imagenet'
-    tokens_path: str = 'local_tokens'
-    vae_ckpt: str = 'vae_ch160v4096z32.pth'
-    pn: str = PN_SHORTCUTS['256']
-    patch_size: int = 16
-    mid_reso: float = 1.125   # images: short side resized to mid_reso x the final size, then centre-cropped
-    bs: int = 64              # images per process and batch
-    workers: int = 0
-    tf32: bool = False        # keep float32 tokenisation exact on CUDA by default
+    data_path: str = flag('/path/to/imagenet', 'ImageNet-style folder: train/ and val/, one subfolder of images per class',
+                          group='data')
+    tokens_path: str = flag('local_tokens', 'the folder to write (for train.py --tokens_path): one token array per split, '
+                                            'meta.json once complete; a rerun finishes or reuses it', group='data')
+    vae_ckpt: str = flag('vae_ch160v4096z32.pth', "the tokenizer's weights: a state dict (.pth, .safetensors) or a train_vae.py "
+                                                  'checkpoint; a published file name not found locally is downloaded from '
+                                                  'FoundationVision/var', group='model')
+    pn: str = flag(PN_SHORTCUTS['256'], "the scales: increasing token-map sides joined by '_', or 256, 512, 1024 for the "
+                                        'standard sets', group='model')
+    patch_size: int = flag(16, 'pixels per token side at the last scale: 16 (the tokenizer downsamples by 16), so the image side '
+                               'is 16 x the last of --pn', group='model')
+    mid_reso: float = flag(1.125, 'resize the short side to mid_reso x the image side (>= 1), then crop the centre (the '
+                                  'validation transform)', group='data')
+    bs: int = flag(64, 'images per process and batch (>= 1)', group='data')
+    workers: int = flag(0, 'DataLoader worker processes per process; 0: load in the main process', group='data')
+    tf32: bool = flag(False, 'TensorFloat32 matmuls and convolutions on CUDA (off: IEEE float32, the exact tokens)',
+                      group='environment')
 
     patch_nums: Tuple[int, ...] = field(default=(), metadata={'derived': True})
     data_load_reso: int = field(default=0, metadata={'derived': True})
@@ -467,12 +517,20 @@ def parse_extract_args(argv: Optional[Sequence[str]] = None) -> ExtractArgs:
 @dataclass
 class ModelFlags(TokenizerShape):
     """How sample.py and edit.py find their weights and build the models."""
-    var_ckpt: str = ''                   # train.py checkpoint or VAR state dict; '' : the published var_d{depth}.pth
-    vae_ckpt: str = 'vae_ch160v4096z32.pth'
-    ema: bool = False                    # the EMA weights of a train.py checkpoint
-    depth: int = 16
-    pn: str = ''                         # '' : the published scales for the depth (512 px for d36)
-    saln: Optional[bool] = None          # None: as published (True for d36)
-    anorm: bool = True
-    num_classes: int = 1000
-    fuse: bool = True
+    var_ckpt: str = flag('', 'VAR weights: a train.py checkpoint (it defines the model and brings its tokenizer), a save_pretrained '
+                             'folder or Hub repo id (the same), or a VAR state dict (.pth, .safetensors; built from the flags); '
+                             "'': the published var_d{depth}.pth (a local file, else downloaded)", group='model')
+    vae_ckpt: str = flag('vae_ch160v4096z32.pth', 'the tokenizer of a VAR state dict or published VAR: a state dict or a '
+                                                  'train_vae.py checkpoint; a published file name not found locally is '
+                                                  'downloaded (a checkpoint or folder --var_ckpt brings its own)', group='model')
+    ema: bool = flag(False, 'the EMA weights of a train.py checkpoint --var_ckpt (trained with --ema)', group='model')
+    depth: int = flag(16, "VAR depth: with --var_ckpt '', which published var_d{depth}.pth (16, 20, 24, 30, 36)", group='model')
+    pn: str = flag('', "the scales: token-map sides joined by '_', or 256, 512, 1024; '': the published ones for --depth (512 px "
+                       'for d36)', group='model')
+    saln: Optional[bool] = flag(None, 'one AdaLN projection shared by all blocks; None: as published (on for d36 only)',
+                                group='model')
+    anorm: bool = flag(True, 'L2-normalised queries and keys with a learned scale (as in every published VAR)', group='model')
+    num_classes: int = flag(1000, 'the classes 0 .. num_classes-1 the script may use (at most the model\'s, which its weights give)',
+                            group='model')
+    fuse: bool = flag(True, "flash-attn or xformers attention and flash-attn's fused MLP on CUDA where installed; off: PyTorch's "
+                            'SDPA and plain layers', group='environment')

@@ -6,6 +6,7 @@ of this project (bench.py's measuring process imports `models` from another work
 import argparse
 import dataclasses
 import sys
+import textwrap
 from typing import Any, Optional, Sequence, Type, TypeVar, Union, get_args, get_origin
 
 __all__ = ['flag', 'GROUPS', 'parse_dataclass', 'str2bool']
@@ -24,20 +25,25 @@ def str2bool(v: Union[str, bool]) -> bool:
 
 T = TypeVar('T')
 
-# --help lists a script's flags under these headings, in this order (a field's metadata 'group')
-GROUPS = ('data', 'model', 'optimisation', 'schedule', 'checkpoints and resume', 'distributed', 'logging', 'sampling',
-          'evaluation', 'environment')
+# --help lists a script's flags under these headings, in this order (a field's metadata 'group'); a field without one is
+# listed under argparse's own heading, beside --help
+GROUPS = ('data', 'model', 'losses', 'optimisation', 'schedule', 'checkpoints and resume', 'distributed', 'logging', 'sampling',
+          'evaluation', 'benchmark', 'output', 'environment')
 
 
-def flag(default: Any = dataclasses.MISSING, help: str = '', *, group: str = '', **metadata: Any) -> Any:
+def flag(default: Any = dataclasses.MISSING, help: str = '', *, group: str = '', default_factory: Any = dataclasses.MISSING,
+         **metadata: Any) -> Any:
     """A dataclass field that is a flag: its default, its one line of --help (allowed values included) and its group.
 
     The help text lives here, with the declaration, and nowhere else; parse_dataclass prints it with the default.
-    Further metadata: 'choices', 'metavar', 'positional'. A mutable default (a list, a dict) is not supported.
+    Further metadata: 'choices', 'metavar', 'positional'. A mutable default (a list, a dict) is not supported;
+    default_factory computes a default when the flags are parsed (e.g. from the machine).
     """
     if group and group not in GROUPS:
         raise ValueError(f'flag group {group!r} is not one of {GROUPS}')
-    return dataclasses.field(default=default, metadata={'help': help, 'group': group, **metadata})
+    if '\n' in help:
+        raise ValueError(f'the help of a flag is one line (no newline): {help!r}')
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={'help': help, 'group': group, **metadata})
 
 
 def _field_type(tp):
@@ -47,6 +53,27 @@ def _field_type(tp):
     return tp
 
 
+# the placeholder of a flag's value in --help, by type (metadata 'metavar' overrides it; choices list themselves)
+_METAVARS = {int: 'INT', float: 'FLOAT', str: 'STR', bool: 'BOOL'}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the default after every optional flag's text (a required one has none); an empty string reads as ''."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=28)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required:
+            return action.help
+        text = super()._get_help_string(action)
+        return text.replace('%(default)s', "''") if action.default == '' else text
+
+    def _split_lines(self, text: str, width: int):
+        # whole words only: a path, a URL or a flag like --eval_only is never broken at a hyphen or an underscore
+        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
 class _FlagParser(argparse.ArgumentParser):
     """argparse whose errors (an unknown flag, a bad value, a missing argument) are one line on stderr and exit code 2."""
 
@@ -54,13 +81,18 @@ class _FlagParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (--help lists the flags)\n')
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
-    """One dataclass field as one argument: metadata may give 'help', 'choices', 'metavar' and 'positional'.
+def _add_field(parser, f: dataclasses.Field) -> None:
+    """One dataclass field as one argument (of a parser or an argument group): metadata may give 'help', 'choices', 'metavar'
+    and 'positional'.
 
     A flag without a default is required; a bool flag also takes a bare --name (= true).
     """
     kw = {k: f.metadata[k] for k in ('help', 'choices', 'metavar') if k in f.metadata}
+    if 'help' in kw:
+        kw['help'] = kw['help'].replace('%', '%%')   # argparse formats the text with %(default)s and the like
     tp = _field_type(f.type)
+    if 'metavar' not in kw and 'choices' not in kw and not f.metadata.get('positional'):
+        kw['metavar'] = _METAVARS.get(tp, tp.__name__.upper())
     if f.metadata.get('positional'):
         parser.add_argument(f.name, type=tp, **kw)
         return
@@ -81,11 +113,15 @@ def parse_dataclass(cls: Type[T], argv: Optional[Sequence[str]] = None, descript
 
     Unknown flags are an error (one line, exit code 2). Fields with metadata {'derived': True} are not flags;
     {'positional': True} makes a field a positional argument, in field order (see _add_field for the rest).
+    --help lists the positional arguments first, then the flags under the headings of GROUPS, in that order (a field's
+    metadata 'group'; argparse's own heading for a flag without one), each group's flags in field order.
     """
-    parser = _FlagParser(description=description, allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _FlagParser(description=description, allow_abbrev=False, formatter_class=_HelpFormatter)
+    headings = {g: parser.add_argument_group(g) for g in GROUPS}   # argparse leaves out a heading with no flags
     for f in dataclasses.fields(cls):
         if not f.metadata.get('derived'):
-            _add_field(parser, f)
+            positional = f.metadata.get('positional')
+            _add_field(parser if positional else headings.get(f.metadata.get('group', ''), parser), f)
     ns = parser.parse_args(argv)
     out = cls(**vars(ns))
     if any(f.name == 'cmd' for f in dataclasses.fields(cls)):
