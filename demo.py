@@ -21,12 +21,12 @@ import os.path as osp
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 import torch
 
-from utils.flags import parse_dataclass
+from utils.flags import flag, parse_dataclass
 
 REPO = osp.dirname(osp.abspath(__file__))
 
@@ -57,9 +57,10 @@ def run_stage(name: str, argv: Sequence[str]) -> None:
 @dataclass
 class DemoArgs:
     """Flags of demo.py."""
-    out: str = field(default='demo_output', metadata={'help': 'folder for the dataset, checkpoints and the grid'})
-    quick: bool = field(default=False, metadata={'help': 'a seconds-long run with tiny models (for the tests)'})
-    seed: int = 0
+    out: str = flag('demo_output', 'folder for the dataset, checkpoints and the grid; a rerun reuses what an earlier one finished',
+                    group='output')
+    quick: bool = flag(False, 'a seconds-long run with tiny models (for the tests)', group='model')
+    seed: int = flag(0, 'seed of the dataset, of both training runs and of the samples', group='environment')
 
 
 def make_data(out: str, cfg: dict, seed: int) -> Tuple[str, List[str]]:

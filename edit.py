@@ -34,7 +34,7 @@ from torchvision.transforms import InterpolationMode
 
 import dist
 from models.helpers import EDIT_MODES, make_edit_mask
-from utils.arg_util import FlagError, ModelFlags, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
+from utils.arg_util import FlagError, ModelFlags, flag, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
 from utils.cli import UserError, run_main
 from utils.data import normalize_01_into_pm1
 from utils.imgs import IMAGE_READ_ERRORS, load_rgb, save_png_atomic, to_uint8_BHW3
@@ -48,19 +48,26 @@ BLACK = (0, 0, 0)
 
 @dataclass
 class EditArgs(ModelFlags):
-    image: str = ''
-    out: str = 'edit.png'                # with --n > 1: <stem>_<k>.png
-    mode: str = 'inpaint'                # inpaint | outpaint | class
-    box: str = ''                        # y0,x0,y1,x1 in [0, 1]
-    mask: str = ''                       # a mask image instead of --box: white = the region
+    image: str = flag('', "the photo to edit (required); read as a viewer shows it, its short side resized to the model's "
+                          'resolution and the centre cropped', group='data')
+    out: str = flag('edit.png', 'the result, a .png; with --n > 1: <stem>_<k>.png', group='output')
+    num_classes: int = flag(1000, "the model's class count, to check --class_id before the weights are read (a train.py "
+                                  'checkpoint brings its own)', group='model')
+    mode: str = flag('inpaint', 'inpaint: regenerate the region, keep the rest; outpaint: keep the region, regenerate the rest; '
+                                'class: regenerate the region as --class_id', group='sampling')
+    box: str = flag('', 'the region as y0,x0,y1,x1, fractions of the height and width (0 <= y0 < y1 <= 1, 0 <= x0 < x1 <= 1); '
+                        'or --mask', group='data')
+    mask: str = flag('', "the region as a mask image of the photo's size, white (> 127) where it is; or --box", group='data')
     class_id: int = -1                   # the label to sample with; -1: no class (required for --mode=class)
-    n: int = 1                           # how many versions (seeds seed, seed+1, ...)
-    cfg: float = 3.0
-    top_k: int = 900
-    top_p: float = 0.95
-    more_smooth: bool = False
-    seed: int = 0
-    save_recon: bool = False             # also write the tokenizer's reconstruction of the input (<stem>_recon.png)
+    n: int = flag(1, 'how many versions (>= 1), with the seeds seed, seed + 1, ...', group='sampling')
+    cfg: float = flag(3.0, 'classifier-free guidance, from none at the first scale to cfg at the last (0: none)', group='sampling')
+    top_k: int = flag(900, 'keep the k most likely tokens at each position (0 .. the vocabulary size; 0: no top-k filtering)',
+                      group='sampling')
+    top_p: float = flag(0.95, 'nucleus filtering: keep the most likely tokens that hold this share of the probability, in (0, 1] '
+                              '(1: no nucleus filtering)', group='sampling')
+    more_smooth: bool = flag(False, 'Gumbel-softmax smoothing of the drawn tokens: smoother images', group='sampling')
+    seed: int = flag(0, 'seed of the first version (version k: seed + k), in [0, 2^63 - n]', group='sampling')
+    save_recon: bool = flag(False, "also write the tokenizer's reconstruction of the input, <stem>_recon.png", group='output')
     cmd: str = field(default='', metadata={'derived': True})
     given: Tuple[str, ...] = field(default=(), metadata={'derived': True})   # the flags named on the command line
 

@@ -17,13 +17,13 @@ import os
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from utils.flags import parse_dataclass
+from utils.flags import flag, parse_dataclass
 from utils.cli import UserError, run_main
 from utils.log import setup_logging
 from utils.misc import open_npz_arr0, read_npz_manifest
@@ -212,14 +212,15 @@ def print_sample_manifest(sample_npz: str) -> None:
 @dataclass
 class EvaluateArgs:
     """Flags of evaluate.py."""
-    ref_npz: str = field(metadata={'positional': True, 'help': 'reference batch, e.g. VIRTUAL_imagenet256_labeled.npz'})
-    sample_npz: str = field(metadata={'positional': True, 'help': 'samples, e.g. the npz written by sample.py'})
-    inception_weights: str = field(default='', metadata={'help': f'local copy of {INCEPTION_URL}'})
-    bs: int = 100
-    splits: int = field(default=10, metadata={'help': 'Inception Score splits'})
-    k: int = field(default=3, metadata={'help': 'neighbours for precision and recall'})
-    device: Optional[str] = None
-    out_json: str = field(default='', metadata={'help': 'append the metrics as one JSON line to this file'})
+    ref_npz: str = flag(help='reference batch: arr_0 (N, H, W, 3) uint8, e.g. VIRTUAL_imagenet256_labeled.npz', positional=True)
+    sample_npz: str = flag(help='samples: arr_0 (N, H, W, 3) uint8, e.g. the npz written by sample.py', positional=True)
+    inception_weights: str = flag('', f"a local copy of {INCEPTION_URL}; '': the download cached in the torch hub folder",
+                                  group='model')
+    bs: int = flag(100, 'images per Inception batch (>= 1)', group='evaluation')
+    splits: int = flag(10, 'Inception Score splits (>= 1)', group='evaluation')
+    k: int = flag(3, 'neighbours for precision and recall (>= 1)', group='evaluation')
+    device: Optional[str] = flag(None, 'cpu, cuda or cuda:N; None: cuda where available, else cpu', group='environment')
+    out_json: str = flag('', "append the metrics as one JSON line to this file (its folder must exist); '': none", group='output')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:

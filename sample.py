@@ -50,19 +50,28 @@ MANIFEST_FORMAT = 'var-sample-set/1'   # image i: label i // per_class, generato
 
 @dataclass
 class SampleArgs(ModelFlags):
-    out: str = 'samples'                 # PNG folder; the npz is <out>.npz
-    per_class: int = 50
+    out: str = flag('samples', 'the PNG folder (and its manifest.json); the npz is <out>.npz; a rerun with the same settings '
+                               'resumes there', group='output')
+    num_classes: int = flag(1000, "sample classes 0 .. num_classes-1 (>= 1, at most the model's class count)", group='sampling')
+    per_class: int = flag(50, 'images per class (>= 1): image i has label i // per_class', group='sampling')
     classes: str = flag('', "the classes to sample, comma-separated ids or names (e.g. 980,volcano); 'null': unconditional "
                             "(the null class of classifier-free guidance); '': every class 0 .. num_classes-1", group='sampling')
-    cfg: float = 1.5
-    top_k: int = 900                     # 0: no top-k filtering
-    top_p: float = 0.96                  # 1: no nucleus filtering
-    more_smooth: bool = False
-    seed: int = 0
-    bs: int = 32                         # images per process and batch
-    fp16: int = 0                        # autocast (CUDA or CPU): 1 float16, 2 bfloat16; 0 float32 (the reference's numbers)
-    tf32: bool = True
-    no_npz: bool = False                 # only the PNGs
+    cfg: float = flag(1.5, "classifier-free guidance, from none at the first scale to cfg at the last (1.5: the reference's FID "
+                           'setting; 0: none)', group='sampling')
+    top_k: int = flag(900, 'keep the k most likely tokens at each position (0 .. the vocabulary size; 0: no top-k filtering)',
+                      group='sampling')
+    top_p: float = flag(0.96, 'nucleus filtering: keep the most likely tokens that hold this share of the probability, in (0, 1] '
+                              '(1: no nucleus filtering)', group='sampling')
+    more_smooth: bool = flag(False, 'Gumbel-softmax smoothing of the drawn tokens: smoother images for viewing, not for FID',
+                             group='sampling')
+    seed: int = flag(0, "seed of the set: image i's random stream is seeded by (seed, i), whatever the number of processes",
+                     group='sampling')
+    bs: int = flag(32, 'images per process and batch (>= 1; on the CPU in float32 the images do not depend on it)',
+                   group='sampling')
+    fp16: int = flag(0, "autocast on CUDA or the CPU: 1 float16, 2 bfloat16; 0: float32 (the reference's numbers)",
+                     group='sampling')
+    tf32: bool = flag(True, 'TensorFloat32 matmuls and convolutions on CUDA (off: IEEE float32)', group='environment')
+    no_npz: bool = flag(False, 'write only the PNGs, not <out>.npz', group='output')
     cmd: str = field(default='', metadata={'derived': True})
     given: Tuple[str, ...] = field(default=(), metadata={'derived': True})   # the flags named on the command line
 

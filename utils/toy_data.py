@@ -10,12 +10,12 @@ import math
 import os
 import os.path as osp
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
-from utils.flags import parse_dataclass
+from utils.flags import flag, parse_dataclass
 
 __all__ = ['SHAPES', 'COLOURS', 'class_names', 'render', 'make_shapes_dataset']
 
@@ -112,17 +112,19 @@ def make_shapes_dataset(root: str, train_per_class: int = 200, val_per_class: in
 @dataclass
 class ToyDataArgs:
     """Flags of `python -m utils.toy_data`."""
-    root: str = field(metadata={'positional': True, 'help': 'the folder to write: ROOT/train and ROOT/val, one folder per class'})
-    train_per_class: int = 200
-    val_per_class: int = 20
-    size: int = 64
-    n_shapes: int = 3
-    n_colours: int = 2
-    seed: int = 0
-    gradient: int = field(default=1, metadata={'help': '1: gradient backgrounds, 0: solid ones'})
-    min_r: float = 0.2
-    max_r: float = 0.34
-    bg_jitter: int = field(default=95, metadata={'help': 'how far (per channel) backgrounds vary below 245'})
+    root: str = flag(help='the folder to write: ROOT/train and ROOT/val, one folder per class (a complete one made with the same '
+                          'flags is kept as it is)', positional=True)
+    train_per_class: int = flag(200, 'training images per class', group='data')
+    val_per_class: int = flag(20, 'validation images per class', group='data')
+    size: int = flag(64, 'image side in pixels', group='data')
+    n_shapes: int = flag(3, f'shapes, the first n of {", ".join(SHAPES)} (1 .. {len(SHAPES)})', group='data')
+    n_colours: int = flag(2, f'colours, the first n of {", ".join(COLOURS)} (1 .. {len(COLOURS)}); classes: shapes x colours',
+                          group='data')
+    seed: int = flag(0, 'seed of every random choice: the same flags give the same files', group='data')
+    gradient: int = flag(1, '1: gradient backgrounds, 0: solid ones', group='data')
+    min_r: float = flag(0.2, "a shape's smallest radius, as a fraction of the side", group='data')
+    max_r: float = flag(0.34, "a shape's largest radius, as a fraction of the side", group='data')
+    bg_jitter: int = flag(95, 'how far (per channel) backgrounds vary below 245', group='data')
 
 
 def main(argv: Sequence[str] = None) -> None:
