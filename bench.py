@@ -64,7 +64,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from utils.flags import parse_dataclass   # the standard library only: `bench.py side` imports `models` from --impl after it
+from utils.flags import flag, parse_dataclass   # the standard library only: `bench.py side` imports `models` from --impl after it
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -615,39 +615,41 @@ def check_args(args) -> None:
 class BenchArgs:
     """Flags of bench.py: the subcommand first, then its flags (one set for all subcommands; check_args refuses the mixes
     that cannot work)."""
-    what: str = field(metadata={'positional': True, 'choices': ('train', 'sample', 'compare', 'cpu', 'side', 'fsdp'),
-                                'help': 'train, sample: time one of them; compare: a table of timed runs (see --reference); '
-                                        'cpu: the fast paths this CPU gets; side: one measuring process (internal); '
-                                        'fsdp: peak memory per process and step time, DDP against FSDP2 (bench_fsdp.py)'})
-    depth: int = 8
-    bs: int = 4
-    reso: int = field(default=256, metadata={'choices': (256, 512)})
-    dtype: str = field(default='fp32', metadata={'choices': ('fp32', 'bf16', 'fp16')})
-    mode: str = field(default='fast', metadata={'choices': ('fast', 'baseline')})
-    tokens: bool = field(default=False, metadata={'help': 'train from pre-extracted tokens (no tokenisation in the step)'})
-    grad_ckpt: bool = False
-    steps: Optional[int] = field(default=None, metadata={
-        'help': 'timed steps per process after one warm-up (default 3; compare --reference: 1)'})
-    device: Optional[str] = field(default=None, metadata={
-        'help': 'default: cuda where available, else cpu (compare --reference: cpu unless --device=cuda)'})
-    save_images: str = ''
-    out_dir: str = field(default=os.path.join(REPO, 'local_output', 'bench'),
-                         metadata={'help': 'compare: where compare.json and the sampled images go'})
-    repeat: int = field(default=3, metadata={'help': 'compare: runs of each measurement, interleaved; the table gives medians'})
-    quick: bool = field(default=False, metadata={'help': 'compare: a tiny configuration, to check the script'})
-    json: bool = field(default=False, metadata={'help': 'print one JSON line (used by compare)'})
-    tf32: bool = field(default=False, metadata={
-        'help': 'CUDA: TensorFloat32 for float32 matmuls and convolutions (off: IEEE float32)'})
-    reference: Optional[str] = field(default=None, metadata={
-        'metavar': 'DIR', 'help': 'compare: time the reference implementation in DIR (a work tree of FoundationVision/VAR) '
-                                  'against this code, instead of this code against its --mode=baseline'})
-    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)),
-                         metadata={'help': 'compare --reference: torch threads of every process'})
-    impl: str = field(default='', metadata={
-        'help': 'side: the implementation to import `models` from (internal, used by compare --reference)'})
-    row: str = field(default='train_live', metadata={'choices': list(ROW_SPECS), 'help': 'side: what to measure (internal)'})
-    sizes: str = field(default='{}', metadata={'help': 'side: the model sizes as JSON (internal)'})
-    weights: str = field(default='', metadata={'help': 'side: the shared state dicts (internal)'})
+    what: str = flag(help='train, sample: time one of them; compare: a table of timed runs (see --reference); cpu: the fast paths '
+                          'this CPU gets; side: one measuring process (internal); fsdp: peak memory per process and step time, '
+                          'DDP against FSDP2 (bench_fsdp.py)', positional=True,
+                     choices=('train', 'sample', 'compare', 'cpu', 'side', 'fsdp'))
+    depth: int = flag(8, 'VAR depth of the measured model (compare --quick: 2)', group='model')
+    bs: int = flag(4, 'images per step (fsdp: per process; compare --quick: 2)', group='model')
+    reso: int = flag(256, 'image side: the 256 or the 512 px scales', choices=(256, 512), group='model')
+    dtype: str = flag('fp32', 'fp32, or bf16 / fp16 autocast (fp16 training with a loss scaler, as train.py --fp16=1)',
+                      choices=('fp32', 'bf16', 'fp16'), group='model')
+    mode: str = flag('fast', "fast: this code as it runs; baseline: every optimisation off (the reference's ops, op for op)",
+                     choices=('fast', 'baseline'), group='model')
+    tokens: bool = flag(False, 'train: from pre-extracted tokens (no tokenisation in the step)', group='model')
+    grad_ckpt: bool = flag(False, 'train: activation checkpointing of the transformer blocks', group='model')
+    steps: Optional[int] = flag(None, 'timed steps per process after one warm-up (>= 1); None: 3 (compare --reference and side: 1)',
+                                group='benchmark')
+    device: Optional[str] = flag(None, 'cpu or cuda; None: cuda where available, else cpu (compare --reference: cpu unless '
+                                       '--device=cuda)', group='environment')
+    save_images: str = flag('', "train, sample, side: save the last batch's images (or token maps) to this file with torch.save, "
+                                "for compare's check; '': none", group='output')
+    out_dir: str = flag(os.path.join(REPO, 'local_output', 'bench'), 'compare: where compare.json (compare_reference.json) and the '
+                                                                     'sampled images go', group='output')
+    repeat: int = flag(3, 'compare: runs of each measurement, interleaved; the table gives medians (>= 1)', group='benchmark')
+    quick: bool = flag(False, 'compare: a tiny configuration, to check the script', group='benchmark')
+    json: bool = flag(False, 'print one JSON line (used by compare)', group='output')
+    tf32: bool = flag(False, 'CUDA: TensorFloat32 for float32 matmuls and convolutions (off: IEEE float32)', group='environment')
+    reference: Optional[str] = flag(None, 'compare: time the reference implementation in DIR (a work tree of FoundationVision/VAR) '
+                                          'against this code, instead of this code against its --mode=baseline', metavar='DIR',
+                                    group='benchmark')
+    threads: int = flag(help='compare --reference, fsdp: torch threads of every measuring process (>= 1); default: the CPUs this '
+                             'process may use', default_factory=lambda: len(os.sched_getaffinity(0)), group='environment')
+    impl: str = flag('', 'side: the implementation to import `models` from (internal, used by compare --reference)',
+                     group='benchmark')
+    row: str = flag('train_live', 'side: what to measure (internal)', choices=list(ROW_SPECS), group='benchmark')
+    sizes: str = flag('{}', 'side: the model sizes as JSON (internal)', group='benchmark')
+    weights: str = flag('', 'side: the shared state dicts (internal)', group='benchmark')
     command: str = field(default='', metadata={'derived': True})   # the command line, kept in compare's JSON
 
 

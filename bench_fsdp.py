@@ -19,7 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Dict, List
+
+from utils.flags import flag, parse_dataclass   # the standard library only
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,6 +77,19 @@ def worker(mode: str, depth: int, bs: int, steps: int, dtype: str) -> Dict:
     return out
 
 
+@dataclass
+class WorkerArgs:
+    """The arguments of one measuring process, in the order _launch passes them."""
+    mode: str = flag(help='ddp: VAR wrapped in DDP; fsdp: each block and the root sharded with FSDP2', positional=True,
+                     choices=('ddp', 'fsdp'), metavar='mode')
+    depth: int = flag(help='VAR depth (bench.py --depth)', positional=True)
+    bs: int = flag(help='images per process and step (bench.py --bs)', positional=True)
+    steps: int = flag(help='timed steps after one warm-up (bench.py --steps)', positional=True)
+    dtype: str = flag(help='fp32, bf16 or fp16 (bench.py --dtype)', positional=True, choices=('fp32', 'bf16', 'fp16'),
+                      metavar='dtype')
+    out: str = flag(help="the JSON file to write this process's figures to", positional=True)
+
+
 def _launch(mode: str, args, procs: int) -> List[Dict]:
     """`procs` worker processes of one mode; their results, by rank."""
     import dist
@@ -126,9 +142,9 @@ def run(args) -> None:
         raise SystemExit(1)
 
 
-if __name__ == '__main__':   # one measuring process: mode depth bs steps dtype out.json
-    sys.path.insert(0, REPO)
-    mode_, depth_, bs_, steps_, dtype_, out_ = sys.argv[1:7]
-    res = worker(mode_, int(depth_), int(bs_), int(steps_), dtype_)
-    with open(out_, 'w') as f_:
+if __name__ == '__main__':   # one measuring process, started by _launch with the environment torchrun sets
+    a_ = parse_dataclass(WorkerArgs, description='One measuring process of `bench.py fsdp` (started by it; run `bench.py fsdp` '
+                                                 'instead).')
+    res = worker(a_.mode, a_.depth, a_.bs, a_.steps, a_.dtype)
+    with open(a_.out, 'w') as f_:
         json.dump(res, f_)

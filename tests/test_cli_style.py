@@ -31,7 +31,7 @@ HELP = {
     'bench.py': ['train', '--depth', '--reso {256,512}', '--reference DIR', '--threads', '--row'],
     'toy_data.py': ['root', '--train_per_class', '--gradient', '--bg_jitter'],
     'make_demo_notebook.py': ['--out', 'where to write the notebook'],
-    'gpu_check_summary.py': ['--work WORK', '--out OUT', '--device', '--seconds'],
+    'gpu_check_summary.py': ['--work DIR', '--out DIR', '--device', '--seconds'],
     'consolidate_ckpt.py': ['folder', '--out', '--overwrite', 'sharded checkpoint'],
 }
 # the positional arguments and the subcommand: a missing or wrong one is a one-line error naming it

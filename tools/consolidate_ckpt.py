@@ -10,19 +10,19 @@ It needs the memory of the whole checkpoint (weights, optimizer moments, EMA).
 """
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
 
-from utils.flags import parse_dataclass  # noqa: E402  (standard library only)
+from utils.flags import flag, parse_dataclass  # noqa: E402  (standard library only)
 
 
 @dataclass
 class ConsolidateArgs:
     """Flags of tools/consolidate_ckpt.py."""
-    folder: str = field(default='', metadata={'positional': True, 'help': 'the checkpoint folder (<name>.dcp) of a --fsdp=1 run'})
-    out: str = field(default='', metadata={'help': "the file to write ('': the folder's name with .pth, beside it)"})
-    overwrite: bool = field(default=False, metadata={'help': 'replace an existing --out file'})
+    folder: str = flag('', 'the checkpoint folder (<name>.dcp) of a --fsdp=1 run', positional=True)
+    out: str = flag('', "the file to write; '': the folder's name with .pth, beside it", group='output')
+    overwrite: bool = flag(False, 'replace an existing --out file', group='output')
 
 
 def consolidate(folder: str, out: str) -> dict:

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __name__ == '__main__':   # run as tools/gpu_check_summary.py: the project's modules are one folder up
+    sys.path.insert(0, REPO)
+from utils.flags import flag, parse_dataclass  # noqa: E402  (standard library only)
+
 MEASURED = ('images_per_sec', 'peak_memory_gb', 'peak_memory_reserved_gb', 'final_loss', 'seconds', 'device_name')
 
 
@@ -170,15 +174,15 @@ def summarise(work: str, out: str, device: str, seconds: int) -> int:
 @dataclass
 class SummaryArgs:
     """Flags of tools/gpu_check_summary.py (all given by tools/gpu_check.sh)."""
-    work: str
-    out: str
-    device: str = 'cuda'
-    seconds: int = 0
+    work: str = flag(help="gpu_check.sh's scratch folder: steps.tsv, one NAME.json per bench step, missing.txt", metavar='DIR',
+                     group='data')
+    out: str = flag(help="gpu_check.sh's OUT_DIR: holds junit.xml of the tests; summary.json is written there", metavar='DIR',
+                    group='output')
+    device: str = flag('cuda', 'cuda: the GPU check; cpu: its dry run (small sizes, the CUDA tests skipped)', group='environment')
+    seconds: int = flag(0, 'how long the whole check took, recorded in the summary', group='logging')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    sys.path.insert(0, REPO)   # run as tools/gpu_check_summary.py: the project's modules are one folder up
-    from utils.flags import parse_dataclass
     a = parse_dataclass(SummaryArgs, argv, description=__doc__.splitlines()[0])
     try:
         rc = summarise(a.work, a.out, a.device, a.seconds)

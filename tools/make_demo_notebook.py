@@ -7,19 +7,23 @@ The output is the same on every run (cell ids follow the cell order), so the com
 """
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import nbformat as nbf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'demo_sample.ipynb')
+if __name__ == '__main__':   # run as tools/make_demo_notebook.py: the project's modules are one folder up
+    sys.path.insert(0, REPO)
+from utils.flags import flag, parse_dataclass  # noqa: E402  (standard library only)
 
 
 @dataclass
 class NotebookArgs:
     """Flags of tools/make_demo_notebook.py."""
-    out: str = field(default=NOTEBOOK, metadata={'help': 'where to write the notebook'})
+    out: str = flag(NOTEBOOK, 'where to write the notebook (.ipynb)',
+                    group='output')
 
 
 # the three cells of the notebook
@@ -103,8 +107,6 @@ grid"""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    sys.path.insert(0, REPO)   # run as tools/make_demo_notebook.py: the project's modules are one folder up
-    from utils.flags import parse_dataclass
     a = parse_dataclass(NotebookArgs, argv, description=__doc__.splitlines()[0])
     nb = nbf.v4.new_notebook()
     nb.metadata['kernelspec'] = {'display_name': 'Python 3', 'language': 'python', 'name': 'python3'}
