@@ -25,12 +25,12 @@ def after_first_step(argv, out):
     return torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True), (out / 'stdout.txt').read_text()
 
 
-def fresh_class_rows(seed, num_classes):
+def fresh_class_rows(seed, num_classes, **build):
     """The class embedding train.py builds before loading any weights (torch.manual_seed(seed), then the tokenizer, then VAR)."""
     from models import build_vae_var
+    kw = {**dict(V=TINY['V'], Cvae=TINY['Cvae'], ch=TINY['ch'], patch_nums=TINY['patch_nums'], depth=TINY['depth']), **build}
     torch.manual_seed(seed)
-    _, var = build_vae_var(device='cpu', V=TINY['V'], Cvae=TINY['Cvae'], ch=TINY['ch'], patch_nums=TINY['patch_nums'],
-                           num_classes=num_classes, depth=TINY['depth'])
+    _, var = build_vae_var(device='cpu', num_classes=num_classes, **kw)
     return var.class_emb.weight.detach()
 
 
@@ -139,6 +139,36 @@ def test_classes_carried_over_by_name_from_a_save_pretrained_folder(tmp_path):
     tok = vae.state_dict()
     assert all(torch.equal(ck['trainer']['vae_local'][k], tok[k]) for k in tok), 'the tokenizer of the same folder (vae/)'
     assert 'tokenizer weights: ' + str(folder) + '/vae (folder)' in log
+
+
+def test_a_reference_trainer_checkpoint_gives_its_shape_tokenizer_and_weights(tiny_shapes, tmp_path):
+    """The reference's train.py records neither the class count nor the tokenizer's shape: read off its weights, no flag given."""
+    path = reference_file('ckpt_reference_tiny.pth')
+    build = json.loads(reference_file('ckpt_reference_tiny.json').read_text())['build']
+    ref = torch.load(path, map_location='cpu', weights_only=True)
+    out = tmp_path / 'run'
+    ck, log = after_first_step(finetune_flags(tiny_shapes, out, path, *FIRST_STEP_AT_LR_0), out)
+    loaded, source = ck['trainer']['var_wo_ddp'], ref['trainer']['var_wo_ddp']
+    assert_equal_but_class_emb(loaded, source)
+    assert all(torch.equal(ck['trainer']['vae_local'][k], v) for k, v in ref['trainer']['vae_local'].items()), 'its vae_local'
+    fresh = fresh_class_rows(4, 6, V=build['V'], Cvae=build['Cvae'], ch=build['ch'], patch_nums=build['patch_nums'])
+    assert torch.equal(loaded['class_emb.weight'][:6], fresh[:6]) and torch.equal(loaded['class_emb.weight'][6], source['class_emb.weight'][10])
+    assert "a checkpoint of the reference's train.py; inferred num_classes=10" in log
+    assert 'its trained weights (var_wo_ddp; it has no EMA weights)' in log
+    assert 'taken from them: depth=2, pn=1_2_3_4_6_8, vocab_size=512, z_channels=16, vae_ch=32' in log and len(class_lines(log)) == 1
+
+
+def test_class_rows_of_the_same_count_without_a_name_in_common_are_taken_by_id():
+    """ImageNet synset folders (n01440764, ...) against the published names (tench, ...): the rows stay, by id, and the log says so."""
+    from utils.init_from import class_embedding_rows
+    src_BC, fresh_BC = torch.randn(4, 8), torch.randn(4, 8)
+    rows, note = class_embedding_rows(src_BC, fresh_BC, ['tench', 'goldfish', 'great white shark'], ['n01440764', 'n01443537', 'n01484850'])
+    assert torch.equal(rows, src_BC) and note.startswith("class embedding: the 3 classes taken by id, as no class name of the data")
+    rows, note = class_embedding_rows(src_BC, fresh_BC, ['a', 'b', 'c'], ['A', 'b', 'C'])   # the same names, case aside
+    assert torch.equal(rows, src_BC) and note == ''
+    rows, note = class_embedding_rows(src_BC, fresh_BC, ['a', 'b', 'c'], ['c', 'a', 'd'])
+    assert [torch.equal(rows[j], want) for j, want in enumerate((src_BC[2], src_BC[0], fresh_BC[2], src_BC[3]))] == [True] * 4
+    assert '2 of the 3 classes carried over by name' in note
 
 
 @pytest.mark.parametrize('case', ['depth', 'pn', 'published depth', 'published file, none here', 'published name, a local copy'])
