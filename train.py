@@ -172,6 +172,7 @@ def main(args: Args) -> Dict[str, float]:
     vae_local, var_wo_ddp, var = build_models(args, device, meta, len(train_set), init, class_names)
     del init
     task = VARTask(build_trainer(args, device, vae_local, var_wo_ddp, var, len(sampler)), args, out_dir, ld_val, token_batches)
+    task.class_names = class_names   # in every checkpoint, and classes.json of save_pretrained
     if ckpt is not None:   # with --fsdp=1 the tensors are read now, into the sharded layout (another process count reshards)
         checkpoint_store(args).restore(task, ckpt, [task.trainer.var_opt.optimizer], skip=('trainer/vae_local/',))
         del ckpt

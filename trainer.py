@@ -347,6 +347,7 @@ class VARTask(TrainingTask):
                     weights=f'EMA of the trained weights (decay {args.ema:g})' if tr.ema else 'the trained weights (no EMA)',
                     sample_grid=self.grid)
         with self._final_model() as var:
+            var.class_names = self.class_names   # written beside the weights as classes.json
             if args.save_pretrained:
                 folder = osp.join(self.out_dir, PRETRAINED)
                 var.save_pretrained(folder, model_card_kwargs=card)

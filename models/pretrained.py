@@ -8,11 +8,16 @@ from_pretrained reads two layouts, from a local folder or from a Hub repo (downl
 PyTorchModelHubMixin records the build arguments, writes the folder, the model card, and pushes. Loading is this
 file's own: the mixin loads non-strictly by default (a missing weight would stay random, silently), and knows
 neither the published layout nor a VAR's tokenizer.
+
+Class names travel with a VAR's weights (id k = position k): `var.class_names` after from_pretrained (the 1000 ImageNet
+names of the published models, a saved folder's classes.json, else None), written by save_pretrained as classes.json;
+class_names(depth_or_path) reads them without loading any weights.
 """
 import json
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
@@ -25,11 +30,15 @@ from .state_dict import published_build_kwargs
 
 __all__ = ['HubMixin', 'load_pretrained', 'PretrainedError', 'HubPushError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'VAE_SUBFOLDER',
            'GRID_NAME', 'PUBLISHED_VAE', 'PUBLISHED_DEPTHS', 'hub_push_problem', 'configs_from_saved', 'saved_var_files',
-           'looks_like_repo_id']
+           'looks_like_repo_id', 'CLASSES_NAME', 'class_names', 'imagenet_class_names', 'read_class_names', 'write_class_names',
+           'check_class_names']
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME, WEIGHTS_NAME, VAE_SUBFOLDER, GRID_NAME = 'config.json', 'model.safetensors', 'vae', 'samples.png'
+CLASSES_NAME = 'classes.json'   # a VAR folder's class names: a JSON list, id = position
+# the published models' classes: ImageNet's, in the order of the sorted synset folders n01440764 ... n15075141
+_IMAGENET_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
 PUBLISHED_VAE = 'vae_ch160v4096z32.pth'
 PUBLISHED_DEPTHS = (16, 20, 24, 30, 36)
 CARD_MARK = '<!-- model card written by save_pretrained -->'
@@ -130,6 +139,7 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
     The build arguments given to the class are recorded by PyTorchModelHubMixin and written as config.json.
     """
     _weights_kind = ''
+    class_names: Optional[List[str]] = None   # a VAR's class names (id = position): set by from_pretrained, saved as classes.json
 
     def __init_subclass__(cls, weights_kind: str = '', **kwargs):
         super().__init_subclass__(**kwargs)
@@ -140,10 +150,19 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
         return dict(self._hub_mixin_config or {})
 
     def _save_pretrained(self, save_directory) -> None:
-        """config.json and model.safetensors, each written atomically; a VAR adds its tokenizer in vae/."""
+        """config.json and model.safetensors, each written atomically; a VAR adds its tokenizer in vae/ and, when its
+        class_names are known, classes.json (a stale one of an earlier save is removed)."""
+        names = None
+        if self._weights_kind == 'var' and self.class_names is not None:
+            names = check_class_names(self.class_names, self.num_classes, 'var.class_names')   # before any file is written
         _write_folder(self, str(save_directory))
         if self._weights_kind == 'var':
             _write_folder(self.vae_proxy[0], os.path.join(str(save_directory), VAE_SUBFOLDER))
+            classes = os.path.join(str(save_directory), CLASSES_NAME)
+            if names is not None:
+                write_class_names(str(save_directory), names)
+            elif os.path.isfile(classes):
+                os.remove(classes)
 
     def save_pretrained(self, save_directory, *, model_card_kwargs: Optional[Dict[str, Any]] = None, **kwargs):
         """Write config.json, model.safetensors (a VAR: and vae/) and README.md, the model card.
@@ -227,6 +246,8 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
         config = {**config, **overrides}
         _check_keys(cls, config, f'{src.name}/{CONFIG_NAME}' if not overrides else f'{src.name}/{CONFIG_NAME} or the overrides')
         var = _build_and_load(cls, config, src.require(WEIGHTS_NAME, 'the VAR weights'), device, vae_local=vae)
+        names = _saved_class_names(src)
+        var.class_names = None if names is None else check_class_names(names, var.num_classes, f'{src.name}/{CLASSES_NAME}')
         logger.info('VAR d%d from %s (%s)', var.depth, src.name, 'local folder' if src.local else 'Hugging Face repo')
         return var
 
@@ -251,6 +272,10 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
         if cls._weights_kind == 'vae':
             return vae
         var = _build_and_load(VAR, var_meta._hub_config(), src.require(var_name, f'the published VAR d{depth}'), device, vae_local=vae)
+        if var.num_classes == len(_imagenet_names()):
+            var.class_names = imagenet_class_names()
+        else:   # build_kwargs changed the class count: the ImageNet names are not this model's
+            logger.info('%s of %s built with %d classes: its classes have no names', var_name, src.name, var.num_classes)
         logger.info('VAR d%d from the published %s of %s', depth, var_name, src.name)
         return var
 
@@ -350,6 +375,8 @@ def _card_text(model: HubMixin, command: str = '', dataset: str = '', epochs=Non
         title = f'VAR d{cfg.get("depth")}: {cfg.get("num_classes")} classes, {pn[-1] * 16 if pn else "?"} px'
         usage = (f"from models import load_pretrained\nvae, var = load_pretrained('{where}')\n"
                  f"img_B3HW = var.autoregressive_infer_cfg(B=4, label_B=0, g_seed=0)   # in [0, 1]")
+        if model.class_names:
+            usage += f"\nprint(var.class_names[0])   # {model.class_names[0]!r}: class 0 (the names are in {CLASSES_NAME})"
     else:
         title = f'VQVAE tokenizer: {cfg.get("vocab_size")} codes, {cfg.get("z_channels")} channels'
         usage = f"from models import VQVAE\nvae = VQVAE.from_pretrained('{where}')"
@@ -387,8 +414,95 @@ def hub_push_problem(repo_id: str) -> Optional[str]:
     return None
 
 
+# ---------------------------------------------------------------------- class names
+@lru_cache(maxsize=1)
+def _imagenet_names() -> Tuple[str, ...]:
+    with open(_IMAGENET_FILE, encoding='utf-8') as f:
+        names = tuple(line.rstrip('\n') for line in f if line.strip())
+    if len(names) != 1000:
+        raise RuntimeError(f'{_IMAGENET_FILE} holds {len(names)} names instead of ImageNet\'s 1000')
+    return names
+
+
+def imagenet_class_names() -> List[str]:
+    """The 1000 ImageNet class names of the published models, id = position (980: 'volcano')."""
+    return list(_imagenet_names())
+
+
+def check_class_names(names, num_classes: Optional[int] = None, origin: str = 'the class names') -> List[str]:
+    """`names` as a list: strings (id = position), at most num_classes of them (a model may have unnamed classes after
+    them, never names for classes it lacks); PretrainedError otherwise."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise PretrainedError(f'{origin} must be a list of class names (strings, id = position), not {type(names).__name__}')
+    if num_classes is not None and len(names) > num_classes:
+        raise PretrainedError(f'{origin}: {len(names)} names for a model of {num_classes} classes')
+    return list(names)
+
+
+def read_class_names(path: str) -> List[str]:
+    """The names of a classes.json file (a JSON list, id = position)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            names = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f'{path} is not a JSON list of class names ({type(e).__name__}: {e}); delete it or write it again') from None
+    return check_class_names(names, origin=path)
+
+
+def write_class_names(folder: str, names: Sequence[str]) -> str:
+    """folder/classes.json (one name a line, id = position), written atomically; returns its path."""
+    path = os.path.join(folder, CLASSES_NAME)
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(check_class_names(names, origin='the class names'), f, indent=0, ensure_ascii=False)
+        f.write('\n')
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _saved_class_names(src: _Source) -> Optional[List[str]]:
+    """classes.json of a saved folder or Hub repo; None when it has none (or, offline, when only the weights are cached)."""
+    try:
+        path = src.get(CLASSES_NAME)
+    except CheckpointUnavailableError as e:
+        logger.warning('the class names of %s are unknown: %s', src.name, str(e).split(' (')[0])
+        return None
+    return None if path is None else read_class_names(path)
+
+
+def _names_published(depth_or_path) -> bool:
+    """A published depth (16, 'd16'), FoundationVision/var, or a published VAR file's name (var_d16.pth, as a path too)."""
+    s = str(depth_or_path)
+    if isinstance(depth_or_path, int) or (not os.path.exists(s) and s.lower().lstrip('d').isdigit()):
+        return int(s.lower().lstrip('d')) in PUBLISHED_DEPTHS
+    return s == HF_REPO or os.path.basename(s) in {f'var_d{d}.pth' for d in PUBLISHED_DEPTHS}
+
+
+def class_names(depth_or_path, **hub_kwargs) -> Optional[List[str]]:
+    """The class names (id = position) of the VAR that load_pretrained(depth_or_path) loads, read without loading it.
+
+    The 1000 ImageNet names for the published models (a depth, FoundationVision/var, var_d16.pth, a folder of the
+    published files); classes.json of a save_pretrained folder or Hub repo; None when the weights record none.
+    hub_kwargs: revision, cache_dir, token, ... as for from_pretrained.
+    """
+    s = str(depth_or_path)
+    if _names_published(depth_or_path):
+        return imagenet_class_names()
+    if os.path.isdir(s):
+        if os.path.isfile(os.path.join(s, CLASSES_NAME)):
+            return read_class_names(os.path.join(s, CLASSES_NAME))
+        published = not os.path.isfile(os.path.join(s, CONFIG_NAME)) and os.path.isfile(os.path.join(s, PUBLISHED_VAE))
+        return imagenet_class_names() if published else None
+    if looks_like_repo_id(s):
+        return _saved_class_names(_Source(s, hub_kwargs))
+    return None
+
+
 def load_pretrained(depth_or_path, device='cpu', **kwargs) -> Tuple[Any, Any]:
-    """(tokenizer, VAR) in eval mode: a published depth (16, 'd16') from FoundationVision/var, or a folder / repo id."""
+    """(tokenizer, VAR) in eval mode: a published depth (16, 'd16') from FoundationVision/var, or a folder / repo id.
+    The VAR's class names (id = position) are `var.class_names` (None when the weights record none)."""
     from .var import VAR
     s = str(depth_or_path)
     if isinstance(depth_or_path, int) or (not os.path.exists(s) and s.lower().lstrip('d').isdigit()):

@@ -43,7 +43,7 @@ def test_train_py_final_model_round_trips_bitwise(trained, shapes_data, tmp_path
     from utils.arg_util import ModelFlags
     from utils.model_loading import load_for_sampling
     folder = trained / 'pretrained'
-    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors', 'samples.png', 'vae']
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'classes.json', 'config.json', 'model.safetensors', 'samples.png', 'vae']
     assert sorted(p.name for p in (folder / 'vae').iterdir()) == ['config.json', 'model.safetensors']
     config = json.loads((folder / 'config.json').read_text())
     assert config['depth'] == 2 and config['num_classes'] == 6 and config['patch_nums'] == [1, 2, 3, 4]
@@ -61,10 +61,17 @@ def test_train_py_final_model_round_trips_bitwise(trained, shapes_data, tmp_path
     expected = outputs(vae_ck, var_ck)
     assert_same_outputs(expected, (vae, var))
 
-    # and again: save_pretrained of a model read from a checkpoint → from_pretrained
+    # the class names: the data's class folders, id = position, from the checkpoint and the folder alike
+    from utils.toy_data import class_names
+    names = sorted(p.name for p in (shapes_data / 'train').iterdir())
+    assert names == sorted(class_names(3, 2)) and json.loads((folder / 'classes.json').read_text()) == names
+    assert var.class_names == var_ck.class_names == names
+
+    # and again: save_pretrained of a model read from a checkpoint → from_pretrained, names included
     var_ck.save_pretrained(tmp_path / 'again')
     var2 = VAR.from_pretrained(tmp_path / 'again', flash_if_available=False, fused_if_available=False)
     assert_same_outputs(expected, (var2.vae_proxy[0], var2))
+    assert var2.class_names == names
     assert torch.equal(VQVAE.from_pretrained(tmp_path / 'again').quantize.embedding.weight, vae_ck.quantize.embedding.weight)
 
 

@@ -11,7 +11,7 @@ import logging
 import os.path as osp
 import time
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -40,6 +40,7 @@ class TrainingTask:
     pbar_desc = 'train'
     rng_rule = 'torch.manual_seed(iteration_seed(seed, rank, g_it)) before each iteration'
     best: Dict[str, float]   # the best validation values so far (set by the task), stored in the checkpoints
+    class_names: Optional[List[str]] = None   # the training data's class names (id = position; set by the script), in every checkpoint
 
     def describe(self, iters_train: int) -> str:
         """The log line that starts the training."""
@@ -132,6 +133,7 @@ class _Loop:
         args = self.args
         return {'epoch': ep_next, 'iter': it_next, 'trainer': self.task.state_dict(), 'args': args.state_dict(),
                 'best': dict(self.task.best), 'model_config': self.task.model_config(),   # models/config.py
+                'class_names': self.task.class_names,   # utils/class_names.py: what each label means
                 # where the data stream stands, and how every random draw after it is seeded
                 'sampler': {'epoch': ep_next, 'iter': it_next, 'glb_batch_size': args.glb_batch_size, 'seed': args.same_seed_for_all_ranks},
                 'rng': {'seed': args.seed, 'rule': self.task.rng_rule}}

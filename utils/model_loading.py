@@ -4,7 +4,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Collection, Dict, Mapping, Sequence, Tuple
+from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,7 @@ from models.pretrained import looks_like_repo_id, saved_var_files
 from models.state_dict import PUBLISHED
 from utils.arg_util import (VAR_FLAGS, VQVAE_FLAGS, FlagError, ModelFlags, flags_from_var_config, flags_from_vqvae_config,
                             var_config_from_flags, vqvae_config_from_flags)
+from utils.class_names import class_names_for
 from utils.cli import UserError
 from utils.hub import CheckpointUnavailableError, resolve_checkpoint
 from utils.weights import load_tokenizer_state, load_weights
@@ -34,6 +35,7 @@ class SamplingWeights:
     vae_state: Mapping[str, torch.Tensor]
     source: str          # where the VAR weights come from, for the log
     vae_source: str      # where the tokenizer's come from
+    class_names: Optional[List[str]] = None   # the VAR's class names (id = position; utils.class_names.class_names_for)
 
     @property
     def kw(self) -> Dict:
@@ -87,6 +89,7 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
     config.json and vae/ define both models), a plain VAR state dict (.pth or .safetensors, built from the flags), or '' for the
     published var_d{depth}.pth (local file of that name, else downloaded from FoundationVision/var).
     given: the flags named on the command line; those that define the model must agree with a train.py checkpoint.
+    The class names: a train.py checkpoint's, a folder's classes.json, ImageNet's for the published files, else None.
     """
     var_ckpt, vae_ckpt, depth, ema = flags.var_ckpt, flags.vae_ckpt, flags.depth, flags.ema
     trainer_ckpt = None
@@ -125,13 +128,17 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
         source = (f'{var_ckpt} ({"EMA" if ema else "trained"} weights, epoch {trainer_ckpt.get("epoch")}, '
                   f'iteration {trainer_ckpt.get("iter")})')
         vae_source = f'{var_ckpt} (vae_local)'
+        names = class_names_for(trainer_ckpt, var_cfg.num_classes)
     else:
         emb = var_state.get('class_emb.weight') if isinstance(var_state, Mapping) else None
         num_classes = emb.shape[0] - 1 if isinstance(emb, torch.Tensor) and emb.ndim == 2 else flags.num_classes   # its last row: no class
         vqvae_cfg, var_cfg = vqvae_config_from_flags(flags), dataclasses.replace(var_config_from_flags(flags), num_classes=num_classes)
         vae_state, _ = load_tokenizer_state(vae_ckpt)
         source, vae_source = var_ckpt or f'var_d{depth}.pth', vae_ckpt
-    return SamplingWeights(vqvae=vqvae_cfg, var=var_cfg, var_state=var_state, vae_state=vae_state, source=source, vae_source=vae_source)
+        published = os.path.basename(source) in PUBLISHED   # ImageNet's names; a plain state dict records none
+        names = class_names_for(source if published else var_state, num_classes)
+    return SamplingWeights(vqvae=vqvae_cfg, var=var_cfg, var_state=var_state, vae_state=vae_state, source=source, vae_source=vae_source,
+                           class_names=names)
 
 
 def _read_saved_folder(flags: ModelFlags, given: Collection[str]) -> SamplingWeights:
@@ -151,13 +158,16 @@ def _read_saved_folder(flags: ModelFlags, given: Collection[str]) -> SamplingWei
     _check_flags_against_checkpoint(var_ckpt, vqvae_cfg, var_cfg, flags, given, defined_by='config.json and vae/config.json',
                                     what='a save_pretrained folder' if local else 'a Hugging Face repo written by save_pretrained')
     return SamplingWeights(vqvae=vqvae_cfg, var=var_cfg, var_state=load_weights(var_file), vae_state=load_weights(vae_file),
-                           source=f'{var_ckpt} ({where})', vae_source=f'{var_ckpt}/vae ({where})')
+                           source=f'{var_ckpt} ({where})', vae_source=f'{var_ckpt}/vae ({where})',
+                           class_names=class_names_for(var_ckpt, var_cfg.num_classes))
 
 
 def build_from_weights(device: torch.device, flags: ModelFlags, w: SamplingWeights) -> Tuple[VQVAE, VAR]:
-    """(tokenizer, VAR) built from the configs of `w`, the state dicts loaded strictly, in eval mode on `device`."""
+    """(tokenizer, VAR) built from the configs of `w`, the state dicts loaded strictly, in eval mode on `device`; the VAR
+    carries the class names (var.class_names, which save_pretrained writes as classes.json)."""
     vae = build_vqvae(w.vqvae, device)
     var = build_var(w.var, vae, device, flash_if_available=flags.fuse, fused_if_available=flags.fuse)
+    var.class_names = w.class_names
     vae.load_state_dict(w.vae_state, strict=True)
     var.load_state_dict(w.var_state, strict=True)
     vae.eval()
