@@ -52,7 +52,8 @@ MANIFEST_FORMAT = 'var-sample-set/1'   # image i: label i // per_class, generato
 class SampleArgs(ModelFlags):
     out: str = flag('samples', 'the PNG folder (and its manifest.json); the npz is <out>.npz; a rerun with the same settings '
                                'resumes there', group='output')
-    num_classes: int = flag(1000, "sample classes 0 .. num_classes-1 (>= 1, at most the model's class count)", group='sampling')
+    num_classes: int = flag(1000, "without --classes: sample classes 0 .. num_classes-1 (>= 1, at most the model's class count)",
+                            group='sampling')
     per_class: int = flag(50, 'images per class (>= 1): image i has label i // per_class', group='sampling')
     classes: str = flag('', "the classes to sample, comma-separated ids or names (e.g. 980,volcano); 'null': unconditional "
                             "(the null class of classifier-free guidance); '': every class 0 .. num_classes-1", group='sampling')
