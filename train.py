@@ -107,8 +107,8 @@ def build_data(args: Args, token_batches: bool):
         num_folder_classes, train_set, val_set, meta = build_token_datasets(args.tokens_path, args.patch_nums, hflip=args.hflip, seed=args.seed)
         class_names = list(meta['classes'])
     else:
-        num_folder_classes, train_set, val_set, class_names = build_dataset(args.data_path, final_reso=args.data_load_reso, hflip=args.hflip,
-                                                                           mid_reso=args.mid_reso, seed=args.seed)
+        num_folder_classes, train_set, val_set, class_names = build_dataset(args.data_path, final_reso=args.data_load_reso,
+                                                                           hflip=args.hflip, mid_reso=args.mid_reso, seed=args.seed)
         meta = None
     if args.num_classes == 0:
         args.num_classes = num_folder_classes

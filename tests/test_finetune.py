@@ -152,7 +152,8 @@ def test_a_reference_trainer_checkpoint_gives_its_shape_tokenizer_and_weights(ti
     assert_equal_but_class_emb(loaded, source)
     assert all(torch.equal(ck['trainer']['vae_local'][k], v) for k, v in ref['trainer']['vae_local'].items()), 'its vae_local'
     fresh = fresh_class_rows(4, 6, V=build['V'], Cvae=build['Cvae'], ch=build['ch'], patch_nums=build['patch_nums'])
-    assert torch.equal(loaded['class_emb.weight'][:6], fresh[:6]) and torch.equal(loaded['class_emb.weight'][6], source['class_emb.weight'][10])
+    emb = loaded['class_emb.weight']
+    assert torch.equal(emb[:6], fresh[:6]) and torch.equal(emb[6], source['class_emb.weight'][10]), 'fresh rows, the null row carried'
     assert "a checkpoint of the reference's train.py; inferred num_classes=10" in log
     assert 'its trained weights (var_wo_ddp; it has no EMA weights)' in log
     assert 'taken from them: depth=2, pn=1_2_3_4_6_8, vocab_size=512, z_channels=16, vae_ch=32' in log and len(class_lines(log)) == 1
@@ -178,7 +179,8 @@ def test_a_shape_flag_that_disagrees_with_the_weights_is_one_error_line(case, pu
     env = script_env()
     if case == 'depth':
         argv += ['--pn=1_2_3_4', '--depth=3', '--saln=1']
-        expected = f'--init_from={path}: these flags disagree with its weights: --depth=3 (the weights: 2); --saln=True (the weights: False)'
+        expected = (f'--init_from={path}: these flags disagree with its weights: --depth=3 (the weights: 2); '
+                    '--saln=True (the weights: False)')
     elif case == 'pn':
         argv += ['--pn=1_2_3_5']
         expected = f'--pn=1_2_3_5 (4 scales, 39 tokens) does not fit --init_from={path} (4 scales, 30 tokens'
@@ -201,23 +203,23 @@ def test_a_shape_flag_that_disagrees_with_the_weights_is_one_error_line(case, pu
     assert not (tmp_path / 'out' / 'ar-ckpt-last.pth').exists()
 
 
-def test_a_resumable_checkpoint_wins_over_init_from(published_layout, shapes_data, tiny_vae_ckpt, tmp_path):
+def test_a_resumable_checkpoint_wins_over_init_from(published_layout, tiny_shapes, tiny_vae_ckpt, tmp_path):
     path, source = published_layout
     src = tmp_path / 'source.pth'
     torch.save(source, src)
     out = tmp_path / 'run'
-    argv = finetune_flags(shapes_data, out, src, f'--vae_ckpt={tiny_vae_ckpt}', *STATE_DICT_FLAGS, '--bs=8', '--ep=2', '--seed=4',
-                          '--ckpt_every_it=5', '--vis_every_ep=-1', '--save_pretrained=0')
-    # 12 iterations per epoch, a checkpoint every 5: killed right after the one at iteration 15 (epoch 1, iteration 3)
-    run_and_kill_after_checkpoint(argv, out / 'ar-ckpt-last.pth', kill_at_iter=14)
+    argv = finetune_flags(tiny_shapes, out, src, f'--vae_ckpt={tiny_vae_ckpt}', *STATE_DICT_FLAGS, '--bs=8', '--ep=2', '--seed=4',
+                          '--ckpt_every_it=2', '--vis_every_ep=-1', '--save_pretrained=0')
+    # 3 iterations per epoch, a checkpoint every 2: killed right after the one at iteration 4 (epoch 1, iteration 1)
+    run_and_kill_after_checkpoint(argv, out / 'ar-ckpt-last.pth', kill_at_iter=4)
     src.unlink()   # the rerun must not need the weights it started from
     res = run_script(argv)
     assert f'the resumable checkpoint in {out} wins over --init_from' in res.stdout
-    assert f'--init_from={src} is not read again' in res.stdout and 'at epoch 1, iteration 3' in res.stdout
+    assert f'--init_from={src} is not read again' in res.stdout and 'at epoch 1, iteration 1' in res.stdout
     assert '--init_from: the weights of' not in res.stdout
     ck = torch.load(out / 'ar-ckpt-last.pth', map_location='cpu', weights_only=True)
     assert (ck['epoch'], ck['iter']) == (2, 0) and ck['args']['init_from'] == str(src) and ck['args']['depth'] == 2
-    assert {s['step'].item() for s in ck['trainer']['var_opt']['optimizer']['state'].values()} == {24}
+    assert {s['step'].item() for s in ck['trainer']['var_opt']['optimizer']['state'].values()} == {6}
 
 
 def first_iteration_loss(out):

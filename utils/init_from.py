@@ -29,7 +29,7 @@ from models.state_dict import PUBLISHED, published_configs
 from utils.arg_util import (FlagError, check_train_flags, derive_scales, flags_from_var_config, flags_from_vqvae_config, pn_flag,
                             var_config_from_flags, vqvae_config_from_flags)
 from utils.ckpt import verify_checksum
-from utils.class_names import CLASSES_JSON, _norm as class_name_key, imagenet_class_names, read_classes_json
+from utils.class_names import _norm as class_name_key, class_names_for
 from utils.cli import UserError
 from utils.hub import HF_REPO, resolve_checkpoint
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
@@ -70,7 +70,7 @@ def _shape_of(vqvae: VQVAEConfig, var: VARConfig, origin: str) -> Dict[str, Any]
     return {k: both[k] for k in SHAPE_FLAGS}
 
 
-def _on_local_master_first(fn: Callable[[], str]) -> str:
+def _on_local_master_first(fn: Callable[[], Any]) -> Any:
     """fn() (a download into a cache shared by the processes of a machine) on the local master, then on the others."""
     if dist.is_local_master():
         out = fn()
@@ -87,7 +87,8 @@ def _read_file(path: str, spec: str):
             return load_weights(path)
         return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # not a torch file, truncated, or pickled code that weights_only refuses
-        raise FlagError(f'--init_from={spec}: {path} cannot be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
+        first = str(e).splitlines()[0][:200] if str(e) else ''
+        raise FlagError(f'--init_from={spec}: {path} cannot be read as weights ({type(e).__name__}: {first})') from None
 
 
 # ------------------------------------------------------------------ the kinds of source
@@ -103,20 +104,8 @@ def _published(spec: str, name: str, local: Optional[str]) -> InitSource:
         path = _on_local_master_first(lambda: resolve_checkpoint(where))
         return load_weights(path)
     return InitSource(spec=spec, what=f'the published {name} ({where})', shape=_shape_of(vqvae, var, spec), num_classes=var.num_classes,
-                      class_names=imagenet_class_names(), read_var=read_var, read_vae=lambda: load_tokenizer_state(vae_name))
-
-
-def _saved_class_names(spec: str, var_file: str) -> Optional[List[str]]:
-    """classes.json of a save_pretrained folder, or of a Hub repo (downloaded when it has one); None when there is none."""
-    if osp.isdir(spec):
-        return read_classes_json(spec)
-    try:
-        from huggingface_hub import hf_hub_download
-        path = _on_local_master_first(lambda: hf_hub_download(repo_id=spec, filename=CLASSES_JSON))
-    except Exception as e:  # the repo has none, or offline with only the weights in the cache
-        logger.info('--init_from=%s: no %s read (%s), so its classes have no names', spec, CLASSES_JSON, type(e).__name__)
-        return None
-    return read_classes_json(osp.dirname(path))
+                      class_names=class_names_for(name, var.num_classes), read_var=read_var,
+                      read_vae=lambda: load_tokenizer_state(vae_name))
 
 
 def _saved_folder(spec: str) -> InitSource:
@@ -124,7 +113,7 @@ def _saved_folder(spec: str) -> InitSource:
     vqvae, var, vae_file, var_file = _on_local_master_first(lambda: saved_var_files(spec))
     where = 'folder' if osp.isdir(spec) else 'Hugging Face repo'
     return InitSource(spec=spec, what=f'{spec} (save_pretrained {where})', shape=_shape_of(vqvae, var, spec), num_classes=var.num_classes,
-                      class_names=_saved_class_names(spec, var_file), read_var=lambda: load_weights(var_file),
+                      class_names=class_names_for(spec, var.num_classes), read_var=lambda: load_weights(var_file),
                       read_vae=lambda: (load_weights(vae_file), f'{spec}/vae ({where})'))
 
 
@@ -133,16 +122,16 @@ def _trainer_ckpt(spec: str, ckpt: Dict) -> InitSource:
     from utils.model_loading import checkpoint_configs   # late: it imports the models' loading code of sample.py
     verify_checksum(ckpt, spec)
     if is_reference_ckpt(ckpt):   # its args lack the model's shape: read off the weights
-        logger.info('--init_from=%s: a checkpoint of the reference\'s train.py; inferred %s', spec, '; '.join(complete_reference_args(ckpt)))
+        notes = complete_reference_args(ckpt)
+        logger.info('--init_from=%s: a checkpoint of the reference\'s train.py; inferred %s', spec, '; '.join(notes))
     vqvae, var = checkpoint_configs(spec, ckpt)
     trainer = ckpt['trainer']
     key = 'var_ema' if 'var_ema' in trainer else 'var_wo_ddp'
-    names = ckpt.get('class_names')
-    names = list(names) if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names) else None
     kind = 'EMA weights (var_ema)' if key == 'var_ema' else 'trained weights (var_wo_ddp; it has no EMA weights)'
     what = f'{spec} (a train.py checkpoint at epoch {ckpt.get("epoch")}, iteration {ckpt.get("iter")}: its {kind})'
     read_vae = (lambda: (trainer['vae_local'], f'{spec} (vae_local)')) if 'vae_local' in trainer else None
-    return InitSource(spec=spec, what=what, shape=_shape_of(vqvae, var, spec), num_classes=var.num_classes, class_names=names,
+    return InitSource(spec=spec, what=what, shape=_shape_of(vqvae, var, spec), num_classes=var.num_classes,
+                      class_names=class_names_for(ckpt, var.num_classes),
                       read_var=lambda: trainer[key], read_vae=read_vae)
 
 
