@@ -170,6 +170,9 @@ def test_class_rows_of_the_same_count_without_a_name_in_common_are_taken_by_id()
     rows, note = class_embedding_rows(src_BC, fresh_BC, ['a', 'b', 'c'], ['c', 'a', 'd'])
     assert [torch.equal(rows[j], want) for j, want in enumerate((src_BC[2], src_BC[0], fresh_BC[2], src_BC[3]))] == [True] * 4
     assert '2 of the 3 classes carried over by name' in note
+    rows, note = class_embedding_rows(src_BC, fresh_BC[:3], ['a', 'b'], ['b', 'x'])   # names of the first classes only
+    assert [torch.equal(rows[j], want) for j, want in enumerate((src_BC[1], fresh_BC[1], src_BC[3]))] == [True] * 3
+    assert '1 of the 2 classes carried over by name from the 3 of the weights (b)' in note
 
 
 @pytest.mark.parametrize('case', ['depth', 'pn', 'published depth', 'published file, none here', 'published name, a local copy'])

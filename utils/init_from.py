@@ -30,7 +30,6 @@ from utils.arg_util import (FlagError, check_train_flags, derive_scales, flags_f
                             var_config_from_flags, vqvae_config_from_flags)
 from utils.ckpt import verify_checksum
 from utils.class_names import _norm as class_name_key, class_names_for
-from utils.cli import UserError
 from utils.hub import HF_REPO, resolve_checkpoint
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 from utils.weights import SAFETENSORS_SUFFIX, load_tokenizer_state, load_weights
@@ -226,8 +225,6 @@ def _check_scales(args, src: InitSource) -> None:
 
 def _describe_resume(args, saved: Mapping) -> str:
     started = saved.get('init_from') or ''
-    if not args.init_from:
-        return f'that run started from --init_from={started}'
     if started == args.init_from:
         return f'--init_from={args.init_from} is not read again'
     return (f'--init_from={args.init_from} is not read; that run started from ' + (f'--init_from={started}' if started else 'scratch'))
@@ -244,8 +241,9 @@ def start_from(args, ckpt: Optional[Mapping], given: Collection[str], out_dir: s
         if saved.get('patch_nums'):
             saved_shape['pn'] = pn_flag(saved['patch_nums'])
         take_shape(args, saved_shape, given, out_dir, check_given=False)   # a given one that differs: check_resume_config says so
-        logger.info('the resumable checkpoint in %s wins over --init_from, so that a killed fine-tuning run goes on where it '
-                    'stopped: %s', out_dir, _describe_resume(args, saved))
+        if args.init_from:
+            logger.info('the resumable checkpoint in %s wins over --init_from, so that a killed fine-tuning run goes on where it '
+                        'stopped: %s', out_dir, _describe_resume(args, saved))
         args.init_from = saved.get('init_from') or ''   # the checkpoints record where the run started
         return None
     if not args.init_from:
@@ -294,7 +292,7 @@ def class_embedding_rows(src_emb: torch.Tensor, fresh_emb: torch.Tensor, src_nam
     guidance), learned from every image whatever its class, so it carries over to other classes.
     """
     K, N = src_emb.shape[0] - 1, fresh_emb.shape[0] - 1
-    src_keys = _keys_of(src_names, K) if src_names and len(src_names) >= K else None
+    src_keys = _keys_of(src_names, K)   # a model may name only its first classes
     new_keys = _keys_of(new_names, N)
     index = {}
     for i, key in enumerate(src_keys or ()):
@@ -306,8 +304,8 @@ def class_embedding_rows(src_emb: torch.Tensor, fresh_emb: torch.Tensor, src_nam
         for j, i in matches:
             out[j] = src_emb[i]
         examples = ', '.join(new_names[j] for j, _ in matches[:3]) + (', ...' if len(matches) > 3 else '')
-        why = f'{len(matches)} of the {N} classes carried over by name from the {K} of the weights ({examples}), ' \
-              f'{N - len(matches)} re-initialised as a fresh model\'s (VAR\'s init)'
+        why = (f'{len(matches)} of the {N} classes carried over by name from the {K} of the weights ({examples}), '
+               f'{N - len(matches)} re-initialised as a fresh model\'s (VAR\'s init)')
     elif K == N:
         if src_keys and new_keys and not matches:
             return src_emb, (f'class embedding: the {N} classes taken by id, as no class name of the data is one of the '
