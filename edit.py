@@ -2,7 +2,7 @@
 
     python edit.py --image=dog.jpg --box=0.25,0.25,0.75,0.75 --mode=inpaint --out=dog_inpaint.png
     python edit.py --image=dog.jpg --box=0.2,0.2,0.8,0.8 --mode=outpaint --class_id=207 --out=dog_outpaint.png
-    python edit.py --image=dog.jpg --mask=region.png --mode=class --class_id=281 --out=dog_as_cat.png
+    python edit.py --image=dog.jpg --mask=region.png --mode=class --class_id=tabby --out=dog_as_cat.png
 
 The region is a box (y0, x0, y1, x1 as fractions of the height and width) or a mask image whose
 white pixels mark it. `inpaint` and `class` regenerate the region and keep the rest; `outpaint` keeps
@@ -23,7 +23,7 @@ import math
 import os
 import os.path as osp
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import PIL.Image
@@ -35,11 +35,12 @@ from torchvision.transforms import InterpolationMode
 import dist
 from models.helpers import EDIT_MODES, make_edit_mask
 from utils.arg_util import FlagError, ModelFlags, flag, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
+from utils.class_names import NULL_CLASS, describe_class, parse_class
 from utils.cli import UserError, run_main
 from utils.data import normalize_01_into_pm1
 from utils.imgs import IMAGE_READ_ERRORS, load_rgb, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
-from utils.model_loading import given_flags, load_for_sampling
+from utils.model_loading import build_from_weights, given_flags, read_weights
 
 logger = logging.getLogger('edit')
 
@@ -58,7 +59,9 @@ class EditArgs(ModelFlags):
     box: str = flag('', 'the region as y0,x0,y1,x1, fractions of the height and width (0 <= y0 < y1 <= 1, 0 <= x0 < x1 <= 1); '
                         'or --mask', group='data')
     mask: str = flag('', "the region as a mask image of the photo's size, white (> 127) where it is; or --box", group='data')
-    class_id: int = -1                   # the label to sample with; -1: no class (required for --mode=class)
+    class_id: str = flag('-1', "the class to sample with: an id (0 .. the model's classes - 1), a class name of the weights "
+                               "(e.g. 'golden retriever', as sample.py prints them), or -1: no class (--mode=class needs one)",
+                         group='sampling')
     n: int = flag(1, 'how many versions (>= 1), with the seeds seed, seed + 1, ...', group='sampling')
     cfg: float = flag(3.0, 'classifier-free guidance, from none at the first scale to cfg at the last (0: none)', group='sampling')
     top_k: int = flag(900, 'keep the k most likely tokens at each position (0 .. the vocabulary size; 0: no top-k filtering)',
@@ -82,7 +85,10 @@ def check_flags(args: EditArgs) -> None:
         raise FlagError('give the region as exactly one of --box=y0,x0,y1,x1 or --mask=PATH')
     if args.box:
         parse_box(args.box)
-    if args.mode == 'class' and args.class_id < 0:
+    if not str(args.class_id).strip():
+        raise FlagError("--class_id='' must be an id, a class name, or -1 (no class)")
+    k = class_number(args)
+    if args.mode == 'class' and ((k is not None and k < 0) or str(args.class_id).strip().lower() == NULL_CLASS):
         raise FlagError('--mode=class needs the target --class_id')
     vqvae_config_from_flags(args), var_config_from_flags(args)   # the model flags' ranges
     check_sampling_ranges(args, args.num_classes, args.vocab_size, from_checkpoint=False)
@@ -98,14 +104,34 @@ def check_flags(args: EditArgs) -> None:
         raise FlagError(f'--out={args.out!r} must end in .png (the results are written as PNG)')
 
 
+def class_number(args: EditArgs) -> Optional[int]:
+    """--class_id as an id (-1: no class), or None when it is a name (resolved against the weights' class names)."""
+    try:
+        return int(str(args.class_id).strip())
+    except ValueError:
+        return None
+
+
+def resolve_class(args: EditArgs, num_classes: int, names: Optional[Sequence[str]]) -> int:
+    """The label to sample with: --class_id's id, or the id of its name among the weights' class names; -1: no class."""
+    k = class_number(args)
+    if k is not None:
+        return k
+    if str(args.class_id).strip().lower() == NULL_CLASS:
+        return -1
+    return parse_class(args.class_id, num_classes, names, flag='--class_id')
+
+
 def check_sampling_ranges(args: EditArgs, num_classes: int, V: int, from_checkpoint: bool) -> None:
-    """--class_id and --top_k within the model's classes and vocabulary (V tokens), as the flags or the checkpoint give them.
+    """--class_id (given as an id) and --top_k within the model's classes and vocabulary (V tokens), as the flags or the
+    checkpoint give them.
 
     A train.py checkpoint brings its own class count and vocabulary: checked again once it is loaded.
     """
     classes_from = 'the checkpoint' if from_checkpoint else '--num_classes; pass the class count of a train.py checkpoint with more'
     tokens_from = 'the checkpoint' if from_checkpoint else '--vocab_size'
-    if not -1 <= args.class_id < num_classes:
+    k = class_number(args)
+    if k is not None and not -1 <= k < num_classes:
         raise FlagError(f'--class_id={args.class_id} is outside [-1, {num_classes - 1}]: the model has {num_classes} classes '
                         f'({classes_from}); -1 samples without a class')
     if not 0 <= args.top_k <= V:
@@ -189,8 +215,10 @@ def main(args: EditArgs) -> List[str]:
     mask = read_mask(args.mask, image.size) if args.mask else None
     device = dist.initialize()
     setup_logging(0)
-    vae, var, _ = load_for_sampling(device, args, args.given)
-    check_sampling_ranges(args, var.num_classes, var.V, from_checkpoint=True)
+    weights = read_weights(args, args.given)
+    check_sampling_ranges(args, weights.var.num_classes, weights.vqvae.V, from_checkpoint=True)
+    label = resolve_class(args, weights.var.num_classes, weights.class_names)   # a bad name stops before the model is built
+    vae, var = build_from_weights(device, args, weights)
     size, pn = vae.img_size, var.patch_nums[-1]
     keep_hw = keep_mask(args, mask, size, pn).to(device)
     img = model_input(image, size).to(device)
@@ -200,7 +228,7 @@ def main(args: EditArgs) -> List[str]:
         idx_Bl = vae.img_to_idxBl(img)
         recon = vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True).add(1).mul(0.5)   # 1, 3, H, W in [0, 1]
         idx_Bl = [t.expand(args.n, -1) for t in idx_Bl]
-        gen = var.autoregressive_infer_cfg(B=args.n, label_B=args.class_id, g_seed=[args.seed + k for k in range(args.n)],
+        gen = var.autoregressive_infer_cfg(B=args.n, label_B=label, g_seed=[args.seed + k for k in range(args.n)],
                                            cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
                                            input_img_tokens=idx_Bl, edit_mask=keep_hw)
     keep_px = F.interpolate(keep_hw[None, None], size=gen.shape[-2:], mode='nearest')
@@ -214,7 +242,8 @@ def main(args: EditArgs) -> List[str]:
         save_png_atomic(arr, path)
     if args.save_recon:
         save_png_atomic(to_uint8_BHW3(recon)[0], f'{stem}_recon.png')
-    logger.info('%s of %s (%s, class %s): %s', args.mode, args.image, args.box or args.mask, args.class_id, ', '.join(paths))
+    what = 'no class' if label < 0 else f'class {describe_class(label, weights.class_names)}'
+    logger.info('%s of %s (%s, %s): %s', args.mode, args.image, args.box or args.mask, what, ', '.join(paths))
     return paths
 
 

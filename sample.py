@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=8 sample.py --depth=16 --out=samples/d16            # published var_d16.pth
     python sample.py --var_ckpt=local_output/ar-ckpt-best.pth --ema=1 --per_class=10 --out=samples/mine
 
-Image i has label i // per_class and its own random stream, seeded by (--seed, i); the images are
+Image i has label i // per_class (with --classes: the (i // per_class)-th class listed; 'null' is the unconditional
+label of classifier-free guidance) and its own random stream, seeded by (--seed, i); the images are
 computed in blocks of --bs consecutive indices, block b on process b mod (number of processes). So the
 set does not depend on the number of processes, and on the CPU in float32 not on --bs either.
 
@@ -34,6 +35,7 @@ from tqdm import tqdm
 import dist
 from utils.arg_util import FlagError, ModelFlags, flag, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
 from utils.ckpt import remove_stale_temps, write_bytes_atomic
+from utils.class_names import NULL_CLASS, describe_classes, parse_classes, split_classes
 from utils.cli import run_main
 from utils.imgs import IMAGE_READ_ERRORS, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
@@ -99,11 +101,19 @@ def check_flags(args: SampleArgs) -> None:
     vqvae_config_from_flags(args), var_config_from_flags(args)   # the model flags' ranges
     if not args.out.rstrip('/'):
         raise FlagError(f'--out={args.out!r} must name a folder')
+    if split_classes(args.classes) and 'num_classes' in args.given:
+        raise FlagError(f'--num_classes={args.num_classes} and --classes={args.classes!r} both choose the classes to sample: '
+                        f'give one of them (--classes lists them; --num_classes samples 0 .. num_classes-1)')
 
 
-def check_model_limits(args: SampleArgs, kw: Dict) -> None:
+def class_count(args: SampleArgs) -> int:
+    """How many classes the set has: the items of --classes, else --num_classes (known before any weights are read)."""
+    return len(split_classes(args.classes)) or args.num_classes
+
+
+def check_model_limits(args: SampleArgs, kw: Dict, labels: Optional[List[int]]) -> None:
     """Flags against the model the weights define, before it is built."""
-    if args.num_classes > kw['num_classes']:
+    if labels is None and args.num_classes > kw['num_classes']:
         raise FlagError(f'--num_classes={args.num_classes} but the model knows {kw["num_classes"]} classes: '
                         f'use 1 .. {kw["num_classes"]} (classes 0 .. {kw["num_classes"] - 1} are sampled)')
     if args.top_k > kw['V']:
@@ -112,28 +122,38 @@ def check_model_limits(args: SampleArgs, kw: Dict) -> None:
 
 # ------------------------------------------------------------------ manifest
 # key of manifest['pixels'] → how to name it to the user
-_NAMES = {'per_class': '--per_class', 'num_classes': '--num_classes', 'cfg': '--cfg', 'top_k': '--top_k', 'top_p': '--top_p',
+_NAMES = {'per_class': '--per_class', 'num_classes': '--num_classes', 'classes': '--classes', 'cfg': '--cfg', 'top_k': '--top_k', 'top_p': '--top_p',
           'more_smooth': '--more_smooth', 'seed': '--seed', 'bs': '--bs', 'fp16': '--fp16', 'tf32': '--tf32', 'fuse': '--fuse', 'ema': '--ema',
           'device': 'device type', 'format': 'sample-set format', 'model': 'model build arguments', 'image_size': 'image size',
           'var_sha256': 'VAR weights (sha256 of the state dict)', 'vae_sha256': 'tokenizer weights (sha256 of the state dict)'}
 
 
 def sampling_settings(args: SampleArgs, device: torch.device) -> Dict:
-    """The settings that determine the pixels and are known before the weights are read."""
-    s = dict(format=MANIFEST_FORMAT, per_class=args.per_class, num_classes=args.num_classes, cfg=args.cfg, top_k=args.top_k,
+    """The settings that determine the pixels and are known before the weights are read (with --classes, its labels are
+    known once the weights' class names are: make_manifest adds them in place of num_classes)."""
+    every_class = {} if split_classes(args.classes) else {'num_classes': args.num_classes}
+    s = dict(format=MANIFEST_FORMAT, per_class=args.per_class, **every_class, cfg=args.cfg, top_k=args.top_k,
              top_p=args.top_p, more_smooth=args.more_smooth, seed=args.seed, fp16=args.fp16, ema=bool(args.ema), device=device.type)
     if device.type == 'cuda':   # TF32, the fused kernels and the batch's shape change CUDA's rounding; on the CPU they do not
         s.update(tf32=args.tf32, fuse=args.fuse, bs=args.bs)
     return s
 
 
-def make_manifest(args: SampleArgs, device: torch.device, weights: SamplingWeights, vae, var) -> Dict:
+def make_manifest(args: SampleArgs, device: torch.device, weights: SamplingWeights, vae, var, labels: Optional[List[int]]) -> Dict:
+    """pixels: every setting that determines the pixels (with --classes, its labels), compared on a rerun; info: only recorded,
+    with class_names[j] the name of the j-th class sampled (images j * per_class ...) when the weights record names
+    (null for a class without one and for the unconditional label)."""
     pixels = sampling_settings(args, device)
+    if labels is not None:
+        pixels['classes'] = labels
     pixels.update(model={k: list(v) if isinstance(v, tuple) else v for k, v in weights.kw.items()}, image_size=vae.img_size,
                   var_sha256=state_fingerprint(var), vae_sha256=state_fingerprint(vae))
-    info = dict(images=args.per_class * args.num_classes, var_weights=weights.source, vae_weights=weights.vae_source, bs=args.bs,
+    info = dict(images=args.per_class * class_count(args), var_weights=weights.source, vae_weights=weights.vae_source, bs=args.bs,
                 processes=dist.get_world_size(), torch=torch.__version__, created=time.strftime('%Y-%m-%d %H:%M:%S'), cmd=args.cmd)
-    return dict(pixels=pixels, info=info)   # pixels: compared on a rerun; info: only recorded
+    names = weights.class_names
+    if names:
+        info['class_names'] = [names[k] if k < len(names) else None for k in (range(args.num_classes) if labels is None else labels)]
+    return dict(pixels=pixels, info=info)
 
 
 def _show(v) -> str:
@@ -144,9 +164,13 @@ def manifest_differences(old: Dict, new_pixels: Dict) -> List[str]:
     """What differs between a recorded manifest's pixel settings and these (only the keys of new_pixels)."""
     old_pixels = old.get('pixels', {}) if isinstance(old, dict) else {}
     out = []
+    if 'classes' in old_pixels and 'num_classes' in new_pixels:   # listed classes then, every class now
+        out.append(f"--classes: {_show(old_pixels['classes'])} then, '' (every class) now")
+        new_pixels = {k: v for k, v in new_pixels.items() if k != 'num_classes'}
     for k, v in new_pixels.items():
-        if old_pixels.get(k, '<not recorded>') != v:
-            out.append(f'{_NAMES.get(k, k)}: {_show(old_pixels.get(k, "<not recorded>"))} then, {_show(v)} now')
+        was = old_pixels.get(k, "'' (every class)" if k == 'classes' and 'num_classes' in old_pixels else '<not recorded>')
+        if was != v:
+            out.append(f'{_NAMES.get(k, k)}: {_show(was)} then, {_show(v)} now')
     return out
 
 
@@ -237,6 +261,44 @@ def finished_images(out: str, blocks: Sequence[Sequence[int]], size: int) -> set
     return done
 
 
+# ------------------------------------------------------------------ sampling
+def log_classes(args: SampleArgs, weights: SamplingWeights, listed: Optional[List[int]]) -> List[int]:
+    """The label of each class of the set (image i: labels[i // per_class]): --classes' labels, else 0 .. num_classes-1;
+    logged as '980: volcano' where the weights name their classes."""
+    n = weights.var.num_classes
+    labels = list(range(args.num_classes)) if listed is None else listed
+    logger.info('sampling %s', describe_classes(labels, weights.class_names, n))
+    if n in labels:
+        logger.info("'%s' is the unconditional label %d (the 'no class' of classifier-free guidance): --cfg=%g has no effect on "
+                    "its images", NULL_CLASS, n, args.cfg)
+    return labels
+
+
+def sample_blocks(args: SampleArgs, var, out: str, mine: Sequence[Sequence[int]], done: set, labels: Sequence[int], N: int) -> None:
+    """Sample this process's blocks of indices and write each image not yet done as its PNG, with a progress bar of all N."""
+    device, world = var.class_emb.weight.device, dist.get_world_size()
+    amp = torch.autocast(device.type, dtype=torch.float16 if args.fp16 == 1 else torch.bfloat16, enabled=args.fp16 > 0)
+    bar = tqdm(total=N, initial=N - sum(len(b) for b in mine) * world, disable=not dist.is_master(), desc='sample', unit='img',
+               dynamic_ncols=True)
+    t0, made = time.time(), 0
+    kill_after = int(os.environ.get(TEST_KILL_ENV, 0))   # test-only: SIGKILL after this many images (utils/run.py)
+    for blk in mine:
+        label_B = torch.tensor([labels[i // args.per_class] for i in blk], device=device)
+        with torch.inference_mode(), amp:
+            img_B3HW = var.autoregressive_infer_cfg(B=len(blk), label_B=label_B, g_seed=[image_seed(args.seed, i) for i in blk],
+                                                    cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+        arr = to_uint8_BHW3(img_B3HW)
+        for i, a in zip(blk, arr):
+            if i not in done:
+                save_png_atomic(a, osp.join(out, sample_png_name(i)))
+        made += len(blk)
+        if 0 < kill_after <= made:
+            os.kill(os.getpid(), signal.SIGKILL)
+        bar.update(len(blk) * world)
+        bar.set_postfix(img_s=f'{made * world / (time.time() - t0):.2f}', refresh=False)
+    bar.close()
+
+
 # ------------------------------------------------------------------ main
 def main(args: SampleArgs) -> str:
     check_flags(args)
@@ -245,7 +307,7 @@ def main(args: SampleArgs) -> str:
     setup_logging(rank)
     logger.info('%s', dist.describe())
     out = args.out.rstrip('/')
-    N = args.per_class * args.num_classes
+    N = args.per_class * class_count(args)
     check_existing(out, sampling_settings(args, device))   # the settings known so far, before the expensive work
     extra = sorted(i for i in (list_sample_indices(out) if osp.isdir(out) else {}) if i >= N)
     if extra:
@@ -255,9 +317,11 @@ def main(args: SampleArgs) -> str:
         torch.backends.cudnn.allow_tf32 = True
 
     weights = read_weights(args, args.given)
-    check_model_limits(args, weights.kw)
+    listed = parse_classes(args.classes, weights.var.num_classes, weights.class_names)   # before the model is built
+    check_model_limits(args, weights.kw, listed)
+    labels = log_classes(args, weights, listed)
     vae, var = build_from_weights(device, args, weights)
-    manifest = make_manifest(args, device, weights, vae, var)
+    manifest = make_manifest(args, device, weights, vae, var, listed)
     _, npz_manifest = check_existing(out, manifest['pixels'])
     if npz_manifest is not None and npz_complete(out + '.npz', N, vae.img_size):
         logger.info('%s.npz holds all %d images already, made with these settings and weights', out, N)
@@ -278,29 +342,9 @@ def main(args: SampleArgs) -> str:
     done = finished_images(out, mine, vae.img_size)
     mine = [blk for blk in mine if not all(i in done for i in blk)]
     logger.info('%d images (%d classes x %d), %d of this process\'s already there; cfg %g, top_k %d, top_p %g, more_smooth %s, '
-                'seed %d, %d per batch on %d processes', N, args.num_classes, args.per_class, len(done), args.cfg, args.top_k,
+                'seed %d, %d per batch on %d processes', N, len(labels), args.per_class, len(done), args.cfg, args.top_k,
                 args.top_p, args.more_smooth, args.seed, args.bs, world)
-
-    amp = torch.autocast(device.type, dtype=torch.float16 if args.fp16 == 1 else torch.bfloat16, enabled=args.fp16 > 0)
-    bar = tqdm(total=N, initial=N - sum(len(b) for b in mine) * world, disable=not dist.is_master(), desc='sample', unit='img',
-               dynamic_ncols=True)
-    t0, made = time.time(), 0
-    kill_after = int(os.environ.get(TEST_KILL_ENV, 0))   # test-only: SIGKILL after this many images (utils/run.py)
-    for blk in mine:
-        labels = torch.tensor([i // args.per_class for i in blk], device=device)
-        with torch.inference_mode(), amp:
-            img_B3HW = var.autoregressive_infer_cfg(B=len(blk), label_B=labels, g_seed=[image_seed(args.seed, i) for i in blk],
-                                                    cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
-        arr = to_uint8_BHW3(img_B3HW)
-        for i, a in zip(blk, arr):
-            if i not in done:
-                save_png_atomic(a, osp.join(out, sample_png_name(i)))
-        made += len(blk)
-        if 0 < kill_after <= made:
-            os.kill(os.getpid(), signal.SIGKILL)
-        bar.update(len(blk) * world)
-        bar.set_postfix(img_s=f'{made * world / (time.time() - t0):.2f}', refresh=False)
-    bar.close()
+    sample_blocks(args, var, out, mine, done, labels, N)
     dist.barrier()
     if args.no_npz:
         return out
