@@ -122,8 +122,8 @@ def main(args: VAEArgs) -> Dict[str, float]:
         check_resume_config(ckpt['args'], args, VAE_MODEL_KEYS, osp.join(out_dir, LAST))
 
     # ------------------------------------------------------------------ build data
-    _, train_set, val_set, _ = build_dataset(args.data_path, final_reso=args.data_load_reso, hflip=args.hflip,
-                                             mid_reso=args.mid_reso, seed=args.seed)
+    _, train_set, val_set, class_names = build_dataset(args.data_path, final_reso=args.data_load_reso, hflip=args.hflip,
+                                                       mid_reso=args.mid_reso, seed=args.seed)
     sampler, ld_train, ld_val = build_loaders(args, train_set, val_set, start_ep, start_it, device)
 
     # ------------------------------------------------------------------ build models, optimizers and trainer
@@ -131,6 +131,7 @@ def main(args: VAEArgs) -> Dict[str, float]:
     if args.eval_only:
         return evaluate_only(args, trainer, ld_val, out_dir)
     task = VQVAETask(trainer, args, out_dir, val_set, ld_val)
+    task.class_names = class_names   # recorded in every checkpoint
     if ckpt is not None:   # with --fsdp=1 the tensors are read now, into the sharded layout (another process count reshards)
         optimizers = [o.optimizer for o in (trainer.vae_opt, trainer.disc_opt) if o is not None]
         checkpoint_store(args).restore(task, ckpt, optimizers)

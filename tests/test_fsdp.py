@@ -135,8 +135,12 @@ def test_sigkill_and_restart_give_the_same_weights_bitwise(fsdp_runs, tiny_shape
     # the uninterrupted run also sampled (a collective with shards) and wrote its final model
     from models import load_pretrained
     _, var = load_pretrained(str(fsdp_runs / 'whole' / 'pretrained'))
-    ema = consolidated(fsdp_runs / 'whole' / 'ar-ckpt-last.dcp')['trainer']['var_ema']
+    whole = consolidated(fsdp_runs / 'whole' / 'ar-ckpt-last.dcp')
+    ema = whole['trainer']['var_ema']
     assert all(torch.equal(v, ema[k]) for k, v in var.state_dict().items() if k in ema)
+    # the class folders' names (id = position): in the folder's meta.pth, through a resume, and beside the final model
+    names = sorted(p.name for p in (tiny_shapes / 'train').iterdir())
+    assert whole['class_names'] == consolidated(out / 'ar-ckpt-last.dcp')['class_names'] == var.class_names == names
 
 
 def test_checkpoints_reshard_from_two_processes_to_one_and_back(fsdp_runs, tiny_shapes, tiny_vae_ckpt, tmp_path):

@@ -78,6 +78,11 @@ def test_training_from_tokens_equals_live_tokenisation(shapes_data, tiny_vae_ckp
     a = torch.load(tmp_path / 'live' / 'ar-ckpt-last.pth', weights_only=True)['trainer']['var_wo_ddp']
     b = torch.load(tmp_path / 'tok' / 'ar-ckpt-last.pth', weights_only=True)['trainer']['var_wo_ddp']
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the class names: the sorted class folders (id = position) in meta.json, and in the checkpoints of both runs
+    names = sorted(p.name for p in (shapes_data / 'train').iterdir())
+    assert json.loads((tokens_one / 'meta.json').read_text())['classes'] == names
+    for run in ('live', 'tok'):
+        assert torch.load(tmp_path / run / 'ar-ckpt-last.pth', weights_only=True)['class_names'] == names, run
     val = [json.loads(x) for x in (tmp_path / 'tok' / 'log.txt').read_text().splitlines() if '"eval"' in x]
     assert val and val[-1]['val_images'] == 24
 

@@ -61,6 +61,7 @@ def test_checkpoint_round_trips_into_train_py_and_eval_only(tiny_shapes, tmp_pat
             'VAE_codebook_usage/scale_4', 'VAE_val/psnr', 'VAE_val/ssim', 'VAE_val/usage_1'} <= set(sc)
     ck = torch.load(out / 'vae-ckpt-last.pth', map_location='cpu', weights_only=True)
     assert {'vae_wo_ddp', 'vae_opt', 'disc', 'disc_opt'} <= set(ck['trainer']) and ck['epoch'] == 2
+    assert ck['class_names'] == sorted(p.name for p in (tiny_shapes / 'train').iterdir())   # id = position of the class folder
 
     # the exported weights load strictly into build_vae_var ...
     from models import build_vae_var
