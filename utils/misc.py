@@ -9,9 +9,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import PIL.Image
 
+from utils.ckpt import _fsync_dir, _tmp_name
 from utils.cli import UserError
 
-__all__ = ['create_npz_from_sample_folder', 'open_npz_arr0', 'read_npz_manifest', 'NPZ_MANIFEST', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
+__all__ = ['NpzWriter', 'create_npz_from_sample_folder', 'open_npz_arr0', 'read_npz_manifest', 'NPZ_MANIFEST', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
 
 _INDEX_PNG = re.compile(r'^(\d+)\.png$')
 NPZ_MANIFEST = 'manifest.json'   # the npz member that says how its images were made (evaluators read only arr_0)
@@ -63,6 +64,63 @@ def read_npz_manifest(path: str) -> Optional[dict]:
         return json.loads(zf.read(NPZ_MANIFEST).decode())
 
 
+class NpzWriter:
+    """An npz of arr_0 (n, H, W, 3) uint8 images written batch by batch, and an optional manifest member.
+
+    The file grows under a temporary name (the one utils.ckpt.remove_stale_temps knows) and is fsynced and renamed by
+    close(), so memory stays at one batch and a kill never leaves a partial npz. Used as a context manager, an
+    exception (or leaving without close) removes the temporary file.
+    """
+
+    def __init__(self, path: str, n: int, H: int, W: int):
+        self.path, self.shape, self.written = path, (n, H, W, 3), 0
+        self.tmp = _tmp_name(path)
+        self._zf = zipfile.ZipFile(self.tmp, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._f = self._zf.open('arr_0.npy', mode='w', force_zip64=True)
+        np.lib.format.write_array_header_2_0(self._f, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                       'fortran_order': False, 'shape': self.shape})
+
+    def write(self, imgs_bHW3: np.ndarray) -> None:
+        """Append images (b, H, W, 3) uint8 (or one (H, W, 3) image)."""
+        imgs_bHW3 = imgs_bHW3[None] if imgs_bHW3.ndim == 3 else imgs_bHW3
+        if imgs_bHW3.dtype != np.uint8 or imgs_bHW3.shape[1:] != self.shape[1:]:
+            raise ValueError(f'{self.path}: images of {imgs_bHW3.dtype} {imgs_bHW3.shape[1:]}, the file holds uint8 {self.shape[1:]}')
+        if self.written + len(imgs_bHW3) > self.shape[0]:
+            raise ValueError(f'{self.path}: {self.written + len(imgs_bHW3)} images written, the file holds {self.shape[0]}')
+        self._f.write(np.ascontiguousarray(imgs_bHW3).tobytes())
+        self.written += len(imgs_bHW3)
+
+    def close(self, manifest: Optional[dict] = None) -> str:
+        """Finish the file (all n images must have been written), store `manifest` as manifest.json, and publish it."""
+        if self.written != self.shape[0]:
+            raise ValueError(f'{self.path}: {self.written} of its {self.shape[0]} images written')
+        self._f.close()
+        if manifest is not None:
+            self._zf.writestr(NPZ_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        self._zf.close()
+        with open(self.tmp, 'rb+') as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+        _fsync_dir(osp.dirname(osp.abspath(self.path)))
+        return self.path
+
+    def discard(self) -> None:
+        for closable in (self._f, self._zf):
+            try:
+                closable.close()
+            except (OSError, ValueError):   # an unfinished member or archive: it is removed anyway
+                pass
+        if osp.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self) -> 'NpzWriter':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if osp.exists(self.tmp):
+            self.discard()
+
+
 def _ranges(idx: List[int], limit: int = 8) -> str:
     shown = ', '.join(str(i) for i in idx[:limit])
     return shown + (f' ... ({len(idx)} in all)' if len(idx) > limit else '')
@@ -94,25 +152,11 @@ def create_npz_from_sample_folder(folder: str, n: Optional[int] = None, manifest
 
     first = np.asarray(PIL.Image.open(osp.join(folder, files[0])).convert('RGB'))
     H, W, _ = first.shape
-    out_path = folder + '.npz'
-    tmp = f'{out_path}.tmp-{os.getpid()}'
-    try:
-        with zipfile.ZipFile(tmp, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open('arr_0.npy', mode='w', force_zip64=True) as f:
-                np.lib.format.write_array_header_2_0(f, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                         'fortran_order': False, 'shape': (count, H, W, 3)})
-                for i in range(count):
-                    img = first if i == 0 else np.asarray(PIL.Image.open(osp.join(folder, files[i])).convert('RGB'))
-                    if img.shape != (H, W, 3):
-                        raise SampleFolderError(f'{folder}/{files[i]} is {img.shape[1]}x{img.shape[0]}, the others {W}x{H}: '
-                                                f'all samples must have one size')
-                    f.write(np.ascontiguousarray(img, dtype=np.uint8).tobytes())
-            if manifest is not None:
-                zf.writestr(NPZ_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        with open(tmp, 'rb+') as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
-    return out_path
+    with NpzWriter(folder + '.npz', count, H, W) as out:
+        for i in range(count):
+            img = first if i == 0 else np.asarray(PIL.Image.open(osp.join(folder, files[i])).convert('RGB'))
+            if img.shape != (H, W, 3):
+                raise SampleFolderError(f'{folder}/{files[i]} is {img.shape[1]}x{img.shape[0]}, the others {W}x{H}: '
+                                        f'all samples must have one size')
+            out.write(img.astype(np.uint8, copy=False))
+        return out.close(manifest)
