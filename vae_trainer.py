@@ -1,5 +1,6 @@
 """One tokenizer training step (reconstruction, multi-scale vq, perceptual and adversarial losses) and its evaluation;
-`VQVAETask`, the tokenizer's side of the training loop in utils/engine.py.
+`VQVAETask`, the tokenizer's side of the training loop in utils/engine.py; `ReconstructionNpz`, the val set's
+reconstructions and originals as two .npz files for rFID.
 
 Letters: B batch, C = Cvae latent channels, H/W image side, h/w latent side, V vocabulary, SN scales.
 """
@@ -7,11 +8,14 @@ import logging
 import math
 import os.path as osp
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import default_collate
 
 import dist
 from models import VQVAE
@@ -20,14 +24,16 @@ from utils.amp_opt import AmpOptimizer
 from utils.arg_util import vqvae_config_from_flags
 from utils.ckpt import save_atomic
 from utils.engine import TrainingTask
+from utils.imgs import to_uint8_BHW3
 from utils.lr_control import lr_wd_annealing
 from utils.metrics import psnr, ssim
+from utils.misc import NpzWriter
 from utils.parallel import full_state_dict, grad_sync, is_sharded, lockstep_batches, reshard
 from utils.tb import TensorboardLogger
 from utils.vis import reconstruction_grids
 from utils.weights import save_weights
 
-__all__ = ['VQVAETrainer', 'VQVAETask', 'export_weights']
+__all__ = ['VQVAETrainer', 'VQVAETask', 'ReconstructionNpz', 'ref_npz_path', 'export_weights']
 
 logger = logging.getLogger('train_vae')
 
@@ -51,6 +57,88 @@ def log_reconstructions(tb: TensorboardLogger, vae: VQVAE, val_set, step: int, d
     for name, grid in reconstruction_grids(vae, inp_B3HW, amp_ctx).items():
         tb.image(f'VAE_reconstructions/{name}', step, grid)
     logger.info('[ep %d] tensorboard reconstructions of %d val images: %.2fs', step, len(inp_B3HW), time.time() - t0)
+
+
+def ref_npz_path(recon_npz: str) -> str:
+    """Where the originals go beside --recon_npz: <stem>_ref.npz."""
+    return recon_npz[:-len('.npz')] + '_ref.npz'
+
+
+class ReconstructionNpz:
+    """--recon_npz: the val images' reconstructions from all scales (arr_0 (N, H, W, 3) uint8, in the val folder's order) and
+    the images the tokenizer saw (<stem>_ref.npz), each with a manifest, streamed to disk and published atomically.
+
+    The val set is cut into blocks of `bs` consecutive indices, block b on process b mod world (as sample.py does); after
+    each step rank 0 gathers the processes' blocks, which are then consecutive, and appends them to both files. So the
+    files do not depend on the number of processes, and rank 0 holds one step's images at a time. Every process knows how
+    many steps there are, so one with fewer blocks repeats its last batch, not counted, without asking the others.
+    """
+
+    def __init__(self, path: str, val_set, bs: int, manifests: Tuple[Dict, Dict]):
+        self.path, self.val_set, self.manifests = path, val_set, manifests
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        n = len(val_set)
+        blocks = [list(range(b, min(b + bs, n))) for b in range(0, n, bs)]
+        self.mine: List[List[int]] = blocks[self.rank::self.world]
+        self.steps = math.ceil(len(blocks) / self.world)   # gathers every process makes, with or without a block
+        self.gathered = 0
+        self.writers: Optional[Tuple[NpzWriter, NpzWriter]] = None
+        if dist.is_master():
+            side = val_set.final_reso
+            self.writers = NpzWriter(path, n, side, side), NpzWriter(ref_npz_path(path), n, side, side)
+
+    def loader(self, workers: int, pin_memory: bool) -> DataLoader:
+        """This process's blocks, in order."""
+        return DataLoader(self.val_set, batch_sampler=self.mine, num_workers=workers, pin_memory=pin_memory)
+
+    def lockstep(self, loader: DataLoader) -> Iterator[Tuple[object, bool]]:
+        """(batch, counted) of loader (this object's loader()), then repeats up to the number of steps of the process with the
+        most blocks: the gathers, and FSDP2's weight gathers, happen in the same order on every process."""
+        last = None
+        for batch in loader:
+            last = batch
+            yield batch, True
+        for _ in range(self.steps - len(self.mine)):
+            yield (default_collate([self.val_set[0]]) if last is None else last), False
+
+    def add(self, inp_B3HW: Optional[torch.Tensor], rec_B3HW: Optional[torch.Tensor]) -> None:
+        """One step of validation (every process calls it; None for a repeated batch that is not counted): inputs and
+        reconstructions (B, 3, H, W) in [-1, 1] of this process's next block."""
+        payload = None
+        if inp_B3HW is not None:
+            payload = (self.mine[self.gathered][0], to_uint8_BHW3((rec_B3HW + 1) / 2), to_uint8_BHW3((inp_B3HW + 1) / 2))
+        parts = dist.all_gather_object(payload)
+        self.gathered += 1
+        if self.writers is None:
+            return
+        rec_w, ref_w = self.writers
+        for part in parts:
+            if part is None:
+                continue
+            start, rec_bHW3, ref_bHW3 = part
+            if start != rec_w.written:   # the blocks' order is what makes the files independent of the process count
+                raise RuntimeError(f'{self.path}: a block starting at image {start} arrived after {rec_w.written} images')
+            rec_w.write(rec_bHW3)
+            ref_w.write(ref_bHW3)
+
+    def finish(self) -> Tuple[str, str]:
+        """After the last step: the two files published by rank 0."""
+        if self.gathered != self.steps:
+            raise RuntimeError(f'{self.path}: {self.gathered} of {self.steps} steps gathered')
+        replaced = dist.allreduce(self.val_set.n_skipped.clone().double()).item()   # unreadable images stood in for by the next
+        if self.writers is not None:
+            rec_m, ref_m = self.manifests
+            for w, m in zip(self.writers, (rec_m, ref_m)):
+                w.close({**m, 'pixels': {**m['pixels'], 'unreadable_replaced': int(replaced)}})
+            if replaced:
+                logger.warning('%d unreadable val images were replaced by the next readable one, in both files', int(replaced))
+        dist.barrier()
+        return self.path, ref_npz_path(self.path)
+
+    def discard(self) -> None:
+        if self.writers is not None:
+            for w in self.writers:
+                w.discard()
 
 
 class VQVAETrainer:
@@ -142,8 +230,10 @@ class VQVAETrainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, ld_val) -> Dict[str, float]:
-        """PSNR, SSIM and L1 of the reconstructions from all scales, and the % of codebook entries used per scale."""
+    def evaluate(self, ld_val, recon: Optional[ReconstructionNpz] = None) -> Dict[str, float]:
+        """PSNR, SSIM and L1 of the reconstructions from all scales, and the % of codebook entries used per scale.
+        With `recon`, ld_val is recon.loader() and each batch's images also go to its files (a process with fewer blocks
+        runs one repeated, uncounted batch)."""
         vae = self.vae_wo_ddp
         training = vae.training
         vae.eval()
@@ -151,11 +241,14 @@ class VQVAETrainer:
         SN = len(vae.quantize.v_patch_nums)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # psnr, ssim, l1, count
         hits_SV = torch.zeros(SN, vae.vocab_size, device=self.device)
-        for (inp_B3HW, _), counted in lockstep_batches(ld_val, is_sharded(vae)):
+        batches = lockstep_batches(ld_val, is_sharded(vae)) if recon is None else recon.lockstep(ld_val)
+        for (inp_B3HW, _), counted in batches:
             inp_B3HW = inp_B3HW.to(self.device, non_blocking=True)
             with self.vae_opt.amp_ctx:
                 idx_Bl = vae.img_to_idxBl(inp_B3HW)
                 rec_B3HW = vae.idxBl_to_img(idx_Bl, same_shape=True, last_one=True).float()
+            if recon is not None:
+                recon.add(inp_B3HW if counted else None, rec_B3HW)
             if not counted:   # a repeated batch that only keeps the processes' collectives in step (--fsdp=1)
                 continue
             x01, r01 = (inp_B3HW + 1) / 2, (rec_B3HW + 1) / 2
@@ -165,6 +258,8 @@ class VQVAETrainer:
             sums[3] += inp_B3HW.shape[0]
             for si, idx in enumerate(idx_Bl):
                 hits_SV[si] += idx.flatten().bincount(minlength=vae.vocab_size).float()
+        if recon is not None:
+            recon.finish()
         dist.allreduce(sums)
         dist.allreduce(hits_SV)
         vae.train(training)
