@@ -18,7 +18,8 @@ def test_notebook_executes_and_shows_the_grid_of_the_reference_settings(tmp_path
     vae, var = build_tiny(seed=8)
     torch.save(vae.state_dict(), tmp_path / 'vae.pth')
     torch.save(var.state_dict(), tmp_path / 'var.pth')
-    var.save_pretrained(tmp_path / 'pretrained')
+    var.class_names = ['tench', 'goldfish', 'great white shark', 'tiger shark', 'hammerhead']
+    var.save_pretrained(tmp_path / 'pretrained')   # with classes.json
     labels = [0, 0, 1, 1, 2, 2, 3, 4]
     if layout == 'pth':
         env = {'VAR_NB_DEPTH': '2', 'VAR_NB_VAE_CKPT': str(tmp_path / 'vae.pth'), 'VAR_NB_VAR_CKPT': str(tmp_path / 'var.pth'),
@@ -37,6 +38,8 @@ def test_notebook_executes_and_shows_the_grid_of_the_reference_settings(tmp_path
     assert not [o for o in outputs if o.get('output_type') == 'error']
     assert any('image/png' in o.get('data', {}) for o in outputs), 'the grid is shown'
     assert any('VAR d2 ready on' in o.get('text', '') for o in outputs)
+    shown = 'classes: 0, 1, 2, 3, 4' if layout == 'pth' else 'classes: 0: tench, 1: goldfish, 2: great white shark, 3: tiger shark, 4: hammerhead'
+    assert any(shown in o.get('text', '') for o in outputs), 'the class names (a file of another name than var_d*.pth has none)'
     grid = np.asarray(Image.open(tmp_path / 'grid.png'))
     assert grid.shape == (64, 8 * 64, 3)
     # the same models in-process with the reference notebook's settings: seed 0, cfg 4, top-k 900 (of at most V), top-p 0.95

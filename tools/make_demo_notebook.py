@@ -31,7 +31,8 @@ INTRO_MD = """# VAR: sampling from the published checkpoints
 
 Builds the tokenizer and a VAR, gets the published weights of [`FoundationVision/var`](https://huggingface.co/FoundationVision/var)
 (a local file of the same name first, else `huggingface_hub` downloads it once), and samples a class-conditional grid
-with the settings of the reference notebook (seed 0, cfg 4, top-k 900, top-p 0.95, classes 980, 437, 22, 562).
+with the settings of the reference notebook (seed 0, cfg 4, top-k 900, top-p 0.95, classes 980, 437, 22, 562), and names
+the classes it drew (`var.class_names`: ImageNet's 1000 for the published models, a saved folder's `classes.json`).
 
 Environment variables point it at other files (the tests use tiny local checkpoints this way):
 `VAR_NB_DEPTH`, `VAR_NB_VAE_CKPT`, `VAR_NB_VAR_CKPT` (a file, a folder written by `save_pretrained`, or a Hub repo id),
@@ -50,7 +51,7 @@ import torch
 import torchvision
 
 from models import build_vae_var, load_pretrained
-from models.pretrained import looks_like_repo_id
+from models.pretrained import class_names, looks_like_repo_id
 from models.state_dict import PUBLISHED, published_build_kwargs
 from utils.hub import resolve_checkpoint   # local path first, huggingface_hub second
 from utils.weights import load_tokenizer_state, load_weights   # .pth or .safetensors
@@ -69,6 +70,8 @@ else:
     vae, var = build_vae_var(device=device, **build)
     vae.load_state_dict(load_tokenizer_state(vae_ckpt)[0], strict=True)
     var.load_state_dict(load_weights(resolve_checkpoint(var_ckpt)), strict=True)
+    names = class_names(var_ckpt)   # ImageNet's for the published var_d*.pth, None for other files
+    var.class_names = names if names and len(names) <= var.num_classes else None
 vae.eval()
 var.eval()
 for p in vae.parameters(): p.requires_grad_(False)
@@ -94,6 +97,7 @@ torch.set_float32_matmul_precision('high' if tf32 else 'highest')
 
 B = len(class_labels)
 label_B = torch.tensor(class_labels, device=device)
+print('classes:', ', '.join(f'{c}: {var.class_names[c]}' if var.class_names else str(c) for c in dict.fromkeys(class_labels)))
 with torch.inference_mode():
     with torch.autocast('cuda', enabled=(device == 'cuda'), dtype=torch.float16, cache_enabled=True):
         recon_B3HW = var.autoregressive_infer_cfg(B=B, label_B=label_B, cfg=cfg, top_k=top_k, top_p=top_p, g_seed=seed, more_smooth=more_smooth)
