@@ -22,6 +22,7 @@ from models.pretrained import hub_push_problem
 from trainer import VARTask, VARTrainer
 from utils.amp_opt import AmpOptimizer, build_adamw
 from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args, var_config_from_flags, vqvae_config_from_flags
+from utils.class_names import check_same_classes
 from utils.cli import run_main
 from utils.data import build_dataset
 from utils.engine import CheckpointNames, run_training
@@ -166,6 +167,8 @@ def main(args: Args) -> Dict[str, float]:
     train_set, val_set, meta, class_names = build_data(args, token_batches)
     if ckpt is not None:
         check_resume_config(ckpt['args'], args, MODEL_KEYS, osp.join(out_dir, LAST))
+        check_same_classes(ckpt.get('class_names'), class_names, osp.join(out_dir, LAST),
+                           f'--tokens_path={args.tokens_path}' if token_batches else f'--data_path={args.data_path}')
     sampler, ld_train, ld_val = build_loaders(args, train_set, val_set, start_ep, start_it, device)
 
     # ------------------------------------------------------------------ build models, optimizer and trainer

@@ -106,6 +106,21 @@ def test_a_train_py_checkpoint_and_its_final_folder_record_the_class_folders(tra
     assert class_names_for(str(trained / 'ar-ckpt-last.pth')) == class_names_for(str(trained / 'pretrained')) == names
 
 
+def test_resuming_on_other_class_folders_is_refused(trained, shapes_data, tiny_vae_ckpt, tmp_path):
+    import shutil
+    names = sorted(p.name for p in (shapes_data / 'train').iterdir())
+    data, out = tmp_path / 'data', tmp_path / 'run'
+    shutil.copytree(shapes_data, data)
+    shutil.copytree(trained, out)
+    for split in ('train', 'val'):   # the same images, a class renamed so that it sorts last: ids 1 .. 5 move
+        (data / split / names[1]).rename(data / split / f'z_{names[1]}')
+    res = run_script(['train.py', f'--data_path={data}', f'--vae_ckpt={tiny_vae_ckpt}', f'--local_out_dir_path={out}',
+                      *TINY_TRAIN_FLAGS, '--bs=8', '--ep=2', '--seed=1', '--vis_every_ep=-1'], check=False)
+    one_line_error(res, f'{out / "ar-ckpt-last.pth"} was trained on other classes than --data_path={data} has now',
+                   f"class 1: '{names[1]}' then, '{names[2]}' now")
+    assert torch.load(out / 'ar-ckpt-last.pth', weights_only=True)['epoch'] == 1
+
+
 def test_sample_py_takes_classes_of_a_train_py_checkpoint_by_name(trained, shapes_data, tmp_path):
     names = sorted(p.name for p in (shapes_data / 'train').iterdir())
     res = sample(tmp_path / 's', f'--var_ckpt={trained / "ar-ckpt-last.pth"}', f'--classes={names[4]},1', '--per_class=1')

@@ -21,7 +21,7 @@ from models.pretrained import imagenet_class_names, read_class_names, write_clas
 from utils.cli import UserError
 
 __all__ = ['CLASSES_JSON', 'NULL_CLASS', 'ClassNameError', 'imagenet_class_names', 'write_classes_json', 'read_classes_json',
-           'class_names_for', 'split_classes', 'parse_class', 'parse_classes', 'describe_class', 'describe_classes']
+           'class_names_for', 'check_same_classes', 'split_classes', 'parse_class', 'parse_classes', 'describe_class', 'describe_classes']
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,20 @@ def describe_class(k: int, names: Optional[Sequence[str]] = None, num_classes: O
     if num_classes is not None and k == num_classes:
         return f'{NULL_CLASS} (unconditional)'
     return f'{k}: {names[k]}' if names and 0 <= k < len(names) else str(k)
+
+
+def check_same_classes(recorded, now: Sequence[str], ckpt_path: str, data_flag: str) -> None:
+    """A resumed run's data must have the checkpoint's classes in the same order: label k must keep meaning class k.
+    recorded: the checkpoint's 'class_names' (None: an older checkpoint, which records none, so nothing to compare)."""
+    recorded = _recorded(recorded, ckpt_path)
+    if recorded is None or list(recorded) == list(now):
+        return
+    k = next((i for i, (a, b) in enumerate(zip(recorded, now)) if a != b), min(len(recorded), len(now)))
+    then = repr(recorded[k]) if k < len(recorded) else 'none'
+    later = repr(now[k]) if k < len(now) else 'none'
+    raise ClassNameError(f'{ckpt_path} was trained on other classes than {data_flag} has now ({len(recorded)} classes then, '
+                         f'{len(now)} now; class {k}: {then} then, {later} now), so its labels would change meaning: resume '
+                         f'with the data it was trained on, or start afresh with another --local_out_dir_path')
 
 
 def split_classes(spec: str, flag: str = '--classes') -> List[str]:
