@@ -71,7 +71,7 @@ def test_checkpoint_round_trips_into_train_py_and_eval_only(tiny_shapes, tmp_pat
     for i, src in enumerate(('vae.pth', 'vae-ckpt-last.pth')):
         res = run_script(['train.py', f'--data_path={tiny_shapes}', f'--vae_ckpt={out / src}', f'--local_out_dir_path={tmp_path / f"var{i}"}',
                           *TINY_TRAIN_FLAGS, '--bs=8', '--ep=1'])
-        assert f'tokenizer weights: {out / src}' in res.stdout
+        assert f'tokenizer weights: --vae_ckpt={out / src}' in res.stdout
 
     res = run_script(vae_flags(tiny_shapes, tmp_path / 'eval', '--eval_only=1', f'--vae_ckpt={out / "vae.pth"}'))
     assert 'eval: PSNR' in res.stdout and 'codebook usage 1:' in res.stdout
