@@ -7,8 +7,8 @@ Both files hold arr_0 (N, H, W, 3) uint8, like the OpenAI evaluator's reference 
 sample.py's output; they are read in batches, never whole. Features come from torch-fidelity's
 InceptionV3 with the standard TensorFlow FID weights (`--inception_weights`, or the usual download
 into the torch hub cache; offline, the error says what to fetch), read with torch.load(weights_only=True).
-FID uses the 2048-d pool features, IS the 1008 logits (10 splits), precision and recall the pool
-features with k = 3 neighbours. Every flag and both files are checked before the network is loaded.
+FID uses the 2048-d pool features (against the reference batch's stored 'mu' and 'sigma' where it has them, as the
+OpenAI evaluator does), IS the 1008 logits (10 splits), precision and recall the pool features with k = 3 neighbours. Every flag and both files are checked before the network is loaded.
 """
 import io
 import json
@@ -28,7 +28,7 @@ from utils.cli import UserError, run_main
 from utils.log import setup_logging
 from utils.misc import open_npz_arr0, read_npz_manifest
 
-__all__ = ['frechet_distance', 'iter_npz_images', 'inception_features', 'evaluate']
+__all__ = ['frechet_distance', 'iter_npz_images', 'inception_features', 'read_reference_stats', 'evaluate']
 
 logger = logging.getLogger('evaluate')
 
@@ -179,21 +179,48 @@ def check_npz_pair(ref_npz: str, sample_npz: str, splits: int, k: int) -> None:
             raise EvaluationInputError(f'--splits={splits} needs at least {splits} samples; {path} holds {n}: use --splits between 1 and {n}')
 
 
+def read_reference_stats(path: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The FID statistics a reference batch stores beside its images ('mu' (2048,), 'sigma' (2048, 2048)), or None.
+
+    The OpenAI reference batches carry them, computed over the whole reference set (not only the images of arr_0); their
+    evaluator takes them for FID, so this does too. Precision and recall use the images of arr_0 either way."""
+    with np.load(path, allow_pickle=False) as z:
+        names = set(z.files)
+        if not names & {'mu', 'sigma'}:
+            return None
+        if not names >= {'mu', 'sigma'}:
+            raise EvaluationInputError(f'{path} holds {"mu" if "mu" in names else "sigma"} without {"sigma" if "mu" in names else "mu"}: '
+                                       'FID statistics need both (or neither, to compute them from arr_0)')
+        mu, sigma = z['mu'], z['sigma']
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise EvaluationInputError(f'{path}: mu {mu.shape} and sigma {sigma.shape} must be the finite (2048,) mean and (2048, 2048) '
+                                   'covariance of Inception pool features')
+    return mu.astype(np.float64), sigma.astype(np.float64)
+
+
 def evaluate(ref_npz: str, sample_npz: str, inception_weights: Optional[str] = None, bs: int = 100, splits: int = 10, k: int = 3,
              device: Optional[str] = None) -> Dict[str, float]:
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_part
     dev = check_settings(bs, splits, k, device, inception_weights)
     check_npz_pair(ref_npz, sample_npz, splits, k)   # fail on a bad file before loading the network
+    ref_stats = read_reference_stats(ref_npz)
+    stored = ref_stats is not None
     net = load_inception(inception_weights, dev)
     ref_pool, _ = inception_features(net, ref_npz, bs, dev)
     pool, logits = inception_features(net, sample_npz, bs, dev)
-    fid = frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), ref_pool.mean(0), np.cov(ref_pool, rowvar=False))
+    if ref_stats is None:
+        ref_stats = ref_pool.mean(0), np.cov(ref_pool, rowvar=False)
+    else:
+        logger.info('FID against the mu and sigma stored in %s (as the OpenAI evaluator does), not the %d images of its arr_0',
+                    ref_npz, len(ref_pool))
+    fid = frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), *ref_stats)
     isc = isc_features_to_metric(torch.from_numpy(logits), splits=splits, shuffle=False)
     precision, recall = calculate_precision_recall_part(torch.from_numpy(pool).float(), torch.from_numpy(ref_pool).float(),
                                                         neighborhood=k, batch_size=10000)
     return {'fid': fid, 'inception_score': isc['inception_score_mean'], 'inception_score_std': isc['inception_score_std'],
-            'precision': precision, 'recall': recall, 'n_samples': int(len(pool)), 'n_ref': int(len(ref_pool))}
+            'precision': precision, 'recall': recall, 'n_samples': int(len(pool)), 'n_ref': int(len(ref_pool)),
+            'fid_reference_stats': 'stored mu/sigma' if stored else 'arr_0'}
 
 
 def print_sample_manifest(sample_npz: str) -> None:
