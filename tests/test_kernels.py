@@ -29,9 +29,10 @@ def test_one_switch_process_wide_and_restored_by_the_context_manager():
         kernels.set_fast_paths('off')
 
 
-def test_the_switch_reaches_modules_by_what_they_compute_not_by_their_attributes():
+def test_the_switch_reaches_modules_by_what_they_compute_not_by_their_attributes(cpu_with_fast_kernels):
     """No module is looked up by attribute name: a Dropout (which has `inplace`) is left alone, and layers built
-    after the switch, or outside VAR and VQVAE, follow it."""
+    after the switch, or outside VAR and VQVAE, follow it (on a CPU whose rule chooses oneDNN's linear, whatever runs
+    the test)."""
     vae = VQVAE(vocab_size=16, z_channels=8, ch=32, dropout=0.1, v_patch_nums=(1, 2), test_mode=False)
     dropouts = [m for m in vae.modules() if isinstance(m, nn.Dropout)]
     assert dropouts and not any(m.inplace for m in dropouts)
@@ -141,7 +142,8 @@ def test_block_causal_attention_by_groups_equals_the_dense_mask(backend, monkeyp
     assert len(grouped) == (1 if backend != 'math' else 0) and torch.equal(plain, dense)
 
 
-def test_kernel_choices_are_logged_once_with_their_reasons(monkeypatch, caplog):
+def test_kernel_choices_are_logged_once_with_their_reasons(cpu_with_fast_kernels, monkeypatch, caplog):
+    """On a CPU whose rule turns every CPU-chosen kernel on (the AMD one), whatever runs the test."""
     monkeypatch.setitem(choices._logged, 'done', False)
     with caplog.at_level(logging.INFO, logger='models.kernels'):
         build_tiny()
