@@ -1,7 +1,8 @@
 """Sample `per_class` images of every class for FID: PNGs named by index, then one `.npz` for the OpenAI evaluator.
 
     torchrun --nproc_per_node=8 sample.py --depth=16 --out=samples/d16            # published var_d16.pth
-    python sample.py --var_ckpt=local_output/ar-ckpt-best.pth --ema=1 --per_class=10 --out=samples/mine
+    python sample.py --var_ckpt=local_output/ar-ckpt-best.pth --per_class=10 --out=samples/mine   # every class of a run
+    python sample.py --depth=16 --classes=980,goldfish,null --out=samples/three               # by id, by name, unconditional
 
 Image i has label i // per_class (with --classes: the (i // per_class)-th class listed; 'null' is the unconditional
 label of classifier-free guidance) and its own random stream, seeded by (--seed, i); the images are
@@ -24,7 +25,7 @@ import os
 import os.path as osp
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -54,7 +55,8 @@ MANIFEST_FORMAT = 'var-sample-set/1'   # image i: label i // per_class, generato
 class SampleArgs(ModelFlags):
     out: str = flag('samples', 'the PNG folder (and its manifest.json); the npz is <out>.npz; a rerun with the same settings '
                                'resumes there', group='output')
-    num_classes: int = flag(1000, "without --classes: sample classes 0 .. num_classes-1 (>= 1, at most the model's class count)",
+    num_classes: int = flag(0, "without --classes: sample classes 0 .. num_classes-1 (at most the model's class count; 0: every "
+                               "class the model knows, 1000 for the published models)",
                             group='sampling')
     per_class: int = flag(50, 'images per class (>= 1): image i has label i // per_class', group='sampling')
     classes: str = flag('', "the classes to sample, comma-separated ids or names (e.g. 980,volcano); 'null': unconditional "
@@ -87,9 +89,11 @@ def image_seed(seed: int, index: int) -> int:
 # ------------------------------------------------------------------ flags
 def check_flags(args: SampleArgs) -> None:
     """Every flag's range, before any file is read or model built (the model's own limits come after reading its weights)."""
-    for name in ('per_class', 'num_classes', 'bs'):
+    for name in ('per_class', 'bs'):
         if getattr(args, name) < 1:
             raise FlagError(f'--{name}={getattr(args, name)} must be an integer >= 1')
+    if args.num_classes < 0:
+        raise FlagError(f"--num_classes={args.num_classes} must be 0 (every class of the model) or 1 .. the model's class count")
     if args.top_k < 0:
         raise FlagError(f'--top_k={args.top_k} must be 0 (no top-k filtering) or 1 .. the vocabulary size')
     if not (0.0 < args.top_p <= 1.0):   # also false for nan
@@ -98,7 +102,8 @@ def check_flags(args: SampleArgs) -> None:
         raise FlagError(f'--cfg={args.cfg} must be a finite number (1.5 is the reference\'s FID setting)')
     if args.fp16 not in (0, 1, 2):
         raise FlagError(f'--fp16={args.fp16}: use 0 (float32), 1 (float16 autocast) or 2 (bfloat16 autocast)')
-    vqvae_config_from_flags(args), var_config_from_flags(args)   # the model flags' ranges
+    vqvae_config_from_flags(args), var_config_from_flags(replace(args, num_classes=1))   # the model flags' ranges (the
+    # model's class count is read off its weights: --num_classes here is how many to sample)
     if not args.out.rstrip('/'):
         raise FlagError(f'--out={args.out!r} must name a folder')
     if split_classes(args.classes) and 'num_classes' in args.given:
@@ -107,7 +112,8 @@ def check_flags(args: SampleArgs) -> None:
 
 
 def class_count(args: SampleArgs) -> int:
-    """How many classes the set has: the items of --classes, else --num_classes (known before any weights are read)."""
+    """How many classes the set has: the items of --classes, else --num_classes (0 until the weights are read, when it
+    means every class of the model)."""
     return len(split_classes(args.classes)) or args.num_classes
 
 
@@ -131,7 +137,7 @@ _NAMES = {'per_class': '--per_class', 'num_classes': '--num_classes', 'classes':
 def sampling_settings(args: SampleArgs, device: torch.device) -> Dict:
     """The settings that determine the pixels and are known before the weights are read (with --classes, its labels are
     known once the weights' class names are: make_manifest adds them in place of num_classes)."""
-    every_class = {} if split_classes(args.classes) else {'num_classes': args.num_classes}
+    every_class = {} if split_classes(args.classes) or not args.num_classes else {'num_classes': args.num_classes}   # 0: not known yet
     s = dict(format=MANIFEST_FORMAT, per_class=args.per_class, **every_class, cfg=args.cfg, top_k=args.top_k,
              top_p=args.top_p, more_smooth=args.more_smooth, seed=args.seed, fp16=args.fp16, ema=bool(args.ema), device=device.type)
     if device.type == 'cuda':   # TF32, the fused kernels and the batch's shape change CUDA's rounding; on the CPU they do not
@@ -307,18 +313,20 @@ def main(args: SampleArgs) -> str:
     setup_logging(rank)
     logger.info('%s', dist.describe())
     out = args.out.rstrip('/')
-    N = args.per_class * class_count(args)
     check_existing(out, sampling_settings(args, device))   # the settings known so far, before the expensive work
-    extra = sorted(i for i in (list_sample_indices(out) if osp.isdir(out) else {}) if i >= N)
-    if extra:
-        raise SampleFolderError(f'{out} holds images beyond the {N} asked for (from index {extra[0]}): use another --out, or remove them')
     if device.type == 'cuda' and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     weights = read_weights(args, args.given)
     listed = parse_classes(args.classes, weights.var.num_classes, weights.class_names)   # before the model is built
+    if listed is None and not args.num_classes:
+        args.num_classes = weights.var.num_classes   # every class of the model
     check_model_limits(args, weights.kw, listed)
+    N = args.per_class * class_count(args)
+    extra = sorted(i for i in (list_sample_indices(out) if osp.isdir(out) else {}) if i >= N)
+    if extra:
+        raise SampleFolderError(f'{out} holds images beyond the {N} asked for (from index {extra[0]}): use another --out, or remove them')
     labels = log_classes(args, weights, listed)
     vae, var = build_from_weights(device, args, weights)
     manifest = make_manifest(args, device, weights, vae, var, listed)

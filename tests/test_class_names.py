@@ -164,6 +164,8 @@ def test_a_rerun_with_other_classes_is_refused_naming_classes(named, tmp_path):
     assert sorted(m['pixels']) == ['cfg', 'device', 'ema', 'format', 'fp16', 'image_size', 'model', 'more_smooth', 'num_classes',
                                    'per_class', 'seed', 'top_k', 'top_p', 'vae_sha256', 'var_sha256']
     assert m['info']['class_names'] == NAMES
+    res = sample(every, f'--var_ckpt={folder}', '--per_class=1')   # no --num_classes: every class of the model, the same set
+    assert 'holds all 5 images already' in res.stdout, res.stdout[-2000:]
     res = sample(every, f'--var_ckpt={folder}', '--classes=0,1,2,3,4', '--per_class=1', check=False)
     assert res.returncode == 1 and "--classes: '' (every class) then, [0, 1, 2, 3, 4] now" in res.stderr, res.stderr[-2000:]
 

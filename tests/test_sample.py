@@ -257,7 +257,7 @@ def test_a_mismatched_checkpoint_is_a_clear_error(tiny_ckpts, tmp_path):
 @pytest.mark.parametrize('flag, phrase', [
     ('--top_k=-1', '--top_k=-1 must be 0'), ('--top_p=1.5', '--top_p=1.5 must be in (0, 1]'), ('--top_p=0', '--top_p=0.0 must be in (0, 1]'),
     ('--top_p=nan', '--top_p=nan'), ('--bs=0', '--bs=0 must be an integer >= 1'), ('--per_class=0', '--per_class=0 must be'),
-    ('--num_classes=0', '--num_classes=0 must be'), ('--fp16=3', '--fp16=3: use 0'), ('--cfg=inf', '--cfg=inf must be a finite'),
+    ('--num_classes=-1', '--num_classes=-1 must be 0'), ('--fp16=3', '--fp16=3: use 0'), ('--cfg=inf', '--cfg=inf must be a finite'),
     ('--pn=3_2', '--pn='),
 ])
 def test_bad_flags_are_named_before_any_file_is_read(tmp_path, flag, phrase):

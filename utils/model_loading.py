@@ -54,7 +54,8 @@ def _check_flags_against_checkpoint(path: str, vqvae: VQVAEConfig, var: VARConfi
     """Model flags given on the command line must agree with the checkpoint (or save_pretrained folder), which defines
     the model (--num_classes of sample.py and edit.py is how many classes to sample, not the model's)."""
     theirs = {**flags_from_vqvae_config(vqvae), **flags_from_var_config(var)}
-    mine = {**flags_from_vqvae_config(vqvae_config_from_flags(flags)), **flags_from_var_config(var_config_from_flags(flags))}
+    model_flags = dataclasses.replace(flags, num_classes=var.num_classes)   # not compared (see above); sample.py's may be 0
+    mine = {**flags_from_vqvae_config(vqvae_config_from_flags(model_flags)), **flags_from_var_config(var_config_from_flags(model_flags))}
     diffs = [f'--{flag}={getattr(flags, flag)} (the checkpoint: {theirs[flag]})'
              for flag in theirs if flag in given and flag != 'num_classes' and mine[flag] != theirs[flag]]
     if diffs:
@@ -132,7 +133,7 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
     else:
         emb = var_state.get('class_emb.weight') if isinstance(var_state, Mapping) else None
         num_classes = emb.shape[0] - 1 if isinstance(emb, torch.Tensor) and emb.ndim == 2 else flags.num_classes   # its last row: no class
-        vqvae_cfg, var_cfg = vqvae_config_from_flags(flags), dataclasses.replace(var_config_from_flags(flags), num_classes=num_classes)
+        vqvae_cfg, var_cfg = vqvae_config_from_flags(flags), var_config_from_flags(dataclasses.replace(flags, num_classes=num_classes))
         vae_state, _ = load_tokenizer_state(vae_ckpt)
         source, vae_source = var_ckpt or f'var_d{depth}.pth', vae_ckpt
         published = os.path.basename(source) in PUBLISHED   # ImageNet's names; a plain state dict records none
