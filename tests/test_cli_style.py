@@ -68,7 +68,7 @@ def _run_cases(cwd):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    """{case: CompletedProcess-like (returncode, stdout, stderr)}, the cases run once per test session: under pytest-xdist
+    """{case: CompletedProcess-like (returncode, stdout, stderr)}, the cases run once per pytest run: under pytest-xdist
     the first worker to get here runs them (~25 script start-ups) and writes the results; the others wait and read them."""
     shared = tmp_path_factory.getbasetemp().parent if os.environ.get('PYTEST_XDIST_WORKER') else tmp_path_factory.getbasetemp()
     results, claim = shared / 'cli_style_runs.json', shared / 'cli_style_runs.claim'

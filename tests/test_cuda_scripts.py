@@ -57,7 +57,7 @@ def process_tree(pid: int):
 
 
 def kill_all_after_checkpoint(cmd, ckpt_path, timeout=240) -> None:
-    """Start cmd; SIGKILL it and every process it started (torchrun's workers run in sessions of their own) as soon
+    """Start cmd; SIGKILL it and every process it started (torchrun's workers run in process groups of their own) as soon
     as ckpt_path appears, as when a machine is lost."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
