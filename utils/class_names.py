@@ -21,7 +21,7 @@ from models.pretrained import imagenet_class_names, read_class_names, write_clas
 from utils.cli import UserError
 
 __all__ = ['CLASSES_JSON', 'NULL_CLASS', 'ClassNameError', 'imagenet_class_names', 'write_classes_json', 'read_classes_json',
-           'class_names_for', 'check_same_classes', 'split_classes', 'parse_class', 'parse_classes', 'describe_class', 'describe_classes']
+           'class_names_for', 'check_same_classes', 'split_classes', 'parse_class', 'parse_classes', 'describe_class', 'describe_classes', 'class_name_key']
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,13 @@ def parse_class(spec, num_classes: int, names: Optional[Sequence[str]] = None, f
         return k
     if not names:
         raise ClassNameError(f'{flag}={s!r}: these weights record no class names; give the class by id (0 .. {num_classes - 1})')
-    key = _norm(s)
-    matches = [i for i, n in enumerate(names[:num_classes]) if _norm(n) == key]
+    key = class_name_key(s)
+    matches = [i for i, n in enumerate(names[:num_classes]) if class_name_key(n) == key]
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
         raise ClassNameError(f'{flag}={s!r} names {len(matches)} classes ({", ".join(map(str, matches))}): give the id')
-    normed = [_norm(n) for n in names[:num_classes]]
+    normed = [class_name_key(n) for n in names[:num_classes]]
     near = [i for i, n in enumerate(normed) if key in n] or [normed.index(n) for n in difflib.get_close_matches(key, normed, n=5)]
     close = [f'{i}: {names[i]}' for i in near[:8]]
     hint = f'; did you mean {", ".join(close)}?' if close else '; give an id, or a name as sample.py prints it'
@@ -165,5 +165,6 @@ def describe_classes(labels: Sequence[int], names: Optional[Sequence[str]] = Non
     return f'{len(labels)} class{"es" if len(labels) != 1 else ""}: {", ".join(parts)}'
 
 
-def _norm(name: str) -> str:
+def class_name_key(name: str) -> str:
+    """The form in which two class names are compared: case, underscores and runs of spaces do not matter."""
     return ' '.join(name.replace('_', ' ').lower().split())

@@ -29,7 +29,7 @@ from models.state_dict import PUBLISHED, published_configs
 from utils.arg_util import (FlagError, check_train_flags, derive_scales, flags_from_var_config, flags_from_vqvae_config, pn_flag,
                             var_config_from_flags, vqvae_config_from_flags)
 from utils.ckpt import verify_checksum
-from utils.class_names import _norm as class_name_key, class_names_for
+from utils.class_names import class_name_key, class_names_for
 from utils.hub import HF_REPO, resolve_checkpoint
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 from utils.weights import SAFETENSORS_SUFFIX, load_tokenizer_state, load_weights
