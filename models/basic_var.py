@@ -4,7 +4,7 @@ Letters: B batch, L tokens (of all scales fed so far), C width, D condition widt
 c head dim (C / H), S cached key tokens.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,18 @@ class SelfAttention(nn.Module):
         allocated once at the first call (no copy of the cache so far at each scale; more tokens than that: an error)."""
         self.caching, self.cached_k, self.cached_v = enable, None, None
         self.cache_capacity, self._kv_buffers = (capacity if enable else 0), None
+
+    @property
+    def kv_buffers(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The key and value caches (B, H, capacity, c) of kv_caching(True, capacity), once the first tokens came."""
+        return self._kv_buffers
+
+    def kv_cache_into(self, kv_buffers: Tuple[torch.Tensor, torch.Tensor], filled: int) -> None:
+        """Cache into these key and value caches (B, H, capacity, c), whose first `filled` tokens are the keys and
+        values so far: for a caller that keeps one cache at fixed addresses across sampling calls (CUDA graphs)."""
+        k_BHSc, v_BHSc = kv_buffers
+        self.caching, self.cache_capacity, self._kv_buffers = True, k_BHSc.shape[2], (k_BHSc, v_BHSc)
+        self.cached_k, self.cached_v = (k_BHSc[:, :, :filled], v_BHSc[:, :, :filled]) if filled else (None, None)
 
     def _append_to_cache(self, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every token so far, these included: (B, H, S, c) each."""

@@ -12,6 +12,9 @@ on a doubled batch (the B conditional rows first, the B unconditional ones last)
 3. hooks: each `hook(draw: ScaleDraw) -> ScaleDraw`, in order, may look at the scale or rewrite the tokens and
    embeddings it passes on. Zero-shot editing is one: `KeepInputTokens` keeps the input image's tokens where the
    mask says keep.
+4. the scale pass: `scale_logits(var, si, x_2BlC, cond_2BD_or_gss, cond_2BD) -> logits_2BlV`, every block against
+   the KV cache, then the head. A model's own `var.scale_logits`, where set, replaces it for that model
+   (utils.sampling_graphs.use_cuda_graphs sets one that replays a CUDA graph per scale); the draws stay outside it.
 
 `VAR.autoregressive_infer_cfg` builds the defaults from its arguments and calls this loop, so both give the same
 images from the same seed. Another schedule or sampler is a few lines:
@@ -52,7 +55,7 @@ from .helpers import RNG, gumbel_softmax_with_rng, sample_with_top_k_top_p_
 
 __all__ = ['sample_next_scale', 'GuidanceSchedule', 'LinearGuidance', 'TokenSampler', 'TokenDraw', 'TopKTopP',
            'GumbelSmoothing', 'default_sampler', 'ScaleDraw', 'ScaleHook', 'KeepInputTokens', 'generators',
-           'uniform_labels', 'kv_cache', 'first_scale_input', 'next_scale_input']
+           'uniform_labels', 'kv_cache', 'first_scale_input', 'next_scale_input', 'ScalePass', 'scale_logits', 'scale_pass_of']
 
 
 # ---------------------------------------------------------------------------------------------- guidance schedules
@@ -235,6 +238,27 @@ def next_scale_input(var: nn.Module, si: int, f_hat_BCvhw: torch.Tensor, h_BlCv:
     return f_hat_BCvhw, x_BlC.repeat(2, 1, 1)   # the doubled batch of guidance
 
 
+class ScalePass(Protocol):
+    """Scale si's transformer pass: (model, si, x_2BlC (2B, l, C), cond_2BD_or_gss, cond_2BD (2B, D)) → float32 logits
+    (2B, l, V), the scale's keys and values appended to every block's KV cache."""
+
+    def __call__(self, var: nn.Module, si: int, x_2BlC: torch.Tensor, cond_2BD_or_gss: torch.Tensor,
+                 cond_2BD: torch.Tensor) -> torch.Tensor: ...
+
+
+def scale_logits(var: nn.Module, si: int, x_2BlC: torch.Tensor, cond_2BD_or_gss: torch.Tensor, cond_2BD: torch.Tensor) -> torch.Tensor:
+    """The plain scale pass: every block over the scale's tokens against the KV cache, then the head."""
+    for b in var.blocks:
+        x_2BlC = b(x=x_2BlC, cond_BD=cond_2BD_or_gss, attn_bias=None)
+    return var.get_logits(x_2BlC, cond_2BD)
+
+
+def scale_pass_of(var: nn.Module) -> ScalePass:
+    """The model's scale pass: `var.scale_logits` where a converter set one for this model (utils.sampling_graphs
+    replays CUDA graphs of it), else the plain `scale_logits`. The loop keeps every random draw outside it."""
+    return getattr(var, 'scale_logits', None) or scale_logits
+
+
 def _checked_draw(token_draw: TokenDraw, logits_shape: torch.Size, sampler: TokenSampler) -> TokenDraw:
     """The sampler's result, if it has the shapes the loop needs; a clear error naming the sampler otherwise."""
     B, l, V = logits_shape
@@ -264,12 +288,11 @@ def sample_next_scale(var: nn.Module, label_B: torch.Tensor, rng: RNG = None,
     cond_2BD, x_2BlC, lvl_pos_1LC = first_scale_input(var, label_B)
     cond_2BD_or_gss = var.shared_ada_lin(cond_2BD)
     f_hat_BCvhw = cond_2BD.new_zeros(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1])
+    scale_pass = scale_pass_of(var)
     with kv_cache(var):
         for si in range(SN):
             ratio = si / max(SN - 1, 1)
-            for b in var.blocks:
-                x_2BlC = b(x=x_2BlC, cond_BD=cond_2BD_or_gss, attn_bias=None)
-            logits_2BlV = var.get_logits(x_2BlC, cond_2BD)
+            logits_2BlV = scale_pass(var, si, x_2BlC, cond_2BD_or_gss, cond_2BD)
             t = guidance(si=si, ratio=ratio)
             logits_BlV = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
             if not hooks:   # nobody reads the raw logits: freed before the sampler's V-wide temporaries, as in the reference
