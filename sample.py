@@ -44,6 +44,7 @@ from utils.misc import (SampleFolderError, create_npz_from_sample_folder, list_s
                         sample_png_name)
 from utils.model_loading import SamplingWeights, build_from_weights, given_flags, read_weights, state_fingerprint
 from utils.run import TEST_KILL_ENV
+from utils.sampling_graphs import use_cuda_graphs
 
 logger = logging.getLogger('sample')
 
@@ -75,6 +76,9 @@ class SampleArgs(ModelFlags):
                    group='sampling')
     fp16: int = flag(0, "autocast on CUDA or the CPU: 1 float16, 2 bfloat16; 0: float32 (the reference's numbers)",
                      group='sampling')
+    cuda_graphs: bool = flag(False, "on CUDA, replay each scale's transformer pass as a CUDA graph (captured at the first "
+                                    'batch of each size) instead of launching its kernels one by one; the same tokens and '
+                                    'images; no effect on the CPU', group='sampling')
     tf32: bool = flag(True, 'TensorFloat32 matmuls and convolutions on CUDA (off: IEEE float32)', group='environment')
     no_npz: bool = flag(False, 'write only the PNGs, not <out>.npz', group='output')
     cmd: str = field(default='', metadata={'derived': True})
@@ -329,6 +333,7 @@ def main(args: SampleArgs) -> str:
         raise SampleFolderError(f'{out} holds images beyond the {N} asked for (from index {extra[0]}): use another --out, or remove them')
     labels = log_classes(args, weights, listed)
     vae, var = build_from_weights(device, args, weights)
+    use_cuda_graphs(var, enabled=args.cuda_graphs)
     manifest = make_manifest(args, device, weights, vae, var, listed)
     _, npz_manifest = check_existing(out, manifest['pixels'])
     if npz_manifest is not None and npz_complete(out + '.npz', N, vae.img_size):
