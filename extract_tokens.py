@@ -3,9 +3,11 @@
     torchrun --nproc_per_node=8 extract_tokens.py --data_path=/path/to/imagenet --tokens_path=/path/to/tokens
 
 Images go through the validation transform (short side resized to mid_reso × the final size, centre
-crop), so training from tokens has no augmentation beyond the flip. Every process writes its share of
-the rows of one memory-mapped array per split; a killed extraction resumes where it stopped, and
-meta.json appears only once every row is written.
+crop), so training from tokens has no augmentation beyond the flip; --crops=N adds N - 1 random crops of
+the same resize per training image, drawn as live training draws its crops (each with its flip), and
+train.py picks one of the 2N views per image and epoch. Every process writes its share of the rows of
+one memory-mapped array per split; a killed extraction resumes where it stopped, and meta.json appears
+only once every row is written.
 
 A tokens folder records what it was made from: every image's path, size and modification time (digested
 per class folder), the transform and the tokenizer's weights. A rerun finishes or reuses it only when all
@@ -24,7 +26,7 @@ import os
 import os.path as osp
 import shutil
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ import dist
 from models import VQVAE, build_vqvae
 from utils.arg_util import ExtractArgs, parse_extract_args, vqvae_config_from_flags
 from utils.cli import run_main
-from utils.data import ImageFolderDataset, check_data_path
+from utils.data import ImageFolderDataset, check_data_path, sample_seed
 from utils.imgs import IMAGE_READ_ERRORS, load_rgb
 from utils.log import setup_logging
 from utils.token_data import TokensError, describe_differences, images_fingerprint, token_dtype, tokenizer_fingerprint
@@ -44,20 +46,40 @@ from utils.weights import load_tokenizer_state
 logger = logging.getLogger('extract_tokens')
 
 TRANSFORM = 'Lanczos resize of the short side to round(mid_reso * final_reso), centre crop to final_reso; views: image (+ hflip for train)'
+# recorded (with crops and crop_seed) only by --crops > 1, so that the files of --crops=1 stay those of before the flag
+CROPS_DRAWN = ('train views 2c and 2c+1 for c >= 1: a random crop of the same resize, drawn as the training transform draws it '
+               '(utils/data.py ImageFolderDataset.crop) from a torch.Generator seeded by sample_seed(crop_seed, c, image index), '
+               'and its hflip')
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def view_names(crops: int) -> List[str]:
+    """The train views in their order: crop c at 2c, its flip at 2c + 1; crop 0 the centre."""
+    names = ['image', 'hflip']
+    for c in range(1, crops):
+        names += [f'random crop {c}', f'random crop {c} hflip']
+    return names
+
+
 class StrictImages(ImageFolderDataset):
-    """The validation transform of every image, as (image, label, error): an unreadable image is reported by the
-    caller (naming the file), never replaced by another image."""
+    """Every image as ([crop_3HW] * crops, label, error): the validation transform's centre crop, then crops - 1 random crops of
+    the same resize, crop c of image i drawn from sample_seed(seed, c, i) whichever process reads it. An unreadable image is
+    reported by the caller (naming the file), never replaced by another image."""
+
+    def __init__(self, samples, final_reso: int, mid_reso: float, crops: int = 1, seed: int = 0):
+        super().__init__(samples, final_reso, mid_reso=mid_reso, train=False, seed=seed)
+        self.crops = crops
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
             img = load_rgb(path)   # the data sets' one loader (every PIL mode, EXIF orientation)
         except IMAGE_READ_ERRORS as e:   # truncated, corrupt or not an image
-            return torch.zeros(3, self.final_reso, self.final_reso), label, f'{type(e).__name__}: {e}'
-        return self.transform(img, None), label, ''
+            return [torch.zeros(3, self.final_reso, self.final_reso)] * self.crops, label, f'{type(e).__name__}: {e}'
+        img = self.resize(img)   # once for all its crops
+        crops_3HW = [self.crop(img, None)]
+        crops_3HW += [self.crop(img, torch.Generator().manual_seed(sample_seed(self.seed, c, index))) for c in range(1, self.crops)]
+        return crops_3HW, label, ''
 
 
 def on_master(fn: Callable[[], Any]) -> Any:
@@ -195,7 +217,7 @@ def extract_split(vae: VQVAE, dataset: StrictImages, arrays, views: int, args: E
     loader = DataLoader(Subset(dataset, mine), batch_size=args.bs, num_workers=args.workers, shuffle=False, drop_last=False)
     bar = tqdm(total=len(pending), disable=not dist.is_master(), desc=desc, unit='img', dynamic_ncols=True)
     pos = 0
-    for img_B3HW, label_B, error_B in loader:
+    for crops_B3HW, label_B, error_B in loader:   # crops_B3HW: one batch per crop
         idx = mine[pos:pos + len(label_B)]
         pos += len(label_B)
         for i, err in zip(idx, error_B):
@@ -203,11 +225,12 @@ def extract_split(vae: VQVAE, dataset: StrictImages, arrays, views: int, args: E
                 raise TokensError(f'{dataset.samples[i][0]} cannot be read as an image ({err}). Replace or remove that file; as the '
                                   f'images then differ from those recorded, delete {args.tokens_path} (or use another --tokens_path) '
                                   f'and rerun')
-        img_B3HW = img_B3HW.to(device, non_blocking=True)
         out_BvL = []
-        for v in range(views):
-            x = img_B3HW if v == 0 else img_B3HW.flip(-1)
-            out_BvL.append(torch.cat(vae.img_to_idxBl(x), dim=1))
+        for img_B3HW in crops_B3HW:   # views 2c and 2c + 1 of train (the crop, its flip); the one view of val
+            img_B3HW = img_B3HW.to(device, non_blocking=True)
+            for v in range(views // len(crops_B3HW)):
+                x = img_B3HW if v == 0 else img_B3HW.flip(-1)
+                out_BvL.append(torch.cat(vae.img_to_idxBl(x), dim=1))
         rows = torch.stack(out_BvL, dim=1).cpu().numpy().astype(tokens.dtype)
         tokens[idx] = rows
         labels[idx] = label_B.numpy()
@@ -234,12 +257,14 @@ def main(args: ExtractArgs) -> str:
 
     # what the tokens are made of: the images (listed, not read), the transform, the tokenizer's weights
     classes, train_samples, val_samples = check_data_path(args.data_path)
-    splits = (('train', train_samples, 2), ('val', val_samples, 1))
+    splits = (('train', train_samples, 2 * args.crops), ('val', val_samples, 1))
     state, path = load_tokenizer_state(args.vae_ckpt)   # .safetensors, .pth, a train_vae.py checkpoint or the published name
     L = sum(pn * pn for pn in args.patch_nums)
     dtype = token_dtype(args.vocab_size)
     config = {'patch_nums': list(args.patch_nums), 'vocab_size': args.vocab_size, 'tokenizer': tokenizer_fingerprint(state),
               'mid_reso': args.mid_reso, 'final_reso': args.data_load_reso, 'transform': TRANSFORM, 'classes': classes}
+    if args.crops > 1:
+        config.update(crops=args.crops, crop_seed=args.seed, crops_drawn=CROPS_DRAWN)
 
     def check_inputs() -> bool:   # on rank 0 (which alone writes the config), before any model is built or image read
         config['images'] = {split: images_fingerprint(osp.join(args.data_path, split), samples) for split, samples, _ in splits}
@@ -258,7 +283,7 @@ def main(args: ExtractArgs) -> str:
     t0 = time.time()
     counts = {}
     for split, samples, views in splits:
-        ds = StrictImages(samples, args.data_load_reso, mid_reso=args.mid_reso, train=False)
+        ds = StrictImages(samples, args.data_load_reso, args.mid_reso, crops=args.crops if split == 'train' else 1, seed=args.seed)
         arrays = open_split(args.tokens_path, split, len(samples), views, L, dtype, config)
         extract_split(vae, ds, arrays, views, args, device, desc=f'{split} tokens')
         dist.barrier()
@@ -267,11 +292,13 @@ def main(args: ExtractArgs) -> str:
         counts[split] = len(samples)
     if dist.is_master():
         write_json(osp.join(args.tokens_path, 'meta.json'),
-                   {**config, 'n_train': counts['train'], 'n_val': counts['val'], 'views': {'train': ['image', 'hflip'], 'val': ['image']},
-                    'vae_ckpt': osp.abspath(path), 'seconds': round(time.time() - t0, 1)})
+                   {**config, 'n_train': counts['train'], 'n_val': counts['val'],
+                    'views': {'train': view_names(args.crops), 'val': ['image']}, 'vae_ckpt': osp.abspath(path),
+                    'seconds': round(time.time() - t0, 1)})
     dist.barrier()
-    logger.info('token maps of %d train images (and their flips) and %d val images in %s (%.0fs)', counts['train'], counts['val'],
-                args.tokens_path, time.time() - t0)
+    logger.info('token maps of %d train images (%s) and %d val images in %s (%.0fs)', counts['train'],
+                'and their flips' if args.crops == 1 else f'{args.crops} crops of each and their flips', counts['val'], args.tokens_path,
+                time.time() - t0)
     return args.tokens_path
 
 

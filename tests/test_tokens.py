@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_TRAIN_FLAGS, build_tiny, run_script, script_env
+from utils.token_data import TokensError
 
 TOK_FLAGS = ['--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--pn=1_2_3_4']
 
@@ -191,3 +192,118 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_array(tiny_shapes, tiny_vae_
     extract(tiny_shapes, tiny_vae_ckpt, out, 0, '--mid_reso=1')   # with room: the whole extraction, as if nothing happened
     for name in ('train_tokens.npy', 'val_tokens.npy', 'train_labels.npy'):
         assert np.array_equal(np.load(out / name), np.load(tiny_tokens / name)), name
+
+
+# --crops: random crops of every training image stored with their flips, one view drawn per image and epoch
+CROP_FLAGS = ['--mid_reso=1.25']   # 80 px resized images: 17 x 17 places for a 64 px crop
+
+
+@pytest.fixture(scope='module')
+def crops_one(tiny_shapes, tiny_vae_ckpt, tmp_path_factory):
+    """A folder as extract_tokens.py wrote it before --crops: no flag given."""
+    out = tmp_path_factory.mktemp('crops') / 'one'
+    extract(tiny_shapes, tiny_vae_ckpt, out, 0, *CROP_FLAGS)
+    return out
+
+
+@pytest.fixture(scope='module')
+def crops_three(tiny_shapes, tiny_vae_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp('crops') / 'three'
+    extract(tiny_shapes, tiny_vae_ckpt, out, 0, *CROP_FLAGS, '--crops=3', '--seed=7')
+    return out
+
+
+def test_crops_1_writes_the_files_of_no_flag(tiny_shapes, tiny_vae_ckpt, crops_one, tmp_path):
+    out = tmp_path / 'flag'
+    extract(tiny_shapes, tiny_vae_ckpt, out, 0, *CROP_FLAGS, '--crops=1', '--seed=5')   # the seed draws nothing with one crop
+    for name in ('train_tokens.npy', 'train_labels.npy', 'train_done.npy', 'val_tokens.npy', 'val_labels.npy', 'val_done.npy',
+                 'train_config.json', 'val_config.json'):
+        assert (out / name).read_bytes() == (crops_one / name).read_bytes(), name
+    meta, before = (json.loads((d / 'meta.json').read_text()) for d in (out, crops_one))
+    for m in (meta, before):
+        del m['seconds']
+    assert list(meta.items()) == list(before.items()) and 'crops' not in meta and meta['views']['train'] == ['image', 'hflip']
+
+
+def test_crops_3_stores_the_crops_live_training_draws(tiny_shapes, crops_one, crops_three):
+    from utils.data import build_dataset
+    tok, one = np.load(crops_three / 'train_tokens.npy'), np.load(crops_one / 'train_tokens.npy')
+    assert tok.shape == (24, 6, 30) and np.array_equal(tok[:, :2], one)   # views 0, 1: the centre crop and its flip, as before
+    for name in ('val_tokens.npy', 'train_labels.npy', 'val_labels.npy'):
+        assert np.array_equal(np.load(crops_three / name), np.load(crops_one / name)), name
+    assert not np.array_equal(tok[:, 2], tok[:, 0]) and not np.array_equal(tok[:, 4], tok[:, 2])   # other places than the centre
+    meta = json.loads((crops_three / 'meta.json').read_text())
+    assert meta['crops'] == 3 and meta['crop_seed'] == 7 and 'sample_seed(crop_seed, c, image index)' in meta['crops_drawn']
+    assert meta['views']['train'] == ['image', 'hflip', 'random crop 1', 'random crop 1 hflip', 'random crop 2', 'random crop 2 hflip']
+    # crop c of image i: the crop the training transform (no flip, --seed=7) draws at epoch c, tokenised with its flip
+    vae, _ = build_tiny(seed=11)
+    _, train_set, _, _ = build_dataset(str(tiny_shapes), final_reso=64, mid_reso=1.25, hflip=False, seed=7)
+    for c, i in ((2, 9), (1, 17)):
+        x = train_set[(c, i)][0][None]
+        with torch.no_grad():
+            want = [torch.cat(vae.img_to_idxBl(v), 1)[0].numpy() for v in (x, x.flip(-1))]
+        assert np.array_equal(tok[i, 2 * c], want[0]) and np.array_equal(tok[i, 2 * c + 1], want[1]), (c, i)
+
+
+def interrupted_copy(folder, dest):
+    """A copy of a finished tokens folder as if killed before the end: rows 3..14 of train never written."""
+    shutil.copytree(folder, dest)
+    (dest / 'meta.json').unlink()
+    done, tok = np.load(dest / 'train_done.npy', mmap_mode='r+'), np.load(dest / 'train_tokens.npy', mmap_mode='r+')
+    done[3:15], tok[3:15] = 0, 0
+    done.flush()
+    tok.flush()
+    return dest
+
+
+def test_an_interrupted_crops_extraction_finishes_with_the_same_crops(tiny_shapes, tiny_vae_ckpt, crops_three, tmp_path):
+    partial = interrupted_copy(crops_three, tmp_path / 'partial')
+    extract(tiny_shapes, tiny_vae_ckpt, partial, 0, *CROP_FLAGS, '--crops=3', '--seed=7', '--bs=4')   # other batches, same crops
+    assert np.array_equal(np.load(partial / 'train_tokens.npy'), np.load(crops_three / 'train_tokens.npy'))
+
+
+def test_another_crops_is_refused(tiny_shapes, tiny_vae_ckpt, crops_one, crops_three, tmp_path):
+    import extract_tokens
+    partial = interrupted_copy(crops_three, tmp_path / 'partial')
+    before = np.load(partial / 'train_tokens.npy')
+    res = extract(tiny_shapes, tiny_vae_ckpt, partial, 0, *CROP_FLAGS, '--crops=1', check=False)
+    assert_refused(res, partial, False, '--crops (3 then, 1 now; rerun with --crops=3 to finish or reuse this folder)')
+    assert len([x for x in res.stderr.splitlines() if '--crops' in x]) == 1
+    assert np.array_equal(np.load(partial / 'train_tokens.npy'), before)
+    # the other way round: a folder of before --crops refuses --crops=3; another --seed refuses the crops it would draw
+    meta = json.loads((crops_one / 'meta.json').read_text())
+    with pytest.raises(TokensError, match=r'--crops \(1 then, 3 now; rerun with --crops=1'):
+        extract_tokens.check_folder(str(crops_one), {**meta, 'crops': 3, 'crop_seed': 7, 'crops_drawn': extract_tokens.CROPS_DRAWN})
+    meta3 = json.loads((crops_three / 'meta.json').read_text())
+    with pytest.raises(TokensError, match=r'--seed, which draws the crops \(7 then, 8 now; rerun with --seed=7'):
+        extract_tokens.check_folder(str(crops_three), {**meta3, 'crop_seed': 8})
+    assert extract_tokens.check_folder(str(crops_one), {k: v for k, v in meta.items() if k not in ('crops', 'seconds')})
+
+
+def test_the_token_dataset_draws_every_view_reproducibly(crops_one, crops_three):
+    from utils.data import sample_seed
+    from utils.token_data import build_token_datasets
+    n_classes, train, val, _ = build_token_datasets(str(crops_three), (1, 2, 3, 4), hflip=True, seed=3)
+    tok = np.load(crops_three / 'train_tokens.npy')
+    drawn = [[train.view_of(ep, i) for ep in range(60)] for i in range(len(train))]
+    assert all(set(d) == set(range(6)) for d in drawn)   # every crop and flip over the epochs, for every image
+    again = build_token_datasets(str(crops_three), (1, 2, 3, 4), hflip=True, seed=3)[1]
+    assert [[again.view_of(ep, i) for ep in range(60)] for i in range(len(train))] == drawn
+    other = build_token_datasets(str(crops_three), (1, 2, 3, 4), hflip=True, seed=4)[1]
+    assert [[other.view_of(ep, i) for ep in range(60)] for i in range(len(train))] != drawn
+    x, label = train[(5, 11)]
+    assert np.array_equal(x.numpy(), tok[11, drawn[11][5]]) and label == int(np.load(crops_three / 'train_labels.npy')[11])
+    no_flip = build_token_datasets(str(crops_three), (1, 2, 3, 4), hflip=False, seed=3)[1]
+    assert {no_flip.view_of(ep, i) for ep in range(60) for i in range(len(train))} == {0, 2, 4}
+    assert {val.view_of(ep, i) for ep in range(10) for i in range(len(val))} == {0}   # validation: the one centre crop
+    # a folder of two views: the flip drawn as before --crops (the generator's first number below 0.5)
+    old = build_token_datasets(str(crops_one), (1, 2, 3, 4), hflip=True, seed=3)[1]
+    for ep, i in ((0, 0), (3, 7), (9, 23)):
+        want = int(torch.rand(1, generator=torch.Generator().manual_seed(sample_seed(3, ep, i))).item() < 0.5)
+        assert old.view_of(ep, i) == want
+
+
+def test_a_folder_of_two_views_still_trains(crops_one, tiny_vae_ckpt, tmp_path):
+    res = run_script(['train.py', f'--tokens_path={crops_one}', f'--vae_ckpt={tiny_vae_ckpt}', f'--local_out_dir_path={tmp_path / "o"}',
+                      *TINY_TRAIN_FLAGS, '--bs=8', '--ep=1', '--hflip=1', '--seed=4'])
+    assert 'training from the token maps' in res.stdout and (tmp_path / 'o' / 'ar-ckpt-last.pth').is_file()

@@ -493,7 +493,12 @@ class ExtractArgs(TokenizerShape):
     patch_size: int = flag(16, 'pixels per token side at the last scale: 16 (the tokenizer downsamples by 16), so the image side '
                                'is 16 x the last of --pn', group='model')
     mid_reso: float = flag(1.125, 'resize the short side to mid_reso x the image side (>= 1), then crop the centre (the '
-                                  'validation transform)', group='data')
+                                  'validation transform; --crops > 1 adds random crops of the same resize)', group='data')
+    crops: int = flag(1, 'crops stored per training image, each with its horizontal flip (2 x crops views): the centre crop, '
+                         'then crops - 1 random crops drawn as live training draws them; train.py --tokens_path picks one view '
+                         'per image and epoch (>= 1; the disk grows with it)', group='data')
+    seed: int = flag(0, 'seed of the random crops of --crops > 1: crop c of image i comes from (seed, c, i), the same for any '
+                        'number of processes and on resume', group='data')
     bs: int = flag(64, 'images per process and batch (>= 1)', group='data')
     workers: int = flag(0, 'DataLoader worker processes per process; 0: load in the main process', group='data')
     tf32: bool = flag(False, 'TensorFloat32 matmuls and convolutions on CUDA (off: IEEE float32, the exact tokens)',
@@ -507,6 +512,8 @@ class ExtractArgs(TokenizerShape):
         derive_scales(self)
         if self.bs < 1:
             raise FlagError(f'--bs={self.bs} must be >= 1')
+        if self.crops < 1:
+            raise FlagError(f'--crops={self.crops} must be >= 1 (1: the centre crop and its flip only)')
         return self
 
 

@@ -7,7 +7,7 @@ run sees the same ones as an uninterrupted run.
 import logging
 import os
 import os.path as osp
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import PIL.Image
 import torch
@@ -115,9 +115,17 @@ class ImageFolderDataset(Dataset):
     def transform(self, img: PIL.Image.Image, g: torch.Generator) -> torch.Tensor:
         if self.train and self.hflip and torch.rand(1, generator=g).item() < 0.5:
             img = TF.hflip(img)
-        img = TF.resize(img, self.mid_reso, interpolation=InterpolationMode.LANCZOS)  # short side → mid_reso
+        return self.crop(self.resize(img), g if self.train else None)
+
+    def resize(self, img: PIL.Image.Image) -> PIL.Image.Image:
+        """Short side → mid_reso (Lanczos)."""
+        return TF.resize(img, self.mid_reso, interpolation=InterpolationMode.LANCZOS)
+
+    def crop(self, img: PIL.Image.Image, g: Optional[torch.Generator]) -> torch.Tensor:
+        """A final_reso square of a resized image in [-1, 1]: the random crop training draws from g, or with g None the centre
+        (extract_tokens.py --crops draws its crops here too, so that they are the ones live training would see)."""
         r = self.final_reso
-        if self.train:
+        if g is not None:
             w, h = img.size
             i = int(torch.randint(0, h - r + 1, (1,), generator=g))
             j = int(torch.randint(0, w - r + 1, (1,), generator=g))

@@ -2,9 +2,10 @@
 
 Layout of a tokens folder:
     meta.json                      what was extracted (scales, vocabulary, tokenizer fingerprint, classes, transform,
-                                   fingerprint of the images); written last
+                                   fingerprint of the images, the views); written last
     train_config.json, val_config.json   the same, written when the split's arrays are created
-    train_tokens.npy  (N, 2, L)    uint16 (int32 when V > 65535): the image's tokens and its horizontal flip's
+    train_tokens.npy  (N, 2C, L)   uint16 (int32 when V > 65535): C = --crops (1 unless meta.json records crops); view 2c
+                                   the tokens of crop c (crop 0 the centre, the others random), 2c + 1 its horizontal flip's
     train_labels.npy  (N,)         int64
     val_tokens.npy    (M, 1, L)    the validation images' tokens (no flip)
     val_labels.npy    (M,)
@@ -12,6 +13,7 @@ Layout of a tokens folder:
 """
 import hashlib
 import json
+import logging
 import os
 import os.path as osp
 from typing import Dict, List, Sequence, Tuple
@@ -25,6 +27,11 @@ from utils.data import sample_seed
 
 __all__ = ['TokenDataset', 'build_token_datasets', 'tokenizer_fingerprint', 'images_fingerprint', 'describe_differences', 'TokensError',
            'token_dtype']
+
+logger = logging.getLogger(__name__)
+
+# settings a folder may leave unrecorded, and what it holds then (--crops=1 folders, and those older than the flag, record no crops)
+UNRECORDED = {'crops': 1}
 
 
 class TokensError(UserError, ValueError):
@@ -66,11 +73,16 @@ def images_fingerprint(split_root: str, samples: Sequence[Tuple[str, int]]) -> D
 def describe_differences(saved: Dict, now: Dict) -> List[str]:
     """What differs between the inputs recorded in a tokens folder and those of this run, one phrase each."""
     out = []
-    for key, value in now.items():
-        old = saved.get(key)
-        if old == value:
+    same_crops = saved.get('crops', UNRECORDED['crops']) == now.get('crops', UNRECORDED['crops'])
+    for key in dict.fromkeys([*now, *UNRECORDED]):
+        value, old = now.get(key, UNRECORDED.get(key)), saved.get(key, UNRECORDED.get(key))
+        if old == value or (key in ('crop_seed', 'crops_drawn') and not same_crops):   # other crops: said once, by --crops
             continue
-        if key == 'tokenizer':
+        if key == 'crops':
+            out.append(f'--crops ({old} then, {value} now; rerun with --crops={old} to finish or reuse this folder)')
+        elif key == 'crop_seed':
+            out.append(f'--seed, which draws the crops ({old} then, {value} now; rerun with --seed={old} to finish or reuse this folder)')
+        elif key == 'tokenizer':
             out.append(f'the tokenizer weights (fingerprint {old} then, {value} now)')
         elif key == 'images':
             for split, fp in value.items():
@@ -90,26 +102,39 @@ def describe_differences(saved: Dict, now: Dict) -> List[str]:
 
 
 class TokenDataset(Dataset):
-    """(tokens of all scales (L,) int64, label); with hflip the flipped image's tokens half of the time.
+    """(tokens of all scales (L,) int64, label): of one of the image's `crops` stored crops (views 2c), with hflip the flipped
+    crop's tokens (views 2c + 1) half of the time.
 
-    The choice follows a generator seeded by (seed, epoch, index), like the image datasets' augmentation.
+    The choice follows a generator seeded by (seed, epoch, index), like the image datasets' augmentation and in its order: the
+    flip first, then the crop.
     """
 
-    def __init__(self, tokens_path: str, labels_path: str, hflip: bool = False, seed: int = 0):
+    def __init__(self, tokens_path: str, labels_path: str, hflip: bool = False, seed: int = 0, crops: int = 1):
         self.tokens = np.load(tokens_path, mmap_mode='r')
         self.labels = np.load(labels_path, mmap_mode='r')
-        self.hflip, self.seed = hflip, seed
+        self.hflip, self.seed, self.crops = hflip, seed, crops
+        if crops > 1 and self.tokens.shape[1] != 2 * crops:
+            raise TokensError(f'{tokens_path} holds {self.tokens.shape[1]} views per image, not the {2 * crops} of {crops} crops and '
+                              f'their flips that meta.json records: rerun extract_tokens.py into another --tokens_path')
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        view = 0
-        if self.hflip and self.tokens.shape[1] > 1:
+        return torch.from_numpy(self.tokens[index, self.view_of(epoch, index)].astype(np.int64)), int(self.labels[index])
+
+    def view_of(self, epoch: int, index: int) -> int:
+        """The stored view that sample `index` trains on in `epoch`: 2 * crop + flip."""
+        flip, crop = 0, 0
+        flips = self.hflip and self.tokens.shape[1] > 1
+        if flips or self.crops > 1:
             g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-            view = int(torch.rand(1, generator=g).item() < 0.5)
-        return torch.from_numpy(self.tokens[index, view].astype(np.int64)), int(self.labels[index])
+            if flips:
+                flip = int(torch.rand(1, generator=g).item() < 0.5)
+            if self.crops > 1:
+                crop = int(torch.randint(0, self.crops, (1,), generator=g))
+        return 2 * crop + flip
 
 
 def read_meta(tokens_dir: str) -> Dict:
@@ -127,6 +152,10 @@ def build_token_datasets(tokens_dir: str, patch_nums: Sequence[int], hflip: bool
     meta = read_meta(tokens_dir)
     if tuple(meta['patch_nums']) != tuple(patch_nums):
         raise TokensError(f'the tokens in {tokens_dir} have scales {tuple(meta["patch_nums"])}, this run uses {tuple(patch_nums)} (--pn)')
-    train = TokenDataset(osp.join(tokens_dir, 'train_tokens.npy'), osp.join(tokens_dir, 'train_labels.npy'), hflip=hflip, seed=seed)
+    crops = meta.get('crops', UNRECORDED['crops'])
+    train = TokenDataset(osp.join(tokens_dir, 'train_tokens.npy'), osp.join(tokens_dir, 'train_labels.npy'), hflip=hflip, seed=seed,
+                         crops=crops)
+    if crops > 1:
+        logger.info('the train tokens hold %d crops of each image and their flips: one view drawn per image and epoch', crops)
     val = TokenDataset(osp.join(tokens_dir, 'val_tokens.npy'), osp.join(tokens_dir, 'val_labels.npy'), hflip=False, seed=seed)
     return len(meta['classes']), train, val, meta
