@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels.switch import SWITCH
+from .kernels.switch import SWITCH, compiling
 
 __all__ = ['sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'DropPath', 'make_edit_mask', 'EDIT_MODES']
 
@@ -96,14 +96,32 @@ def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1, hard: bool = F
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability drop_prob while training."""
+    """Stochastic depth: drop the whole residual branch of a sample with probability drop_prob while training.
+
+    Under torch.compile the keep probability is read from a tensor (`keep_prob`, not in the state dict) instead of
+    the float: a float attribute is compiled in as a constant, so blocks of different rates (the stochastic depth
+    decay rule gives every block its own) would each need a graph of their own (utils/compile.py).
+    """
 
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
         super().__init__()
+        self.register_buffer('keep_prob', torch.tensor(1.0 - drop_prob), persistent=False)
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
 
+    @property
+    def drop_prob(self) -> float:
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, p: float) -> None:
+        self._drop_prob = p
+        with torch.no_grad():
+            self.keep_prob.fill_(1.0 - p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if compiling():
+            return self._compiled_forward(x)
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep_prob = 1 - self.drop_prob
@@ -112,6 +130,16 @@ class DropPath(nn.Module):
         if keep_prob > 0.0 and self.scale_by_keep:
             random_tensor.div_(keep_prob)
         return x * random_tensor
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same distribution, the keep probability read from its tensor (no constant of this block's rate in the graph)."""
+        if not self.training:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        random_tensor = (torch.rand(shape, device=x.device) < self.keep_prob).float()
+        if self.scale_by_keep:   # keep_prob is 0 only for drop_prob 1, where the eager path does not divide either
+            random_tensor = random_tensor / self.keep_prob.clamp_min(torch.finfo(torch.float32).tiny)
+        return x * random_tensor.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f'drop_prob={self.drop_prob}'

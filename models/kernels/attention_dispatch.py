@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import c_attention
-from .switch import SWITCH, plain_cpu_float32
+from .switch import SWITCH, compiling, plain_cpu_float32
 
 __all__ = ['BACKENDS', 'attention', 'BlockCausal', 'block_causal_groups', 'block_causal_key_ends', 'backend_status', 'choose_backend',
            'describe_backends', 'flash_attn_func', 'xformers_attn_func']
@@ -118,7 +118,7 @@ def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, 
         L, S = q_BHLc.shape[2], k_BHSc.shape[2]
         oup_BLHc, _ = c_attention.forward(q_BHLc.transpose(1, 2), k_BHSc.transpose(1, 2), v_BHSc.transpose(1, 2), _all_keys(L, S), scale)
         return oup_BLHc.transpose(1, 2)
-    on_cuda = q_BHLc.is_cuda
+    on_cuda = q_BHLc.is_cuda and not compiling()   # under torch.compile SDPA: flash-attn's and xformers' ops break the graph
     if backend == 'flash' and on_cuda and attn_bias is None and q_BHLc.dtype in (torch.float16, torch.bfloat16):
         fn = flash_attn_func()
         if fn is not None:  # flash-attn takes (B, L, H, c)

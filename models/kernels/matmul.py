@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .choices import cpu_rule
-from .switch import SWITCH, plain_cpu_float32
+from .switch import SWITCH, compiling, plain_cpu_float32
 
 __all__ = ['Linear', 'linear', 'linear_reference', 'mlp_gelu', 'onednn_applies', 'onednn_available', 'fused_mlp_func',
            'ACTIVATIONS']
@@ -188,7 +188,8 @@ def linear(x: torch.Tensor, weight_OK: torch.Tensor, bias_O: Optional[torch.Tens
 def mlp_gelu(x_BLC: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, fused_if_available: bool, training: bool) -> torch.Tensor:
     """fc2(GELU_tanh(fc1(x))): flash-attn's fused MLP on CUDA where installed and allowed; in float32 CPU training with
     the fast paths on, _MLPRecomputingGelu (the same bits, the GELU's output not kept); else two `linear` calls."""
-    fused = fused_mlp_func() if (fused_if_available and x_BLC.is_cuda) else None
+    # not under torch.compile: flash-attn's extension would break the graph, and the compiler fuses the GELU itself
+    fused = fused_mlp_func() if (fused_if_available and x_BLC.is_cuda and not compiling()) else None
     if fused is not None:
         return fused(x=x_BLC, weight1=fc1.weight, weight2=fc2.weight, bias1=fc1.bias, bias2=fc2.bias,
                      activation='gelu_approx', save_pre_act=training, return_residual=False, checkpoint_lvl=0,
