@@ -24,6 +24,7 @@ from utils.amp_opt import AmpOptimizer, build_adamw
 from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args, var_config_from_flags, vqvae_config_from_flags
 from utils.class_names import check_same_classes
 from utils.cli import run_main
+from utils.compile import compile_blocks
 from utils.data import build_dataset
 from utils.engine import CheckpointNames, run_training
 from utils.init_from import InitSource, load_source_weights, start_from
@@ -142,7 +143,8 @@ def build_models(args: Args, device: torch.device, meta: Optional[Dict], n_train
     logger.info('VAR d%d: %.2fM parameters; tokenizer: %.2fM', args.depth, sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6,
                 sum(p.numel() for p in vae_local.parameters()) / 1e6)
     vae_local = compile_model(vae_local, args.vfast)   # the frozen tokenizer: replicated, never sharded
-    var = compile_model(var_wo_ddp, args.tfast)
+    # --compile_blocks: each block compiled in place (var is var_wo_ddp, the same state dict); --tfast: a compiled wrapper
+    var = compile_blocks(var_wo_ddp) if args.compile_blocks else compile_model(var_wo_ddp, args.tfast)
     # DDP, or (--fsdp=1) each block and then the root sharded in place; sampling gathers the weights as forward does
     var = wrap_for_training(var, args, device, blocks=var_wo_ddp.blocks, forward_methods=('autoregressive_infer_cfg',))
     return vae_local, var_wo_ddp, var

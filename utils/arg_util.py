@@ -111,6 +111,9 @@ def check_train_flags(args: 'Args') -> None:
     for flag in ('vfast', 'tfast'):
         v = getattr(args, flag)
         _check(flag, v, v in (0, 1, 2, 3), 'use 0 (off), 1 (reduce-overhead), 2 (max-autotune) or 3 (default)')
+    if args.compile_blocks and args.tfast != 0:
+        raise FlagError(f'--compile_blocks=1 cannot be combined with --tfast={args.tfast}: both compile VAR (block by block, or '
+                        'the whole model); use --compile_blocks=1 --tfast=0, or --compile_blocks=0')
     for flag in ('vocab_size', 'z_channels', 'vae_ch'):
         v = getattr(args, flag)
         _check(flag, v, v >= 1, 'must be >= 1')
@@ -233,6 +236,11 @@ class Args(TokenizerShape):
                                                   'FoundationVision/var', group='model')
     tfast: int = flag(0, 'torch.compile VAR: 0 off, 1 mode reduce-overhead, 2 max-autotune, 3 default (--fsdp=1: 0 only)',
                       group='environment')
+    compile_blocks: bool = flag(False, 'torch.compile each transformer block on its own (utils/compile.py: fullgraph, static shapes, '
+                                       'one graph shared by the blocks; FlexAttention on CUDA where available; the rest of the '
+                                       'model and KV-cached sampling stay eager), unlike --tfast, which compiles the whole model '
+                                       'with a mode: not with --tfast other than 0, nor with --fsdp=1 (untested)',
+                                group='environment')
     depth: int = flag(16, 'VAR depth: depth blocks of width 64 x depth with depth heads (published: 16, 20, 24, 30, 36)',
                       group='model')
     num_classes: int = flag(0, "classes of VAR's class embedding; 0: the number of class folders in data_path/train (or of "
@@ -332,7 +340,8 @@ class Args(TokenizerShape):
         derive_scales(self)
         derive_batch(self, world_size)
         check_train_flags(self)
-        check_fsdp_flags(self, {'tfast': (self.tfast == 0, '--tfast=0'), 'vfast': (self.vfast == 0, '--vfast=0')})   # compile: untested
+        check_fsdp_flags(self, {'tfast': (self.tfast == 0, '--tfast=0'), 'vfast': (self.vfast == 0, '--vfast=0'),   # compile: untested
+                                'compile_blocks': (not self.compile_blocks, '--compile_blocks=0')})
         if self.opt.lower().strip() not in ('adamw', 'adam'):
             raise FlagError(f'--opt={self.opt!r}: only adamw (and its alias adam) are supported')
         scaled_tlr = self.tblr * self.bs / 256
