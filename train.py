@@ -138,7 +138,9 @@ def build_models(args: Args, device: torch.device, meta: Optional[Dict], n_train
         from utils.token_data import TokensError, tokenizer_fingerprint
         if meta['tokenizer'] != tokenizer_fingerprint(vae_local.state_dict()):
             raise TokensError(f'the tokens in {args.tokens_path} were extracted with another tokenizer than {vae_from}')
-        logger.info('training from the token maps in %s (%d images and their flips; no other augmentation)', args.tokens_path, n_train)
+        crops = meta.get('crops', 1)
+        logger.info('training from the token maps in %s (%d images: %s and their flips; no other augmentation)', args.tokens_path, n_train,
+                    'the centre crop' if crops == 1 else f'{crops} crops each')
     var_wo_ddp.grad_ckpt = args.grad_ckpt
     logger.info('VAR d%d: %.2fM parameters; tokenizer: %.2fM', args.depth, sum(p.numel() for p in var_wo_ddp.parameters()) / 1e6,
                 sum(p.numel() for p in vae_local.parameters()) / 1e6)
