@@ -12,7 +12,7 @@ import PIL.Image
 from utils.ckpt import _fsync_dir, _tmp_name
 from utils.cli import UserError
 
-__all__ = ['NpzWriter', 'create_npz_from_sample_folder', 'open_npz_arr0', 'read_npz_manifest', 'NPZ_MANIFEST', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
+__all__ = ['NpzWriter', 'SampleSetNpz', 'read_sample_png', 'create_npz_from_sample_folder', 'open_npz_arr0', 'read_npz_manifest', 'NPZ_MANIFEST', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
 
 _INDEX_PNG = re.compile(r'^(\d+)\.png$')
 NPZ_MANIFEST = 'manifest.json'   # the npz member that says how its images were made (evaluators read only arr_0)
@@ -121,6 +121,55 @@ class NpzWriter:
             self.discard()
 
 
+def read_sample_png(path: str) -> np.ndarray:
+    """A sample PNG as the npz holds it: (H, W, 3) uint8 RGB."""
+    with PIL.Image.open(path) as im:
+        return np.asarray(im.convert('RGB'))
+
+
+class SampleSetNpz:
+    """`folder + '.npz'` of the images 0 .. n-1 in index order, written while they are made (an NpzWriter).
+
+    add(i, img) gives image i in memory, written as it is: the pixels its PNG holds, since PNG is lossless; add(i)
+    and every index skipped read the PNG in `folder` back (one an earlier run or another process wrote). close()
+    reads back the rest up to n and publishes the file: the same arr_0 and manifest as create_npz_from_sample_folder.
+    """
+
+    def __init__(self, folder: str, n: int, H: int, W: int):
+        self.folder, self.n, self.next, self.read_back = folder.rstrip('/'), n, 0, 0
+        self._names = list_sample_indices(self.folder) if osp.isdir(self.folder) else {}   # as create_npz_from_sample_folder finds them
+        self._writer = NpzWriter(self.folder + '.npz', n, H, W)
+
+    def add(self, index: int, img_HW3: Optional[np.ndarray] = None) -> None:
+        if index < self.next:
+            raise ValueError(f'{self._writer.path}: image {index} given after image {self.next - 1} (images go in index order)')
+        self._read_up_to(index)
+        if img_HW3 is None:
+            self._read_up_to(index + 1)
+        else:
+            self._writer.write(img_HW3)
+            self.next = index + 1
+
+    def _read_up_to(self, stop: int) -> None:
+        for i in range(self.next, stop):
+            path = osp.join(self.folder, self._names.get(i, sample_png_name(i)))
+            if not osp.isfile(path):
+                raise SampleFolderError(f'{path} is missing: the npz needs images 0 .. {self.n - 1}; rerun the sampler to finish them')
+            self._writer.write(read_sample_png(path))
+            self.read_back += 1
+        self.next = max(self.next, stop)
+
+    def close(self, manifest: Optional[dict] = None) -> str:
+        self._read_up_to(self.n)
+        return self._writer.close(manifest)
+
+    def __enter__(self) -> 'SampleSetNpz':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._writer.__exit__(*exc)
+
+
 def _ranges(idx: List[int], limit: int = 8) -> str:
     shown = ', '.join(str(i) for i in idx[:limit])
     return shown + (f' ... ({len(idx)} in all)' if len(idx) > limit else '')
@@ -150,11 +199,11 @@ def create_npz_from_sample_folder(folder: str, n: Optional[int] = None, manifest
         raise SampleFolderError(f'{folder}: {len(extra)} images beyond the expected {count} (indices {_ranges(extra)}); '
                                 f'remove them or pass n={count + len(extra)}')
 
-    first = np.asarray(PIL.Image.open(osp.join(folder, files[0])).convert('RGB'))
+    first = read_sample_png(osp.join(folder, files[0]))
     H, W, _ = first.shape
     with NpzWriter(folder + '.npz', count, H, W) as out:
         for i in range(count):
-            img = first if i == 0 else np.asarray(PIL.Image.open(osp.join(folder, files[i])).convert('RGB'))
+            img = first if i == 0 else read_sample_png(osp.join(folder, files[i]))
             if img.shape != (H, W, 3):
                 raise SampleFolderError(f'{folder}/{files[i]} is {img.shape[1]}x{img.shape[0]}, the others {W}x{H}: '
                                         f'all samples must have one size')
