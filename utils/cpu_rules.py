@@ -3,18 +3,15 @@ CPU-dependent fast paths run here. Torch-free, so that a script can read its rul
 (utils/threads.py); models/kernels/choices.py applies it to the kernels and says what it chose.
 
     CPU (first match)                 oneDNN linear  Winograd  C attention  why
-    AMX (amx_tile or amx_bf16)        off            off       off          not measured by us; a user's 2-core Xeon
-                                                                            with AVX-512 and AMX saw neither gain of
-                                                                            the first two (step 1.03x vs the
-                                                                            reference); MKL runs AVX-512 on Intel, and
-                                                                            AMX does not compute float32 anyway
-    AMD, avx512f, <= 8 cores          on             on        on           measured on a 2-core AMD EPYC (family 26):
-                                                                            oneDNN's GEMMs 1.5-2.2x MKL's (MKL takes
-                                                                            its AVX2 code on AMD), Winograd 2.9-4.3x
-                                                                            oneDNN's direct conv on wide maps (the C
-                                                                            kernel; NNPACK's 1.3-2.5x), the C
-                                                                            attention 2.5-2.8x PyTorch's flash kernel
-                                                                            (d8 training, forward and backward);
+    AMX (amx_tile or amx_bf16)        off            off       off          not measured by us; a user with AVX-512
+                                                                            and AMX reported neither gain of the first
+                                                                            two; MKL runs AVX-512 on Intel, and AMX
+                                                                            does not compute float32 anyway
+    AMD, avx512f, <= 8 cores          on             on        on           measured faster on such a CPU: MKL
+                                                                            takes its AVX2 code on AMD, oneDNN's GEMMs,
+                                                                            the C Winograd kernel and the C attention
+                                                                            their AVX-512; Winograd on wide maps only
+                                                                            (models/kernels/winograd.py's thresholds);
                                                                             measured with 2 threads, assumed up to 8
     AMD, avx512f, > 8 cores           off            off       off          not measured
     Intel, avx512f without AMX        off            off       off          not measured; MKL has AVX-512 code on Intel
@@ -28,6 +25,7 @@ OpenMP's idle spin (utils/threads.py).
 Linux: /proc/cpuinfo's `vendor_id` and `flags` of the first processor (the kernel's names: avx2, avx512f,
 amx_tile, amx_bf16, ...) and the CPUs this process may run on. Elsewhere (or unreadable): no vendor and no
 flags, which the last rule maps to the plain PyTorch paths. Nothing is timed: the same machine reads the same.
+The measurements behind each rule are in docs/performance.md (Kernels by CPU).
 """
 import os
 from dataclasses import dataclass
@@ -97,11 +95,11 @@ def _amx(f: CpuFeatures) -> bool:
 
 CPU_RULES = (
     CpuRule('AMX', _amx, False, False, False,
-            'not measured by us; a user\'s 2-core Xeon with AVX-512 and AMX saw neither gain, and AMX does not compute float32'),
+            'not measured by us; a user with AVX-512 and AMX reported neither gain, and AMX does not compute float32'),
     CpuRule(f'AMD with avx512f, <= {MEASURED_MAX_CORES} cores',
             lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags and f.cores <= MEASURED_MAX_CORES, True, True, True,
-            'measured on a 2-core AMD EPYC: oneDNN GEMMs 1.5-2.2x MKL\'s, Winograd 2.9-4.3x the direct conv on wide maps (the C kernel; NNPACK 1.3-2.5x), '
-            'the C attention 2.5-2.8x PyTorch\'s flash kernel'),
+            'measured faster on such a CPU with 2 threads: MKL takes its AVX2 code on AMD, oneDNN\'s GEMMs, the Winograd convs of wide maps '
+            'and the C attention kernel use AVX-512'),
     CpuRule(f'AMD with avx512f, > {MEASURED_MAX_CORES} cores',
             lambda f: f.vendor == 'AuthenticAMD' and 'avx512f' in f.flags, False, False, False,
             'not measured at this core count'),

@@ -1,15 +1,13 @@
 """How long OpenMP's idle threads spin, chosen by the CPU's rule and set by this project's scripts before PyTorch loads.
 
 After every parallel region, libgomp's worker threads busy-wait for the next one: GOMP_SPINCOUNT iterations of a
-pause instruction, 300,000 by default, which is about 7 ms on a 2-core AMD EPYC (family 26). That costs nothing
-while only OpenMP runs, but NNPACK's Winograd convolutions (models/kernels/winograd.py) run on PyTorch's other
-thread pool, straight after the group norm and SiLU's OpenMP region, and the spinning worker holds a core NNPACK's
-threads need: on that CPU an NNPACK conv straight after an OpenMP op was 30-45 % slower than alone (160 channels at
-128², 320 at 64²). So where the CPU's rule sends convolutions to NNPACK (utils/cpu_rules.py), the scripts shorten
-the spin to SHORT_SPIN_COUNT (about 0.2 ms there): long enough to keep the transformer's back-to-back regions on
-busy-waiting workers, short enough to hand the cores to NNPACK. Measured there, d8 batch 4, three alternating rounds:
-training step with live tokenisation 3.86-3.95 -> 3.68-3.88 s, sampling 4.72-4.93 -> 4.19-4.34 s, step from tokens
-1.87-1.92 -> 1.85-1.95 s (`OMP_WAIT_POLICY=PASSIVE`, no spin at all, made that last one 1.81 -> 1.94 s slower).
+pause instruction, 300,000 by default. That costs nothing while only OpenMP runs, but NNPACK's Winograd
+convolutions (models/kernels/winograd.py) run on PyTorch's other thread pool, straight after the group norm and
+SiLU's OpenMP region, and the spinning worker holds a core NNPACK's threads need, which slows the conv that follows.
+So where the CPU's rule sends convolutions to NNPACK (utils/cpu_rules.py), the scripts shorten the spin to
+SHORT_SPIN_COUNT: long enough to keep the transformer's back-to-back regions on busy-waiting workers, short enough
+to hand the cores to NNPACK (`OMP_WAIT_POLICY=PASSIVE`, no spin at all, loses the first and slows the step from
+tokens). The measurements are in docs/performance.md (OpenMP's idle spin).
 
 libgomp reads the variable once, when PyTorch loads it, so it cannot be changed around the tokenizer: a script calls
 `shorten_openmp_spin_for_nnpack()` before its first `import torch`. A value in the environment (GOMP_SPINCOUNT or
@@ -24,7 +22,7 @@ from utils.cpu_rules import CpuFeatures, read_cpu_features, rule_for
 __all__ = ['SPIN_VAR', 'SHORT_SPIN_COUNT', 'openmp_spin_env', 'shorten_openmp_spin_for_nnpack', 'describe_openmp_spin']
 
 SPIN_VAR = 'GOMP_SPINCOUNT'
-SHORT_SPIN_COUNT = 10_000   # of 1,000, 3,000 and 10,000 (same machine), the fastest sampling: 4.19-4.34 vs 4.28-4.47 and 4.46-4.72 s
+SHORT_SPIN_COUNT = 10_000   # of the counts tried (1,000, 3,000, 10,000: docs/performance.md), the one that sampled fastest
 _USER_VARS = (SPIN_VAR, 'OMP_WAIT_POLICY')
 
 

@@ -15,9 +15,8 @@ dense mask, transpose) up to float rounding, with fewer passes over memory:
   the attention itself, forward and backward, is this package's C kernel (c_attention.py) instead of PyTorch's
   flash kernel group by group; it writes q's, k's and v's gradients straight into the (B, L, 3, H, c) buffer;
 - between forward and backward it keeps four (B, L, C) activations: with the L2 norm the normalised q and k, a copy
-  of v and the output, and lets the raw qkv go (keeping both was six: 89 MB more for a d8 step at batch 4; its peak
-  resident memory 3.04-3.06 against 3.08-3.11 GiB in `bench.py train --tokens`, the same speed, 2-core AMD EPYC);
-  without it, qkv and the output.
+  of v and the output, and lets the raw qkv go (keeping both would be six); without it, qkv
+  and the output.
 
 It runs where `applies` says: on the CPU with the fast paths on (switch.py), float32, no dropout inside
 attention, no autocast, not under torch.compile; elsewhere SelfAttention takes its plain path.

@@ -5,10 +5,8 @@ and backward) and a scale's queries against the whole KV cache in sampling (atte
 PyTorch's CPU flash kernel computes the same by calling MKL's GEMM on small blocks, and MKL runs its AVX2 code on
 AMD CPUs; this kernel does every product with AVX-512 register blocks, reads the keys each row needs only, and takes
 q, k, v and their gradients in whatever (B, L, H, c) layout they are (the qkv projection's, the KV cache's).
-On a 2-core AMD EPYC (family 26), d8 teacher forcing at batch 4 (680 tokens, 8 heads), one layer, two rounds:
-forward 7.5-7.9 vs 19.5-19.9 ms, backward 17.0-17.1 vs 47.6-48.0 ms (PyTorch's kernel group by group of scales); the
-training step from tokens 2.08-2.10 -> 1.65-1.76 s, sampling a batch of 4 0.2 s faster. Results differ from
-PyTorch's by float rounding (~2e-7 of the output's scale, gradients ~4e-7, as PyTorch's own against float64).
+Results differ from PyTorch's by float rounding (~2e-7 of the output's scale, gradients ~4e-7, as PyTorch's own
+against float64).
 
 It runs where the CPU's rule says (utils/cpu_rules.py: `c_attention`) and it could be built (native.py); elsewhere
 the callers keep PyTorch's kernel. Letters: B batch, L query rows, S keys, H heads, c head dim.

@@ -3,14 +3,12 @@
 NNPACK's F(6×6, 3×3) (winograd.py), which PyTorch ships, does its products with AVX2 code and reads NCHW. This
 kernel does them with AVX-512 register blocks, 36 products per tile of 4×4 outputs (1/4 of the direct conv's
 multiply-adds), keeps each block of tiles in L2 from input transform to output, and reads and writes channels-last,
-the tokenizer's layout on the CPU. One 256-px image on a 2-core AMD EPYC (family 26), best of 5, the kernel alone:
-160 channels at 256² 22-24 ms (NNPACK 52, oneDNN's direct conv 95), 320 at 128² 21-23 ms (38, 63), 320 at 64² 5.6-6.3 ms
-(11.9, 16.1). Results differ from the direct conv by float rounding: ~1e-5 of the output's largest value, as NNPACK's.
+the tokenizer's layout on the CPU. Results differ from the direct conv by float rounding: ~1e-5 of the output's
+largest value, as NNPACK's.
 
 The layer before the conv can be read into it: a nearest ×2 upsampling (the decoder's Upsample2x: upsample.py), or
 a GroupNorm and SiLU (the ResnetBlock's: winograd.norm_silu_conv3x3), the norm's statistics gathered in one pass
-first. Neither is then made in memory: 160 channels at 256², GroupNorm + SiLU + conv 28 ms in a decode, against
-~12 ms for PyTorch's channels-last GroupNorm alone and 23 ms for the conv.
+first. Neither is then made in memory: the upsampled or normalised activation is never written out and read back.
 
 It runs where the CPU's rule chooses Winograd (utils/cpu_rules.py), the CPU has AVX-512 and it could be built
 (native.py); elsewhere winograd.py calls NNPACK. Letters: B batch, C/O input/output channels, h/w height/width,

@@ -5,7 +5,7 @@ matmul instead of MKL's for the float32 linear layers (matmul.py), NNPACK's Wino
 3×3 conv (winograd.py), this package's C kernel instead of PyTorch's flash kernel for attention
 (c_attention.py). They are chosen from the CPU's vendor, ISA flags and core count by the first matching rule
 of CPU_RULES; never by timing, so the same machine always takes the same kernels. Where nothing was measured the
-rule keeps PyTorch's plain kernel. The table (with its measurements) is in utils/cpu_rules.py, torch-free so that
+rule keeps PyTorch's plain kernel. The table (with each rule's reason) is in utils/cpu_rules.py, torch-free so that
 a script can read it before PyTorch is loaded (utils/threads.py); `python bench.py cpu` prints the rule matched.
 
 The other fast paths do fewer operations, move fewer bytes or keep fewer activations with PyTorch's own kernels
@@ -74,7 +74,7 @@ def describe_choices() -> List[str]:
             'not chosen for this CPU; the direct conv' if not rule.winograd else
             f'the C kernel: {c_winograd}, and this PyTorch build or CPU has no NNPACK; the direct conv'),
         'polyphase upsampling: ' + _on_off(fast, True, 'Upsample2x on the CPU' + (
-            ' where the C Winograd kernel does not read it' if not c_winograd else ', NNPACK\'s Winograd or not (faster)'), ''),
+            ' where the C Winograd kernel does not read it' if not c_winograd else ', NNPACK\'s Winograd or not (fewer multiply-adds than upsampling first)'), ''),
         '3x3 convs to a few channels by taps: ' + _on_off(fast, True, f'{f32_cpu}, no autograd, <= {NARROW_MAX_OUT_CHANNELS} outputs from >= {NARROW_MIN_IN_CHANNELS} inputs (the decoder\'s conv to RGB)', ''),
         'channels-last tokenizer convs: ' + _on_off(fast, True, f'tokenizers of width >= {CHANNELS_LAST_MIN_WIDTH}; NCHW where NNPACK\'s Winograd applies', ''),
         'in-place residual adds: ' + _on_off(fast, True, 'tokenizer without autograd', ''),

@@ -1,14 +1,13 @@
 """Large activations from the heap while the tokenizer runs on the CPU (glibc), so that their pages are not faulted in anew.
 
 glibc serves an allocation above its mmap threshold (at most 32 MiB) with a fresh mapping and unmaps it on free. The
-tokenizer's activations at 256 px are 10-42 MB, so each of them comes as new, zeroed pages from the kernel: on a
-2-core AMD EPYC VM (family 26) decoding 4 images faulted in ~2.4 GB (600,000 page faults, about 1 µs each) and
-tokenising 4 images ~2.0 GB. `large_buffers_from_heap()` raises the mmap and trim thresholds for the duration of a
+tokenizer's activations at 256 px are 10-42 MB, so each of them comes as new, zeroed pages from the kernel, and a
+decode or tokenisation faults in all of its activations' pages anew, a page fault per 4 KiB page.
+`large_buffers_from_heap()` raises the mmap and trim thresholds for the duration of a
 call, so that a freed activation's memory serves the next one of the same size; on the way out it hands the free
 memory back (malloc_trim) and sets the thresholds to the values glibc's own dynamic rule reaches once a block of
-32 MiB has been freed (mmap 32 MiB, trim 64 MiB; setting them turns that rule off for the process). Measured there,
-three rounds each, d8's tokenizer: decode 3.37-3.48 -> 2.95-3.03 s, tokenisation 2.15-2.25 -> 1.77-1.82 s; the
-process's peak resident memory 1.54-1.57 -> 1.65-1.71 GiB around those calls (freed blocks wait in the heap).
+32 MiB has been freed (mmap 32 MiB, trim 64 MiB; setting them turns that rule off for the process). The price: freed
+blocks wait in the heap, so the process's peak resident memory around those calls is somewhat higher.
 
 Used by `in_image_groups` (memory.py), i.e. for CPU inference with the fast paths on. A no-op where the C library
 is not glibc. Nested and concurrent uses share one setting (the first in sets it, the last out restores it).

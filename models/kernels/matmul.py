@@ -1,14 +1,12 @@
 """Linear layers and the transformer's MLP: oneDNN's matmul on the CPU, flash-attn's fused MLP on CUDA, F.linear as reference.
 
 oneDNN (fast path, CPU float32). PyTorch computes a float32 `F.linear` and its gradients on the CPU with MKL
-(`addmm`/`mm`). On this project's 2-core AMD EPYC (family 26, AVX-512 with a 512-bit datapath) MKL runs the
-transformer's shapes at 110-210 GFLOP/s; oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, which
-torch.compile's CPU backend calls) runs them at 330-460 GFLOP/s, adds the bias in its epilogue and can apply the
-FFN's GELU there too. The input gradient and the weight gradient go through oneDNN as well (the backward of the
-d8 training step 1.24-1.32x faster than with MKL's weight gradient). Results differ from MKL's by float rounding
-(~1e-6 relative). Used for float32 on the CPU with autocast off (bf16/fp16 autocast, torch.compile and CUDA keep
-F.linear), when this PyTorch build has oneDNN, the fast paths are on (switch.py) and the CPU is one where it was
-measured faster (choices.py: `use_onednn_linear`).
+(`addmm`/`mm`), and MKL takes its AVX2 code on AMD CPUs, AVX-512 ones included. oneDNN's matmul
+(`torch.ops.mkldnn._linear_pointwise`, which torch.compile's CPU backend calls) uses the CPU's AVX-512, adds the bias
+in its epilogue and can apply the FFN's GELU there too. The input gradient and the weight gradient go through oneDNN
+as well. Results differ from MKL's by float rounding (~1e-6 relative). Used for float32 on the CPU with autocast off
+(bf16/fp16 autocast, torch.compile and CUDA keep F.linear), when this PyTorch build has oneDNN, the fast paths are on
+(switch.py) and the CPU's rule chooses it (utils/cpu_rules.py: `onednn_linear`, applied in choices.py).
 
 flash-attn's fused MLP (CUDA, as in the reference): fc1, GELU and fc2 in one kernel when flash-attn's
 fused_dense extension is installed and the model was built with fused_if_available (the reference's own
@@ -86,8 +84,8 @@ def _onednn_weight_grad(grad_NO: torch.Tensor, x_NK: torch.Tensor) -> torch.Tens
 
 def _onednn_input_grad(grad_NO: torch.Tensor, weight_OK: torch.Tensor) -> torch.Tensor:
     """grad_NO · weight_OK → (N, K) by oneDNN, its `weight` operand the transposed view of weight_OK: oneDNN reorders
-    its weight operand anyway, so a contiguous copy first only costs time (the same bits; 0.79 → 0.10 ms for AdaLN's
-    (3072, 512) weight at 4 rows, 13.1 → 12.7 ms for the FFN's at 2,720, 2-core AMD EPYC)."""
+    its weight operand anyway, so a contiguous copy first would be a second copy of the weight (the same bits either
+    way)."""
     return _onednn_linear(grad_NO, weight_OK.t(), None)
 
 

@@ -19,17 +19,16 @@ __all__ = ['CHANNELS_LAST_MIN_WIDTH', 'CPU_CHUNK_BYTES', 'channels_last_pays', '
 CHANNELS_LAST_MIN_WIDTH = 64
 
 # In inference without autograd on the CPU, images go through the encoder and the decoder in groups whose
-# full-resolution activation stays under this many bytes (one 256-px image for the published tokenizer): the
-# same speed as one batch for oneDNN's convs (4.7 s to encode 4 images at 256 px, either way), the batch size
-# NNPACK's Winograd convs want (winograd.py), a quarter of the working memory, and each image's tokens and
+# full-resolution activation stays under this many bytes (one 256-px image for the published tokenizer): as fast
+# as one batch for oneDNN's convs, the batch size NNPACK's Winograd convs want (winograd.py), a quarter of the
+# working memory of a batch of four, and each image's tokens and
 # pixels no longer depend on the other images of its batch. On CUDA the batch goes through whole, as in the reference.
 CPU_CHUNK_BYTES = 64 * 2 ** 20
 
 
 def channels_last_pays(ch: int) -> bool:
-    """Channels-last convs pay off for wide tokenizers (published ch=160 on a CPU: 1.12-1.16x for the encoder,
-    1.21-1.24x for the decoder); at ch=32 they made bf16 training 2.3x slower on a CPU (oneDNN reorders
-    dominate), so narrow tokenizers keep NCHW."""
+    """Channels-last convs pay off for wide tokenizers (the published ch=160, encoder and decoder); in a narrow one
+    (ch=32) oneDNN's reorders between layouts cost more than the convs gain, so narrow tokenizers keep NCHW."""
     return ch >= CHANNELS_LAST_MIN_WIDTH
 
 
@@ -37,7 +36,7 @@ def to_conv_layout(x_BChw: torch.Tensor, ch: int, channels_last: bool) -> torch.
     """The encoder's or decoder's input (base width `ch`) in the memory layout its convs run fastest on: NCHW where
     the wide ones go by NNPACK's Winograd (it reads NCHW), else channels-last where the net asks for it (`channels_last`,
     see channels_last_pays); unchanged with the fast paths off."""
-    if not SWITCH.on or x_BChw.device.type != 'cpu':   # measured on CPUs; on CUDA a channels-last GroupNorm converts back
+    if not SWITCH.on or x_BChw.device.type != 'cpu':   # a CPU layout: on CUDA a channels-last GroupNorm converts back
         return x_BChw
     if ch >= WINOGRAD_MIN_CHANNELS and winograd_applies(x_BChw) and not winograd_reads_channels_last():
         return x_BChw.contiguous()

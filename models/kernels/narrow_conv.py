@@ -1,11 +1,10 @@
 """3×3 convs with a handful of output channels (the tokenizer decoder's conv_out to RGB) in CPU inference, by taps.
 
-oneDNN's direct conv runs such a layer far below its usual rate (160 → 3 channels at 256²: 20 ms for 0.57 GFLOP,
-~28 GFLOP/s, on a 2-core AMD EPYC with AVX-512). The same sum, taken tap by tap: one matrix product of the 9·O tap
-weights with the input, (9·O, C) @ (C, h·w), then the nine (O, h, w) planes added at their shifts: 7.9 ms
-(5.4 ms from channels-last input). It sums over channels first and over taps second, so it rounds differently
-from the direct conv, by about as much as the direct conv rounds (1.9e-6 against 1.7e-6 of a float64 conv in that
-measurement). Image by image, so an image's result does not depend on its batch (see conv.py).
+oneDNN's direct conv runs such a layer (160 → 3 channels) far below its usual rate. The same sum, taken tap by tap:
+one matrix product of the 9·O tap weights with the input, (9·O, C) @ (C, h·w), as wide as the image, then the nine
+(O, h, w) planes added at their shifts. It sums over channels first and over taps second, so it rounds differently
+from the direct conv, by about as much as the direct conv rounds (both ~2e-6 off a float64 conv). Image by image, so
+an image's result does not depend on its batch (see conv.py).
 
 Letters: B batch, C/O input/output channels, h/w height/width, T the nine taps (ky, kx).
 """

@@ -2,15 +2,13 @@
 
 Reference path: interpolate ×2, then the 3×3 conv. Fast path (polyphase): the same result as four 2×2 convs on
 the small input, interleaved: 2.25× fewer multiply-adds, equal up to float rounding (the taps are summed
-first). It also beats upsampling first and convolving by Winograd (winograd.py; 1.78 multiply-adds per output
-against 4, but NNPACK's AVX2 code, the 4× larger input it reads and the interpolation itself): one 256-px image of
-the published decoder, 2-core AMD EPYC with AVX-512, best of 4: 160 channels 128² → 256² 53.6 vs 70.4 ms,
-320 channels 64² → 128² 36.4 vs 44.3 ms, 32² → 64² 8.6 vs 19.2 ms; and it rounds less (3e-6 vs 2e-4 off the
-plain path).
+first). It is taken over upsampling first and convolving by NNPACK's Winograd (winograd.py): that spends 1.78
+multiply-adds per output against 4, but in AVX2 code, on the 4× larger input, after making the interpolation in
+memory; and the phases round less (3e-6 vs 2e-4 off the plain path).
 
 Where the conv at the large size goes by this package's Winograd kernel (c_winograd.py), that kernel reads the small
-input as if upsampled instead, nothing made in memory: one image, best of 7, a 2-core AMD EPYC (family 26): 160
-channels 128² → 256² 20.8 vs 37.8 ms by phases, 320 channels 64² → 128² 28.0 vs 34.6 ms, 32² → 64² 8.1 vs 9.9 ms.
+input as if upsampled instead, nothing made in memory, and is taken over the phases: AVX-512 code, and no
+upsampled input to write or read.
 
 Letters: B batch, C/O input/output channels, h/w height/width of the input; a/b output row/column parity.
 """
@@ -49,7 +47,7 @@ def upsample2x_conv3x3(x_BChw: torch.Tensor, weight_OC33: torch.Tensor, bias_O: 
     """conv3×3(nearest×2(x)) with padding 1: (B, C, h, w) → (B, O, 2h, 2w); polyphase where the fast paths are on."""
     B, _, h, w = x_BChw.shape
     O = weight_OC33.shape[0]
-    if not SWITCH.on or x_BChw.device.type != 'cpu':   # measured on CPUs only
+    if not SWITCH.on or x_BChw.device.type != 'cpu':   # a CPU path: CUDA keeps the reference's ops
         return upsample2x_conv3x3_reference(x_BChw, weight_OC33, bias_O)
     C = weight_OC33.shape[1]
     if conv3x3_uses_c_kernel(x_BChw, C, O, 2 * h, 2 * w):   # upsampled as the kernel reads

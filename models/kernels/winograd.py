@@ -4,11 +4,10 @@ the CPU has AVX-512, else NNPACK's F(6×6, 3×3).
 A direct 3×3 conv spends 9 multiply-adds per output and channel pair. Winograd's F(6×6, 3×3) gets a 6×6
 output tile from an 8×8 input tile with 64 products, 1.78 per output, plus cheap tile transforms. PyTorch
 ships NNPACK, which implements it, but calls it only for batches of 16 images or more and never before
-oneDNN. One image at a time it is 2.0-2.5× faster than oneDNN's direct conv for the tokenizer's wide,
-large layers (160 channels at 256²: 70 vs 149-178 ms; 320 at 64²: 15 vs 33 ms, on a 2-core Zen 4), and
-slower on small maps (640 channels at 16²: 20 vs 10 ms) and narrow layers (32 channels at 128²), hence
-the thresholds below. This package's C kernel (c_winograd.py) is another 1.8-2.3× faster than NNPACK on those layers;
-it reads and writes channels-last.
+oneDNN. One image at a time it beats oneDNN's direct conv on the tokenizer's wide, large layers (160 channels
+at 256², 320 at 64²) and loses on small maps (640 channels at 16²) and narrow layers (32 channels at 128²), hence
+the thresholds below. This package's C kernel (c_winograd.py) does its products in AVX-512 code where NNPACK's are
+AVX2, keeping each block of tiles in L2; it reads and writes channels-last.
 
 The result differs from a direct conv by float rounding only, about 2e-5 of the output's scale (the
 transforms add and subtract before multiplying): decoded images move by ~5e-5, far inside the reference
@@ -35,8 +34,8 @@ __all__ = ['Conv3x3', 'conv3x3', 'norm_silu_conv3x3', 'conv3x3_uses_winograd', '
 
 logger = logging.getLogger(__name__)
 
-WINOGRAD_MIN_HW = 64 * 64        # feature maps of at least this many positions (equal at 32², 2× slower at 16²)
-WINOGRAD_MIN_CHANNELS = 128      # and at least this many input and output channels (slower at 32 and 64)
+WINOGRAD_MIN_HW = 64 * 64        # feature maps of at least this many positions (no gain at 32², a loss at 16²)
+WINOGRAD_MIN_CHANNELS = 128      # and at least this many input and output channels (a loss at 32 and 64)
 
 
 _failure = {'error': None}   # set by the first NNPACK call that fails: the direct conv from then on
@@ -68,7 +67,7 @@ def winograd_reads_channels_last() -> bool:
 
 
 def winograd_pays(in_channels: int, out_channels: int, h: int, w: int) -> bool:
-    """Whether a 3×3 conv of this size is faster by Winograd than by oneDNN's direct conv (measured, see above)."""
+    """Whether a 3×3 conv of this size is faster by Winograd than by oneDNN's direct conv (the thresholds above)."""
     return min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS and h * w >= WINOGRAD_MIN_HW
 
 
