@@ -79,7 +79,7 @@ def fake_cpu(monkeypatch):
 
 @pytest.fixture
 def cpu_with_fast_kernels(fake_cpu):
-    """A CPU on which every CPU-chosen fast kernel is on (the measured 2-core AMD with AVX-512), whatever runs the test."""
+    """A CPU on which every CPU-chosen fast kernel is on (AMD with AVX-512 and 2 cores, the rule that chooses them all), whatever runs the test."""
     return fake_cpu('AuthenticAMD', 'avx2 avx512f', 2)
 
 

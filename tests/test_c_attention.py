@@ -23,7 +23,7 @@ needs_avx512 = pytest.mark.skipif(not AVX512, reason='the C kernel is AVX-512 co
 
 @pytest.fixture
 def c_kernel_on(fake_cpu):
-    """The rule of the CPU the kernel was measured on (AMD, AVX-512, 2 cores), whatever this machine's vendor."""
+    """A CPU whose rule chooses the kernel (AMD, AVX-512, 2 cores), whatever this machine's vendor."""
     fake_cpu('AuthenticAMD', 'avx2 avx512f', 2)
     assert c_attention.status() == '', c_attention.status()
 
@@ -158,7 +158,7 @@ def test_sampled_images_are_those_of_pytorchs_kernel(c_kernel_on, monkeypatch):
 
 def test_c_kernel_runs_only_where_the_rule_and_the_shapes_say(fake_cpu):
     mask = BlockCausal.over_scales([1, 4], block_causal_bias((1, 2), as_bool=False))
-    fake_cpu('GenuineIntel', 'avx2 avx512f amx_tile amx_bf16', 2)   # not measured there: PyTorch's kernel
+    fake_cpu('GenuineIntel', 'avx2 avx512f amx_tile amx_bf16', 2)   # a rule that does not choose it: PyTorch's kernel
     assert c_attention.status() == 'not chosen for this CPU'
     assert not block_causal.c_kernel_applies(64, mask)
     assert any(line.startswith('C attention kernel: off (not chosen for this CPU') for line in describe_choices())

@@ -9,7 +9,7 @@ from models.kernels import fast_paths, fast_paths_enabled
 from models.kernels.matmul import Linear, linear, onednn_available
 
 pytestmark = [pytest.mark.skipif(not onednn_available(), reason='this PyTorch build has no oneDNN for this CPU'),
-              pytest.mark.usefixtures('cpu_with_fast_kernels')]   # the kernels as chosen on the CPU they were measured on
+              pytest.mark.usefixtures('cpu_with_fast_kernels')]   # the kernels as the AMD rule chooses them
 
 
 def onednn_calls(fn) -> int:

@@ -109,7 +109,7 @@ def test_fsdp_equals_ddp_in_float32(fsdp_runs, tiny_shapes, tiny_vae_ckpt):
     assert_same_state(consolidated(fsdp_runs / 'whole' / 'ar-ckpt-last.dcp'), ck_ddp, rel=1e-5)
 
 
-@pytest.mark.parametrize('fp16', [2, pytest.param(1, marks=pytest.mark.benchmark)])   # fp16: 30 s more, `pytest -m benchmark`
+@pytest.mark.parametrize('fp16', [2, pytest.param(1, marks=pytest.mark.benchmark)])   # fp16: the long variant, `pytest -m benchmark`
 def test_fsdp_equals_ddp_in_mixed_precision(tiny_shapes, tiny_vae_ckpt, tmp_path, fp16):
     """bfloat16 autocast with activation checkpointing; float16 with the loss scaler on sharded gradients (same scale after)."""
     flags = ['--bs=8', '--ep=1', '--tblr=3e-3', '--seed=3', f'--fp16={fp16}', '--grad_ckpt=1', *QUIET]

@@ -175,8 +175,8 @@ def test_availability_probes_run_on_the_cpu_inside_a_device_context():
 
 
 def test_the_cpu_rule_reaches_the_kernels_and_the_log(fake_cpu, monkeypatch):
-    """On a CPU whose rule says no (the user's Xeon with AMX) linear and 3x3 conv take PyTorch's kernels; on the
-    measured AMD, oneDNN and Winograd; describe_choices says which rule matched and why."""
+    """On a CPU whose rule says no (an Intel CPU with AMX) linear and 3x3 conv take PyTorch's kernels; on the
+    AMD rule's CPU, oneDNN and Winograd; describe_choices says which rule matched and why."""
     from models.kernels import c_winograd, winograd
     onednn, wino = [], []
     real_lp, real_wino = matmul._onednn_linear, winograd.winograd_conv3x3

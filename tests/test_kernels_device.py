@@ -1,7 +1,7 @@
-"""The CPU-measured fast paths stay on the CPU: on another device (here 'meta', which runs no arithmetic) the tokenizer's
-layout, its upsampling and block-causal attention take the reference's plain ops. A GPU check (tools/gpu_check.sh,
-H200) measured the grouped attention, polyphase upsampling and channels-last tokenizer 10% slower than the reference
-on CUDA, with 6% more memory."""
+"""The CPU fast paths stay on the CPU: on another device (here 'meta', which runs no arithmetic) the tokenizer's
+layout, its upsampling and block-causal attention take the reference's plain ops. On CUDA the grouped attention,
+polyphase upsampling and channels-last tokenizer cost time and memory against the reference's ops (tools/gpu_check.sh;
+docs/performance.md, GPU)."""
 import pytest
 import torch
 

@@ -189,8 +189,8 @@ def test_a_rerun_with_other_settings_or_weights_is_refused(tiny_ckpts, ref_set, 
 
 
 def test_the_batch_size_is_a_pixel_setting_on_cuda_only():
-    """cuBLAS and cuDNN choose kernels by the batch's shape, so on CUDA another --bs may move pixels by a level (seen on an
-    H200: a few hundred values of each image, by one level): it is compared on a rerun there. On the CPU the PNGs are
+    """cuBLAS and cuDNN choose kernels by the batch's shape, so on CUDA another --bs may move pixels by a level (seen on the
+    GPU check: a few hundred values of each image, by one level): it is compared on a rerun there. On the CPU the PNGs are
     byte-identical for any --bs (test_same_files_for_one_or_two_processes_and_any_batch_size), so it is not."""
     from sample import SampleArgs, manifest_differences, sampling_settings
     args = SampleArgs(bs=4)

@@ -9,7 +9,7 @@ from models.basic_vae import Upsample2x
 from models.kernels import c_winograd, fast_paths, winograd
 from models.kernels.winograd import Conv3x3, winograd_conv3x3
 
-pytestmark = pytest.mark.usefixtures('cpu_with_fast_kernels')   # the kernels as chosen on the CPU they were measured on
+pytestmark = pytest.mark.usefixtures('cpu_with_fast_kernels')   # the kernels as the AMD rule chooses them
 
 NNPACK_CALL = torch._nnpack_spatial_convolution
 
@@ -63,8 +63,8 @@ def test_conv3x3_goes_by_winograd_only_where_it_pays_and_applies(winograd_calls)
         assert winograd_calls == ([(2, 128, 64, 64)] if winograd_calls.impl == 'c' else [(1, 128, 64, 64)] * 2)
         assert torch.allclose(out, F.conv2d(big, conv.weight, conv.bias, padding=1), atol=1e-4)
         winograd_calls.clear()
-        conv(small)                                 # a 32² map: oneDNN's direct conv is as fast
-        Conv3x3(64, 64)(torch.randn(1, 64, 64, 64))  # 64 channels: the direct conv is faster
+        conv(small)                                 # a 32² map: under WINOGRAD_MIN_HW, the direct conv
+        Conv3x3(64, 64)(torch.randn(1, 64, 64, 64))  # 64 channels: under WINOGRAD_MIN_CHANNELS, the direct conv
         with torch.autocast('cpu', dtype=torch.bfloat16):
             conv(big)                               # autocast asks for bfloat16
         with fast_paths(False):
@@ -76,7 +76,7 @@ def test_conv3x3_goes_by_winograd_only_where_it_pays_and_applies(winograd_calls)
 
 def test_upsample_goes_by_phases_or_by_the_c_kernel_reading_it_upsampled(winograd_calls):
     """Where the 3×3 conv at the large size would go by Winograd, the upsampling conv goes by phases on the small input
-    (faster than NNPACK on the upsampled one, and closer to the plain path: kernels/upsample.py), or, by this package's
+    (chosen over NNPACK on the upsampled one, and closer to the plain path: kernels/upsample.py), or, by this package's
     kernel, straight from the small input, read as if upsampled."""
     torch.manual_seed(0)
     up = Upsample2x(128)
