@@ -18,6 +18,7 @@ if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin
     from utils.threads import shorten_openmp_spin_for_nnpack
     shorten_openmp_spin_for_nnpack()
 
+import contextlib
 import json
 import logging
 import math
@@ -38,11 +39,12 @@ from utils.arg_util import FlagError, ModelFlags, flag, parse_dataclass, var_con
 from utils.ckpt import remove_stale_temps, write_bytes_atomic
 from utils.class_names import NULL_CLASS, describe_classes, parse_classes, split_classes
 from utils.cli import run_main
-from utils.imgs import IMAGE_READ_ERRORS, save_png_atomic, to_uint8_BHW3
+from utils.imgs import IMAGE_READ_ERRORS, to_uint8_BHW3
 from utils.log import setup_logging
-from utils.misc import (SampleFolderError, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0, read_npz_manifest,
-                        sample_png_name)
+from utils.misc import (SampleFolderError, SampleSetNpz, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0,
+                        read_npz_manifest, sample_png_name)
 from utils.model_loading import SamplingWeights, build_from_weights, given_flags, read_weights, state_fingerprint
+from utils.png_writers import PngWriters, start_fork_server
 from utils.run import TEST_KILL_ENV
 from utils.sampling_graphs import use_cuda_graphs
 
@@ -50,6 +52,7 @@ logger = logging.getLogger('sample')
 
 MANIFEST = 'manifest.json'
 MANIFEST_FORMAT = 'var-sample-set/1'   # image i: label i // per_class, generator seeded by image_seed(seed, i)
+WRITER_PRELOAD = ('sample',)   # multiprocessing runs this script again in each PNG-writing process: its imports done once
 
 
 @dataclass
@@ -81,6 +84,9 @@ class SampleArgs(ModelFlags):
                                     'images; no effect on the CPU', group='sampling')
     tf32: bool = flag(True, 'TensorFloat32 matmuls and convolutions on CUDA (off: IEEE float32)', group='environment')
     no_npz: bool = flag(False, 'write only the PNGs, not <out>.npz', group='output')
+    writers: int = flag(-1, 'processes that encode and write the PNGs while the next batch is sampled (0: in the sampling '
+                            'process; -1: 0 on the CPU, whose cores sample, else up to 8 per process, fewer on fewer cores); '
+                            'the files are the same', group='output')
     cmd: str = field(default='', metadata={'derived': True})
     given: Tuple[str, ...] = field(default=(), metadata={'derived': True})   # the flags named on the command line
 
@@ -106,6 +112,9 @@ def check_flags(args: SampleArgs) -> None:
         raise FlagError(f'--cfg={args.cfg} must be a finite number (1.5 is the reference\'s FID setting)')
     if args.fp16 not in (0, 1, 2):
         raise FlagError(f'--fp16={args.fp16}: use 0 (float32), 1 (float16 autocast) or 2 (bfloat16 autocast)')
+    if args.writers < -1:
+        raise FlagError(f'--writers={args.writers}: use 0 (write in the sampling process), N >= 1 writing processes, or -1 (chosen '
+                        f'for the device)')
     vqvae_config_from_flags(args), var_config_from_flags(replace(args, num_classes=1))   # the model flags' ranges (the
     # model's class count is read off its weights: --num_classes here is how many to sample)
     if not args.out.rstrip('/'):
@@ -284,8 +293,21 @@ def log_classes(args: SampleArgs, weights: SamplingWeights, listed: Optional[Lis
     return labels
 
 
-def sample_blocks(args: SampleArgs, var, out: str, mine: Sequence[Sequence[int]], done: set, labels: Sequence[int], N: int) -> None:
-    """Sample this process's blocks of indices and write each image not yet done as its PNG, with a progress bar of all N."""
+def writer_count(args: SampleArgs, device: torch.device) -> int:
+    """--writers, with -1 chosen for the device: none on the CPU (its cores are the ones sampling, so encoding beside it
+    gains little), else one per core this process has, less one for the sampling process, at most 8."""
+    if args.writers >= 0:
+        return args.writers
+    if device.type == 'cpu':
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(8, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1))
+
+
+def sample_blocks(args: SampleArgs, var, out: str, mine: Sequence[Sequence[int]], done: set, labels: Sequence[int], N: int,
+                  pngs: PngWriters, npz: Optional[SampleSetNpz] = None) -> None:
+    """Sample this process's blocks of indices and hand each image not yet done to `pngs` (its PNG is written while the
+    next block is sampled) and, with `npz`, every image of the blocks to it in index order; a progress bar of all N."""
     device, world = var.class_emb.weight.device, dist.get_world_size()
     amp = torch.autocast(device.type, dtype=torch.float16 if args.fp16 == 1 else torch.bfloat16, enabled=args.fp16 > 0)
     bar = tqdm(total=N, initial=N - sum(len(b) for b in mine) * world, disable=not dist.is_master(), desc='sample', unit='img',
@@ -297,12 +319,15 @@ def sample_blocks(args: SampleArgs, var, out: str, mine: Sequence[Sequence[int]]
         with torch.inference_mode(), amp:
             img_B3HW = var.autoregressive_infer_cfg(B=len(blk), label_B=label_B, g_seed=[image_seed(args.seed, i) for i in blk],
                                                     cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
-        arr = to_uint8_BHW3(img_B3HW)
-        for i, a in zip(blk, arr):
+        arr_BHW3 = to_uint8_BHW3(img_B3HW)   # on the host, once
+        for i, a_HW3 in zip(blk, arr_BHW3):
             if i not in done:
-                save_png_atomic(a, osp.join(out, sample_png_name(i)))
+                pngs.write(a_HW3, osp.join(out, sample_png_name(i)))
+            if npz is not None:
+                npz.add(i, None if i in done else a_HW3)   # a finished image as its PNG holds it, read back
         made += len(blk)
         if 0 < kill_after <= made:
+            pngs.drain()   # the kill lands with this many images on disk, whichever process writes them
             os.kill(os.getpid(), signal.SIGKILL)
         bar.update(len(blk) * world)
         bar.set_postfix(img_s=f'{made * world / (time.time() - t0):.2f}', refresh=False)
@@ -321,6 +346,9 @@ def main(args: SampleArgs) -> str:
     if device.type == 'cuda' and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    writers = writer_count(args, device)
+    if writers:
+        start_fork_server(WRITER_PRELOAD)   # its imports go on while the weights are read and the models built
 
     weights = read_weights(args, args.given)
     listed = parse_classes(args.classes, weights.var.num_classes, weights.class_names)   # before the model is built
@@ -357,11 +385,21 @@ def main(args: SampleArgs) -> str:
     logger.info('%d images (%d classes x %d), %d of this process\'s already there; cfg %g, top_k %d, top_p %g, more_smooth %s, '
                 'seed %d, %d per batch on %d processes', N, len(labels), args.per_class, len(done), args.cfg, args.top_k,
                 args.top_p, args.more_smooth, args.seed, args.bs, world)
-    sample_blocks(args, var, out, mine, done, labels, N)
+    # one process holds every image in index order: the npz is written from them as they are made (the finished ones read
+    # back); with several, each wrote only its blocks, and the master reads all N back once they are written
+    streamed = not args.no_npz and world == 1
+    with PngWriters(writers, max_pending=2 * args.bs, preload=WRITER_PRELOAD) as pngs, \
+            (SampleSetNpz(out, N, vae.img_size, vae.img_size) if streamed else contextlib.nullcontext()) as npz:
+        sample_blocks(args, var, out, mine, done, labels, N, pngs, npz)
+        pngs.drain()   # every PNG on disk before the npz that packs them is published
+        if streamed:
+            path = npz.close(manifest)
+            logger.info('%s: arr_0 (%d, %d, %d, 3) uint8 and the manifest, written as the images were made (%d read back from '
+                        'their PNGs)', path, N, vae.img_size, vae.img_size, npz.read_back)
     dist.barrier()
     if args.no_npz:
         return out
-    if dist.is_master():
+    if dist.is_master() and not streamed:
         t = time.time()
         path = create_npz_from_sample_folder(out, n=N, manifest=manifest)
         logger.info('%s: arr_0 (%d, %d, %d, 3) uint8 and the manifest in %.0fs', path, N, vae.img_size, vae.img_size, time.time() - t)
