@@ -12,10 +12,11 @@ def test_needs_the_reference():
 
 
 def ci_run(args, tmp_path, **env):
-    """.ci/run with `make venv` replaced by `true` (the venv is there), on a test file written here."""
+    """.ci/run with `make venv` replaced by `true` (the venv is there), on a test file written here, in pytest's own
+    process (TEST_WORKERS=0: no xdist workers to start for one test)."""
     test = tmp_path / 'test_needs_ref.py'
     test.write_text(NEEDS_REFERENCE)
-    env = script_env(MAKE='true', PYTHONPATH=f'{REPO}:{REPO / "tests"}', **env)
+    env = script_env(MAKE='true', PYTHONPATH=f'{REPO}:{REPO / "tests"}', TEST_WORKERS='0', **env)
     env.pop('VAR_REQUIRE_REFERENCE', None)
     return subprocess.run([str(REPO / '.ci' / 'run'), '-p', 'no:cacheprovider', str(test), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
