@@ -20,6 +20,7 @@ from torch.utils.data.dataloader import default_collate
 import dist
 from models import VQVAE
 from models.discriminator import adaptive_weight, hinge_d_loss, hinge_g_loss
+from models.weights import save_weights
 from utils.amp_opt import AmpOptimizer
 from utils.arg_util import vqvae_config_from_flags
 from utils.ckpt import save_atomic
@@ -31,7 +32,6 @@ from utils.misc import NpzWriter
 from utils.parallel import full_state_dict, grad_sync, is_sharded, lockstep_batches, reshard
 from utils.tb import TensorboardLogger
 from utils.vis import reconstruction_grids
-from utils.weights import save_weights
 
 __all__ = ['VQVAETrainer', 'VQVAETask', 'ReconstructionNpz', 'ref_npz_path', 'export_weights']
 

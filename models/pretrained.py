@@ -13,23 +13,29 @@ Class names travel with a VAR's weights (id k = position k): `var.class_names` a
 names of the published models, a saved folder's classes.json, else None), written by save_pretrained as classes.json;
 class_names(depth_or_path) reads them without loading any weights.
 """
+import inspect
 import json
 import logging
 import os
+import re
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import huggingface_hub
+import PIL.Image
 import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from huggingface_hub.errors import RemoteEntryNotFoundError
 
-from utils.cli import UserError
-from utils.hub import HF_REPO, CheckpointUnavailableError
-from utils.weights import load_weights, save_weights
-
-from .state_dict import published_build_kwargs
+from .config import (HF_REPO, PUBLISHED_DEPTHS, PUBLISHED_VAE, VAE_VAR_KWARGS, VAE_VAR_RUNTIME_KWARGS, ConfigError, check_scales,
+                     configs_from_vae_var_kwargs, published_build_kwargs, published_var_file, var_build_args,
+                     var_config_from_build_args, vqvae_build_args, vqvae_config_from_build_args)
+from .errors import ModelInputError
+from .hub import CheckpointUnavailableError
+from .weights import load_weights, save_weights, write_atomic
 
 __all__ = ['HubMixin', 'load_pretrained', 'PretrainedError', 'HubPushError', 'CONFIG_NAME', 'WEIGHTS_NAME', 'VAE_SUBFOLDER',
-           'GRID_NAME', 'PUBLISHED_VAE', 'PUBLISHED_DEPTHS', 'hub_push_problem', 'configs_from_saved', 'saved_var_files',
+           'GRID_NAME', 'hub_push_problem', 'configs_from_saved', 'saved_var_files',
            'looks_like_repo_id', 'CLASSES_NAME', 'class_names', 'imagenet_class_names', 'read_class_names', 'write_class_names',
            'check_class_names']
 
@@ -39,16 +45,14 @@ CONFIG_NAME, WEIGHTS_NAME, VAE_SUBFOLDER, GRID_NAME = 'config.json', 'model.safe
 CLASSES_NAME = 'classes.json'   # a VAR folder's class names: a JSON list, id = position
 # the published models' classes: ImageNet's, in the order of the sorted synset folders n01440764 ... n15075141
 _IMAGENET_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_classes.txt')
-PUBLISHED_VAE = 'vae_ch160v4096z32.pth'
-PUBLISHED_DEPTHS = (16, 20, 24, 30, 36)
 CARD_MARK = '<!-- model card written by save_pretrained -->'
 
 
-class PretrainedError(UserError, ValueError):
+class PretrainedError(ModelInputError, ValueError):
     """A folder or repo that does not hold what from_pretrained needs, or arguments that do not fit it."""
 
 
-class HubPushError(UserError, RuntimeError):
+class HubPushError(ModelInputError, RuntimeError):
     """push_to_hub could not reach or write the Hub repo."""
 
 
@@ -62,17 +66,15 @@ class _Source:
         if not self.local and (os.path.exists(self.name) or self.name.startswith(('.', '/', '~')) or self.name.count('/') > 1):
             kind = 'a file, not a folder' if os.path.isfile(self.name) else 'not a folder'
             raise PretrainedError(f'{self.name} is {kind}: pass a folder written by save_pretrained, a folder holding the '
-                                  f'published files ({PUBLISHED_VAE}, var_d16.pth, ...), or a Hub repo id such as {HF_REPO}')
+                                  f'published files ({PUBLISHED_VAE}, {published_var_file(16)}, ...), or a Hub repo id such as {HF_REPO}')
 
     def get(self, filename: str) -> Optional[str]:
         """Local path of `filename`; None when the folder or repo does not have it."""
         if self.local:
             path = os.path.join(self.name, filename)
             return path if os.path.isfile(path) else None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import RemoteEntryNotFoundError
-        try:
-            return hf_hub_download(repo_id=self.name, filename=filename, **self.hub_kwargs)
+        try:   # looked up here, not imported by name: tests answer it from a folder
+            return huggingface_hub.hf_hub_download(repo_id=self.name, filename=filename, **self.hub_kwargs)
         except RemoteEntryNotFoundError:
             return None
         except Exception as e:  # offline and not cached, unreachable, no such repo, no access
@@ -118,18 +120,19 @@ def _build_and_load(cls, config: Dict[str, Any], weights: str, device, vae_local
     return model.eval()
 
 
-def _build_kwargs_for_published(depth: Optional[int], overrides: Dict[str, Any]) -> Dict[str, Any]:
-    import inspect
-    from . import build_vae_var   # late: models/__init__ imports the classes that import this file
+def _published_build_args(depth: Optional[int], overrides: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(VQVAE build arguments, VAR build arguments) of the published VAR of `depth` (None: 16), build_vae_var keywords
+    replacing its own (the kernel switches included; the init_* keywords draw no weights here: they are loaded)."""
     if depth is not None and depth not in PUBLISHED_DEPTHS:
         raise PretrainedError(f'depth={depth}: the published VARs have depth {", ".join(map(str, PUBLISHED_DEPTHS))}')
-    kw = published_build_kwargs(f'var_d{depth or 16}.pth')
-    allowed = set(inspect.signature(build_vae_var).parameters) - {'device'}
+    allowed = set(VAE_VAR_KWARGS) | set(VAE_VAR_RUNTIME_KWARGS)
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise PretrainedError(f'{", ".join(unknown)}: not build_vae_var arguments (known: {", ".join(sorted(allowed))})')
-    kw.update(overrides)
-    return kw
+    shape = {**published_build_kwargs(published_var_file(depth or 16)), **{k: v for k, v in overrides.items() if k in VAE_VAR_KWARGS}}
+    vqvae, var = configs_from_vae_var_kwargs(shape)
+    kernels = {k: overrides[k] for k in ('flash_if_available', 'fused_if_available') if k in overrides}
+    return vqvae_build_args(vqvae), {**var_build_args(var), **kernels}
 
 
 class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxiv.org/abs/2404.02905', license='mit',
@@ -139,11 +142,16 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
     The build arguments given to the class are recorded by PyTorchModelHubMixin and written as config.json.
     """
     _weights_kind = ''
+    # the class of each weights kind ('vae': VQVAE, 'var': VAR), recorded as they are defined: a VAR's loading builds
+    # its tokenizer, and they import this module
+    _kinds: Dict[str, type] = {}
     class_names: Optional[List[str]] = None   # a VAR's class names (id = position): set by from_pretrained, saved as classes.json
 
     def __init_subclass__(cls, weights_kind: str = '', **kwargs):
         super().__init_subclass__(**kwargs)
         cls._weights_kind = weights_kind or cls._weights_kind
+        if weights_kind:
+            HubMixin._kinds[weights_kind] = cls
 
     # ------------------------------------------------------------------ saving
     def _hub_config(self) -> Dict[str, Any]:
@@ -174,8 +182,7 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
         os.makedirs(save_directory, exist_ok=True)
         grid = card.pop('sample_grid', None)
         if grid is not None:
-            from utils.imgs import save_png_atomic
-            save_png_atomic(grid, os.path.join(str(save_directory), GRID_NAME))
+            write_atomic(os.path.join(str(save_directory), GRID_NAME), lambda tmp: PIL.Image.fromarray(grid).save(tmp, format='PNG'))
             card['sample_grid'] = GRID_NAME
         readme = os.path.join(str(save_directory), 'README.md')
         if os.path.isfile(readme) and CARD_MARK in open(readme, encoding='utf-8').read():
@@ -219,7 +226,7 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
         if config_path is None:
             if src.name != HF_REPO and src.get(PUBLISHED_VAE) is None:
                 raise PretrainedError(f'{src.name} holds neither {CONFIG_NAME} (a folder written by save_pretrained) nor the '
-                                      f'published files ({PUBLISHED_VAE}, var_d16.pth, ...)')
+                                      f'published files ({PUBLISHED_VAE}, {published_var_file(16)}, ...)')
             if overrides:
                 raise PretrainedError(f'{", ".join(sorted(overrides))}: {src.name} has the published layout, whose build '
                                       f'arguments are replaced with build_kwargs={{...}} (build_vae_var arguments)')
@@ -231,7 +238,6 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
 
     @classmethod
     def _from_saved(cls, src: _Source, config: Dict[str, Any], device, overrides: Dict[str, Any]):
-        from .vqvae import VQVAE
         holds_var = 'depth' in config
         if cls._weights_kind == 'vae':
             if holds_var:   # a VAR's folder: its tokenizer is in vae/
@@ -242,7 +248,7 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
         if not holds_var:
             raise PretrainedError(f'{src.name} holds a tokenizer (VQVAE), not a VAR: load it with VQVAE.from_pretrained')
         vae_config = _read_config(src.require(f'{VAE_SUBFOLDER}/{CONFIG_NAME}', 'the tokenizer of this VAR'))
-        vae = VQVAE._load_saved_vae(src, vae_config, f'{VAE_SUBFOLDER}/{WEIGHTS_NAME}', device, {})
+        vae = HubMixin._kinds['vae']._load_saved_vae(src, vae_config, f'{VAE_SUBFOLDER}/{WEIGHTS_NAME}', device, {})
         config = {**config, **overrides}
         _check_keys(cls, config, f'{src.name}/{CONFIG_NAME}' if not overrides else f'{src.name}/{CONFIG_NAME} or the overrides')
         var = _build_and_load(cls, config, src.require(WEIGHTS_NAME, 'the VAR weights'), device, vae_local=vae)
@@ -259,19 +265,15 @@ class HubMixin(PyTorchModelHubMixin, library_name='var', paper_url='https://arxi
 
     @classmethod
     def _from_published(cls, src: _Source, depth: Optional[int], device, overrides: Dict[str, Any]):
-        from . import build_vae_var
-        from .var import VAR
-        from .vqvae import VQVAE
         if cls._weights_kind == 'var' and depth is None:
             raise PretrainedError(f'{src.name} has the published layout: pass depth= one of {", ".join(map(str, PUBLISHED_DEPTHS))}')
-        kw = _build_kwargs_for_published(depth, overrides)
-        vae_meta, var_meta = build_vae_var(device='meta', **kw)   # the build arguments of both, recorded by the mixin
-        var_name = f'var_d{depth}.pth'
+        vae_args, var_args = _published_build_args(depth, overrides)
+        var_name = published_var_file(depth)
         vae_file = src.require(PUBLISHED_VAE, 'the published tokenizer')
-        vae = _build_and_load(VQVAE, vae_meta._hub_config(), vae_file, device)
+        vae = _build_and_load(HubMixin._kinds['vae'], vae_args, vae_file, device)
         if cls._weights_kind == 'vae':
             return vae
-        var = _build_and_load(VAR, var_meta._hub_config(), src.require(var_name, f'the published VAR d{depth}'), device, vae_local=vae)
+        var = _build_and_load(HubMixin._kinds['var'], var_args, src.require(var_name, f'the published VAR d{depth}'), device, vae_local=vae)
         if var.num_classes == len(_imagenet_names()):
             var.class_names = imagenet_class_names()
         else:   # build_kwargs changed the class count: the ImageNet names are not this model's
@@ -292,21 +294,17 @@ def configs_from_saved(vae_config: Dict[str, Any], var_config: Dict[str, Any], o
     The configs are read off the arguments by name, then built on the meta device: every build argument that shapes
     the model must come out as written, so an architecture the configs cannot express is refused, never approximated.
     """
-    from .config import ConfigError, VARConfig, VQVAEConfig, build_var, build_vqvae
-    from .var import VAR
-    from .vqvae import VQVAE
-    _check_keys(VQVAE, vae_config, f'{origin}/{VAE_SUBFOLDER}/{CONFIG_NAME}')
-    _check_keys(VAR, var_config, f'{origin}/{CONFIG_NAME}')
-    vae_args = {**_init_defaults(VQVAE), **vae_config}
-    var_args = {**_init_defaults(VAR), **var_config}
+    vae_cls, var_cls = HubMixin._kinds['vae'], HubMixin._kinds['var']
+    _check_keys(vae_cls, vae_config, f'{origin}/{VAE_SUBFOLDER}/{CONFIG_NAME}')
+    _check_keys(var_cls, var_config, f'{origin}/{CONFIG_NAME}')
+    vae_args = {**_init_defaults(vae_cls), **vae_config}
+    var_args = {**_init_defaults(var_cls), **var_config}
     try:
-        vqvae = VQVAEConfig(V=vae_args['vocab_size'], Cvae=vae_args['z_channels'], ch=vae_args['ch'],
-                            share_quant_resi=vae_args['share_quant_resi'], quant_resi=vae_args['quant_resi'],
-                            using_znorm=vae_args['using_znorm'], patch_nums=tuple(vae_args['v_patch_nums']))
-        var = VARConfig(depth=var_args['depth'], num_classes=var_args['num_classes'], shared_aln=var_args['shared_aln'],
-                        attn_l2_norm=var_args['attn_l2_norm'], patch_nums=tuple(var_args['patch_nums']))
-        vae_meta = build_vqvae(vqvae, 'meta')
-        var_meta = build_var(var, vae_meta, 'meta', flash_if_available=False, fused_if_available=False)
+        vqvae, var = vqvae_config_from_build_args(vae_args), var_config_from_build_args(var_args)
+        check_scales(var, vqvae.patch_nums)
+        with torch.device('meta'):
+            vae_meta = vae_cls(**vqvae_build_args(vqvae))
+            var_meta = var_cls(vae_local=vae_meta, **var_build_args(var), flash_if_available=False, fused_if_available=False)
     except (ConfigError, TypeError, ValueError) as e:
         raise PretrainedError(f'{origin}: its build arguments do not make a model ({e})') from None
     for path, written, built in ((f'{VAE_SUBFOLDER}/{CONFIG_NAME}', vae_args, vae_meta._hub_config()),
@@ -320,7 +318,6 @@ def configs_from_saved(vae_config: Dict[str, Any], var_config: Dict[str, Any], o
 
 
 def _init_defaults(cls) -> Dict[str, Any]:
-    import inspect
     return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if p.default is not inspect.Parameter.empty}
 
 
@@ -330,7 +327,6 @@ def _plain(v):
 
 def looks_like_repo_id(s: str) -> bool:
     """`owner/name` that is not a local path nor a weight file's name: a Hugging Face repo id."""
-    import re
     return (not os.path.exists(s) and re.fullmatch(r'[A-Za-z0-9][\w.-]*/[\w.-]+', s) is not None
             and not s.endswith(('.pth', '.pt', '.bin', '.ckpt', '.safetensors')))
 
@@ -341,7 +337,7 @@ def saved_var_files(name_or_path: str):
     src = _Source(name_or_path, {})
     config_path = src.get(CONFIG_NAME)
     if config_path is None:
-        hint = (f'; it has the published layout: pass --depth and the file {os.path.join(src.name, "var_d16.pth")} (say)'
+        hint = (f'; it has the published layout: pass --depth and the file {os.path.join(src.name, published_var_file(16))} (say)'
                 if src.get(PUBLISHED_VAE) is not None else '')
         raise PretrainedError(f'{src.name} has no {CONFIG_NAME}: it is not a folder written by save_pretrained '
                               f'(or train.py --save_pretrained){hint}')
@@ -357,13 +353,13 @@ def saved_var_files(name_or_path: str):
 def _write_folder(model: HubMixin, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     save_weights(model.state_dict(), os.path.join(folder, WEIGHTS_NAME))
-    path = os.path.join(folder, CONFIG_NAME)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(model._hub_config(), f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(model._hub_config(), indent=2, sort_keys=True)
+    write_atomic(os.path.join(folder, CONFIG_NAME), lambda tmp: _write_text(tmp, text))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text)
 
 
 def _card_text(model: HubMixin, command: str = '', dataset: str = '', epochs=None, metrics: Optional[Dict[str, float]] = None,
@@ -403,9 +399,8 @@ def hub_push_problem(repo_id: str) -> Optional[str]:
     Asks the Hub who is logged in, so that a long run does not find out at its end; nothing is created on the Hub
     before the push itself (push_to_hub creates the repo then, public unless it exists already).
     """
-    from huggingface_hub import HfApi
     try:
-        HfApi().whoami()
+        huggingface_hub.HfApi().whoami()
     except Exception as e:
         first = str(e).splitlines()[0][:300] if str(e) else ''
         return (f'the Hugging Face Hub cannot be reached or no one is logged in ({type(e).__name__}: {first}). Check the network '
@@ -452,13 +447,8 @@ def read_class_names(path: str) -> List[str]:
 def write_class_names(folder: str, names: Sequence[str]) -> str:
     """folder/classes.json (one name a line, id = position), written atomically; returns its path."""
     path = os.path.join(folder, CLASSES_NAME)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(check_class_names(names, origin='the class names'), f, indent=0, ensure_ascii=False)
-        f.write('\n')
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(check_class_names(names, origin='the class names'), indent=0, ensure_ascii=False) + '\n'
+    write_atomic(path, lambda tmp: _write_text(tmp, text))
     return path
 
 
@@ -477,7 +467,7 @@ def _names_published(depth_or_path) -> bool:
     s = str(depth_or_path)
     if isinstance(depth_or_path, int) or (not os.path.exists(s) and s.lower().lstrip('d').isdigit()):
         return int(s.lower().lstrip('d')) in PUBLISHED_DEPTHS
-    return s == HF_REPO or os.path.basename(s) in {f'var_d{d}.pth' for d in PUBLISHED_DEPTHS}
+    return s == HF_REPO or os.path.basename(s) in {published_var_file(d) for d in PUBLISHED_DEPTHS}
 
 
 def class_names(depth_or_path, **hub_kwargs) -> Optional[List[str]]:
@@ -503,10 +493,10 @@ def class_names(depth_or_path, **hub_kwargs) -> Optional[List[str]]:
 def load_pretrained(depth_or_path, device='cpu', **kwargs) -> Tuple[Any, Any]:
     """(tokenizer, VAR) in eval mode: a published depth (16, 'd16') from FoundationVision/var, or a folder / repo id.
     The VAR's class names (id = position) are `var.class_names` (None when the weights record none)."""
-    from .var import VAR
+    var_cls = HubMixin._kinds['var']
     s = str(depth_or_path)
     if isinstance(depth_or_path, int) or (not os.path.exists(s) and s.lower().lstrip('d').isdigit()):
-        var = VAR.from_pretrained(HF_REPO, depth=int(s.lower().lstrip('d')), device=device, **kwargs)
+        var = var_cls.from_pretrained(HF_REPO, depth=int(s.lower().lstrip('d')), device=device, **kwargs)
     else:
-        var = VAR.from_pretrained(s, device=device, **kwargs)
+        var = var_cls.from_pretrained(s, device=device, **kwargs)
     return var.vae_proxy[0], var

@@ -1,37 +1,16 @@
 """Readable checks of a state dict against a model, and recognition of the published VAR checkpoints."""
-import dataclasses
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .config import PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED_DEPTHS, VARConfig, VQVAEConfig, vae_var_kwargs
+from .config import PUBLISHED, published_build_kwargs, published_configs, var_build_args, vqvae_build_args
+from .errors import ModelInputError
 
-__all__ = ['CheckpointMismatchError', 'check_state_dict', 'PUBLISHED', 'PATCH_NUMS_256', 'PATCH_NUMS_512', 'published_build_kwargs',
-           'published_configs']
-
-# file name in the Hugging Face repo FoundationVision/var → (kind, the build_vae_var arguments that differ between the files)
-_TOKENIZER = VQVAEConfig()
-PUBLISHED: Dict[str, Tuple[str, dict]] = {
-    'vae_ch160v4096z32.pth': ('vae', dict(V=_TOKENIZER.V, Cvae=_TOKENIZER.Cvae, ch=_TOKENIZER.ch, share_quant_resi=_TOKENIZER.share_quant_resi)),
-    **{f'var_d{d}.pth': ('var', dict(depth=c.depth, shared_aln=c.shared_aln, patch_nums=c.patch_nums))
-       for d in PUBLISHED_DEPTHS for c in [VARConfig.published(d)]},
-}
+__all__ = ['CheckpointMismatchError', 'check_state_dict']
 
 
-def published_configs(filename: str) -> Tuple[VQVAEConfig, VARConfig]:
-    """(tokenizer, VAR) configs of a published file; the tokenizer file goes with the 256 px d16."""
-    kind, kw = PUBLISHED[filename]
-    var = VARConfig.published(kw['depth'] if kind == 'var' else 16)
-    return dataclasses.replace(_TOKENIZER, patch_nums=var.patch_nums), var
-
-
-def published_build_kwargs(filename: str) -> dict:
-    """build_vae_var arguments (besides device) of a published file, tokenizer and 1000 classes included."""
-    return vae_var_kwargs(*published_configs(filename))
-
-
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(ModelInputError, RuntimeError):
     """A state dict whose keys or shapes do not fit the model; the message lists every difference."""
 
 
@@ -39,18 +18,22 @@ def _shapes(sd: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def _published_shapes(filename: str) -> Dict[str, Tuple[int, ...]]:
-    from . import build_vae_var  # late import: the builder imports this module
-    kind, _ = PUBLISHED[filename]
-    vae, var = build_vae_var(device='meta', **published_build_kwargs(filename))
-    return _shapes((vae if kind == 'vae' else var).state_dict())
+def _published_shapes(filename: str, model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    """The state-dict shapes of a published file, built on the meta device with the classes of `model` (a VAR's
+    tokenizer class is that of its own tokenizer)."""
+    vqvae, var = published_configs(filename)
+    with torch.device('meta'):
+        if PUBLISHED[filename].kind == 'vae':
+            return _shapes(type(model)(**vqvae_build_args(vqvae)).state_dict())
+        vae = type(model.vae_proxy[0])(**vqvae_build_args(vqvae))
+        return _shapes(type(model)(vae_local=vae, **var_build_args(var)).state_dict())
 
 
-def _which_published(given: Dict[str, Tuple[int, ...]], kind: str) -> Optional[str]:
-    for filename, (k, _) in PUBLISHED.items():
-        if k != kind:
+def _which_published(given: Dict[str, Tuple[int, ...]], kind: str, model: nn.Module) -> Optional[str]:
+    for filename, published in PUBLISHED.items():
+        if published.kind != kind:
             continue
-        want = _published_shapes(filename)
+        want = _published_shapes(filename, model)
         if kind == 'vae':  # the usage statistics depend on the number of scales only
             want.pop('quantize.ema_vocab_hit_SV', None)
             given = {k: v for k, v in given.items() if k != 'quantize.ema_vocab_hit_SV'}
@@ -97,7 +80,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping, kind: str, max_liste
         parts.append(listing('wrong shapes', wrong, lambda k: f'{k}: checkpoint {list(given[k])}, model {list(own[k])}'))
     hint = _wrapper_hint(state_dict)
     if not hint:
-        match = _which_published(given, kind)
+        match = _which_published(given, kind, model)
         if match is not None:
             kw = published_build_kwargs(match)
             args = ', '.join(f'{k}={v}' for k, v in kw.items())

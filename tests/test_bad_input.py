@@ -1,10 +1,12 @@
 """Bad input gets a ValueError or CheckpointMismatchError that names what was given and what is allowed."""
+import re
+
 import pytest
 import torch
 
 from conftest import build_tiny
 from models import CheckpointMismatchError, build_vae_var, make_edit_mask
-from models.state_dict import published_build_kwargs
+from models.config import PUBLISHED_VAE, published_build_kwargs
 
 
 @pytest.fixture(scope='module')
@@ -37,7 +39,7 @@ def test_state_dict_of_a_published_size_is_recognised(models):
 def test_vae_state_dict_of_the_published_tokenizer_is_recognised(models):
     vae, _ = models
     big, _ = build_vae_var(device='meta', depth=4, patch_nums=(1, 2, 3))  # other scales: ema_vocab_hit_SV differs too
-    with pytest.raises(CheckpointMismatchError, match=r'published vae_ch160v4096z32\.pth'):
+    with pytest.raises(CheckpointMismatchError, match=f'published {re.escape(PUBLISHED_VAE)}'):
         vae.load_state_dict(big.state_dict())
 
 

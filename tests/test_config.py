@@ -1,5 +1,6 @@
 """Typed model configs (models/config.py): published presets, builders, JSON and CLI round trips, checkpoints old and new."""
 import dataclasses
+import inspect
 import json
 
 import numpy as np
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 from conftest import TINY, TINY_TRAIN_FLAGS, build_tiny, reference_file, run_script
-from models import build_vae_var
-from models.config import (PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED_DEPTHS, ConfigError, VARConfig, VQVAEConfig, build_var, build_vqvae,
-                           configs_from_dict, configs_to_dict)
-from models.state_dict import PUBLISHED, published_build_kwargs, published_configs
+from models import VAR, VQVAE, build_vae_var, build_var, build_vqvae
+from models.config import (PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED, PUBLISHED_DEPTHS, PUBLISHED_VAE, VAE_VAR_KWARGS, VAE_VAR_RUNTIME_KWARGS,
+                           VAR_BUILD_ARGS, VQVAE_BUILD_ARGS, ConfigError, VARConfig, VQVAEConfig, configs_from_dict, configs_from_vae_var_kwargs,
+                           configs_to_dict, published_build_kwargs, published_configs, var_build_args, var_config_from_build_args,
+                           vae_var_kwargs, vqvae_build_args, vqvae_config_from_build_args)
 from utils.arg_util import (FlagError, ModelFlags, flags_from_var_config, flags_from_vqvae_config, parse_args, parse_dataclass,
                             parse_extract_args, parse_vae_args, var_config_from_flags, vqvae_config_from_flags)
 
@@ -29,7 +31,7 @@ def manifest():
 
 
 def test_presets_are_the_published_builds(manifest):
-    tok = manifest['vae_ch160v4096z32.pth']['__build__']
+    tok = manifest[PUBLISHED_VAE]['__build__']
     assert dataclasses.asdict(VQVAEConfig()) == dict(V=tok['V'], Cvae=tok['Cvae'], ch=tok['ch'], share_quant_resi=tok['share_quant_resi'],
                                                      quant_resi=0.5, using_znorm=False, patch_nums=PATCH_NUMS_256)
     assert [f'var_d{d}.pth' for d in PUBLISHED_DEPTHS] == [f for f in manifest if f.startswith('var_')] == [f for f in PUBLISHED if f.startswith('var_')]
@@ -52,8 +54,44 @@ def test_builders_give_the_layout_of_build_vae_var_and_the_published_parameter_c
     assert all(p.device.type == 'meta' for p in list(vae.parameters()) + list(var.parameters()))
     ref_vae, ref_var = build_vae_var(device='meta', **published_build_kwargs(filename))
     assert shapes(vae) == shapes(ref_vae) and shapes(var) == shapes(ref_var)
-    model = vae if PUBLISHED[filename][0] == 'vae' else var
+    model = vae if PUBLISHED[filename].kind == 'vae' else var
     assert sum(p.numel() for p in model.parameters()) == manifest[filename]['__build__']['params']
+
+
+def test_published_table_is_the_one_list_of_files_and_depths():
+    assert list(PUBLISHED) == [PUBLISHED_VAE] + [f'var_d{d}.pth' for d in PUBLISHED_DEPTHS]
+    assert PUBLISHED_DEPTHS == (16, 20, 24, 30, 36)
+    assert [p.kind for p in PUBLISHED.values()] == ['vae'] + ['var'] * 5
+    for name, p in PUBLISHED.items():
+        assert p.filename == name and p.vqvae.patch_nums == p.var.patch_nums and published_configs(name) == (p.vqvae, p.var)
+    assert PUBLISHED['var_d36.pth'].var == VARConfig.published(36) == VARConfig(depth=36, shared_aln=True, patch_nums=PATCH_NUMS_512)
+
+
+@pytest.mark.parametrize('vqvae, var', [(TINY_VQVAE, TINY_VAR), *(published_configs(f) for f in PUBLISHED),
+                                        (VQVAEConfig(quant_resi=0.25, using_znorm=True), VARConfig(attn_l2_norm=False, num_classes=7))])
+def test_each_external_form_maps_to_the_configs_and_back(vqvae, var):
+    """The classes' build arguments (a saved folder's config.json) and build_vae_var's keywords: one table each, both ways."""
+    assert vqvae_config_from_build_args(vqvae_build_args(vqvae)) == vqvae
+    assert var_config_from_build_args(var_build_args(var)) == var
+    if (vqvae.quant_resi, vqvae.using_znorm) == (0.5, False):
+        assert configs_from_vae_var_kwargs(vae_var_kwargs(vqvae, var)) == (vqvae, var)
+    else:
+        with pytest.raises(ConfigError, match='build it with build_vqvae'):
+            vae_var_kwargs(vqvae, var)
+
+
+def test_the_tables_name_the_builders_arguments():
+    vqvae_params, var_params = inspect.signature(VQVAE.__init__).parameters, inspect.signature(VAR.__init__).parameters
+    assert set(VQVAE_BUILD_ARGS.values()) <= set(vqvae_params) and set(var_build_args(VARConfig())) <= set(var_params)
+    assert set(VQVAE_BUILD_ARGS) == {f.name for f in dataclasses.fields(VQVAEConfig)}
+    assert set(VAR_BUILD_ARGS) == {f.name for f in dataclasses.fields(VARConfig)}
+    builder = inspect.signature(build_vae_var).parameters
+    assert list(builder) == ['device', *VAE_VAR_KWARGS, *VAE_VAR_RUNTIME_KWARGS]
+    assert {k: builder[k].default for k in VAE_VAR_KWARGS} == vae_var_kwargs(VQVAEConfig(), VARConfig())   # the same defaults
+    with pytest.raises(ConfigError, match='embed_dim: not build_vae_var keywords'):
+        configs_from_vae_var_kwargs({'embed_dim': 64})
+    with pytest.raises(ConfigError, match=r"VQVAEConfig: the build arguments lack \['v_patch_nums'\]"):
+        vqvae_config_from_build_args({k: v for k, v in vqvae_build_args(VQVAEConfig()).items() if k != 'v_patch_nums'})
 
 
 def test_builders_draw_the_same_weights_as_build_vae_var():

@@ -225,7 +225,7 @@ def test_train_vae_fsdp_runs_and_resumes(tiny_shapes, tmp_path):
     ck2 = consolidated(out / 'vae-ckpt-last.dcp')
     assert ck2['epoch'] == 2 and ck2['args']['world_size'] == 2
     from models import VQVAE
-    from utils.weights import load_weights
+    from models.weights import load_weights
     vae = VQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 3, 4), test_mode=True)
     vae.load_state_dict(ck2['trainer']['vae_wo_ddp'], strict=True)
     exported = load_weights(str(out / 'vae.safetensors'))   # gathered from the shards for train.py --vae_ckpt

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import reference_file
 from models import build_vae_var
-from models.state_dict import PUBLISHED, published_build_kwargs
+from models.config import PUBLISHED, published_build_kwargs
 
 
 @pytest.fixture(scope='module')
@@ -18,7 +18,7 @@ def test_published_state_dict_layout(manifest, filename):
     assert filename in manifest, f'{filename} is not in the manifest'
     entry = dict(manifest[filename])
     build = entry.pop('__build__')
-    kind, _ = PUBLISHED[filename]
+    kind = PUBLISHED[filename].kind
     vae, var = build_vae_var(device='meta', **published_build_kwargs(filename))
     model = vae if kind == 'vae' else var
     assert all(p.device.type == 'meta' for p in model.parameters()), 'a meta build must not allocate memory'

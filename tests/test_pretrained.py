@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, TINY_TRAIN_FLAGS, build_tiny, run_script, script_env
+from models.config import HF_REPO, PUBLISHED_VAE, published_var_file
 
 TINY_BUILD = dict(TINY, flash_if_available=False, fused_if_available=False)   # build_vae_var arguments of the tiny models
 
@@ -77,8 +78,8 @@ def test_train_py_final_model_round_trips_bitwise(trained, shapes_data, tmp_path
 
 def save_published_layout(folder: Path, vae, var, depth=16):
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(vae.state_dict(), folder / 'vae_ch160v4096z32.pth')
-    torch.save(var.state_dict(), folder / f'var_d{depth}.pth')
+    torch.save(vae.state_dict(), folder / PUBLISHED_VAE)
+    torch.save(var.state_dict(), folder / published_var_file(depth))
 
 
 def test_published_layout_from_a_local_folder(tmp_path):
@@ -114,7 +115,7 @@ def test_published_shapes_without_override_give_the_mismatch_error(tmp_path):
 
 def test_wrong_shapes_in_safetensors_give_the_checkpoint_loaders_error(tmp_path):
     from models import VAR, CheckpointMismatchError
-    from utils.weights import load_weights, save_weights
+    from models.weights import load_weights, save_weights
     vae, var = build_tiny(seed=3)
     var.save_pretrained(tmp_path / 'm')
     _, other = build_tiny(seed=4, num_classes=7)
@@ -150,9 +151,9 @@ def test_saved_folder_errors_are_clear(tmp_path):
 def test_hub_unreachable_names_what_to_fetch(tmp_path):
     """Nothing in the cache and no download allowed: the error names the repo, the file and how to fetch it elsewhere."""
     from models import VAR, VQVAE, load_pretrained
-    from utils.hub import CheckpointUnavailableError
-    with pytest.raises(CheckpointUnavailableError, match=r'vae_ch160v4096z32.pth of the Hugging Face repo FoundationVision/var .*'
-                                                         r'hf download FoundationVision/var vae_ch160v4096z32.pth'):
+    from models.hub import CheckpointUnavailableError
+    with pytest.raises(CheckpointUnavailableError, match=rf'{PUBLISHED_VAE} of the Hugging Face repo {HF_REPO} .*'
+                                                         rf'hf download {HF_REPO} {PUBLISHED_VAE}'):
         load_pretrained(16, cache_dir=str(tmp_path), local_files_only=True)
     with pytest.raises(CheckpointUnavailableError, match='config.json of the Hugging Face repo someone/my-var'):
         VAR.from_pretrained('someone/my-var', cache_dir=str(tmp_path), local_files_only=True)
@@ -215,7 +216,7 @@ TINY_MODEL_FLAGS = ['--depth=2', '--pn=1_2_3_4', '--vocab_size=64', '--z_channel
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory):
     """A folder with the tiny models as .pth files, the tokenizer as .safetensors, and save_pretrained's folder 'pretrained'."""
-    from utils.weights import save_weights
+    from models.weights import save_weights
     d = tmp_path_factory.mktemp('saved')
     vae, var = build_tiny(seed=31)
     torch.save(vae.state_dict(), d / 'vae.pth')

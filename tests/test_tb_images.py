@@ -46,7 +46,7 @@ def test_train_py_writes_sample_grids_of_the_ema_weights(shapes_data, tiny_vae_c
     from utils.arg_util import ModelFlags
     from utils.model_loading import load_for_sampling
     from utils.vis import fixed_classes, sample_grid
-    from utils.weights import load_weights, save_weights
+    from models.weights import load_weights, save_weights
     # the tokenizer given as safetensors: train.py's --vae_ckpt reads it
     vae_st = tmp_path / 'tiny_vae.safetensors'
     save_weights(load_weights(str(tiny_vae_ckpt)), str(vae_st))
@@ -70,7 +70,7 @@ def test_train_py_writes_sample_grids_of_the_ema_weights(shapes_data, tiny_vae_c
 def test_train_vae_writes_reconstructions_and_safetensors(tiny_shapes, tmp_path, one_thread):
     from models import VQVAE
     from utils.vis import reconstruction_grids
-    from utils.weights import load_weights
+    from models.weights import load_weights
     out = tmp_path / 'vae'
     run_script(['train_vae.py', f'--data_path={tiny_shapes}', f'--local_out_dir_path={out}', *TINY_VAE_FLAGS, '--bs=4', '--ep=2',
                 '--lr=1e-3', '--lpips_weight=0', '--disc_start=-1', '--seed=0'])

@@ -51,13 +51,14 @@ import torch
 import torchvision
 
 from models import build_vae_var, load_pretrained
+from models.config import PUBLISHED, PUBLISHED_VAE, published_build_kwargs
+from models.hub import resolve_checkpoint   # local path first, huggingface_hub second
 from models.pretrained import class_names, looks_like_repo_id
-from models.state_dict import PUBLISHED, published_build_kwargs
-from utils.hub import resolve_checkpoint   # local path first, huggingface_hub second
-from utils.weights import load_tokenizer_state, load_weights   # .pth or .safetensors
+from models.weights import load_weights   # .pth or .safetensors
+from utils.weights import load_tokenizer_state
 
 MODEL_DEPTH = int(os.environ.get('VAR_NB_DEPTH', 16))   # 16, 20, 24, 30 or 36 for the published models
-vae_ckpt = os.environ.get('VAR_NB_VAE_CKPT', 'vae_ch160v4096z32.pth')
+vae_ckpt = os.environ.get('VAR_NB_VAE_CKPT', PUBLISHED_VAE)
 var_ckpt = os.environ.get('VAR_NB_VAR_CKPT', f'var_d{MODEL_DEPTH}.pth')   # or a save_pretrained folder, or a Hub repo id
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 

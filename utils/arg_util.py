@@ -5,7 +5,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from models.config import PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED_DEPTHS, ConfigError, VARConfig, VQVAEConfig, configs_to_dict
+from models.config import (HF_REPO, PATCH_NUMS_256, PATCH_NUMS_512, PUBLISHED_DEPTHS, PUBLISHED_VAE, ConfigError, VARConfig, VQVAEConfig,
+                           configs_to_dict)
 from utils.cli import UserError
 from utils.flags import flag, parse_dataclass, str2bool   # the one flag parser of every script, re-exported here
 
@@ -13,6 +14,8 @@ __all__ = ['ModelFlags', 'derive_scales', 'derive_batch', 'FlagError', 'Args', '
            'VQVAE_FLAGS', 'VAR_FLAGS', 'vqvae_config_from_flags', 'flags_from_vqvae_config', 'var_config_from_flags', 'flags_from_var_config']
 
 logger = logging.getLogger(__name__)
+
+_DEPTHS = ', '.join(map(str, PUBLISHED_DEPTHS))   # for the help of --depth
 
 
 class FlagError(UserError, ValueError):
@@ -231,9 +234,9 @@ class Args(TokenizerShape):
     exp_name: str = flag('text', "a name for the run, kept in the checkpoint's args (nothing else reads it)", group='logging')
     vfast: int = flag(0, 'torch.compile the tokenizer: 0 off, 1 mode reduce-overhead, 2 max-autotune, 3 default (--fsdp=1: 0 only)',
                       group='environment')
-    vae_ckpt: str = flag('vae_ch160v4096z32.pth', "the frozen tokenizer's weights: a state dict (.pth, .safetensors) or a train_vae.py "
-                                                  'checkpoint; a published file name not found locally is downloaded from '
-                                                  'FoundationVision/var', group='model')
+    vae_ckpt: str = flag(PUBLISHED_VAE, "the frozen tokenizer's weights: a state dict (.pth, .safetensors) or a train_vae.py "
+                                        'checkpoint; a published file name not found locally is downloaded from '
+                                        f'{HF_REPO}', group='model')
     tfast: int = flag(0, 'torch.compile VAR: 0 off, 1 mode reduce-overhead, 2 max-autotune, 3 default (--fsdp=1: 0 only)',
                       group='environment')
     compile_blocks: bool = flag(False, 'torch.compile each transformer block on its own (utils/compile.py: fullgraph, static shapes, '
@@ -241,7 +244,7 @@ class Args(TokenizerShape):
                                        'model and KV-cached sampling stay eager), unlike --tfast, which compiles the whole model '
                                        'with a mode: not with --tfast other than 0, nor with --fsdp=1 (untested)',
                                 group='environment')
-    depth: int = flag(16, 'VAR depth: depth blocks of width 64 x depth with depth heads (published: 16, 20, 24, 30, 36)',
+    depth: int = flag(16, f'VAR depth: depth blocks of width 64 x depth with depth heads (published: {_DEPTHS})',
                       group='model')
     num_classes: int = flag(0, "classes of VAR's class embedding; 0: the number of class folders in data_path/train (or of "
                                '--tokens_path)', group='model')
@@ -494,9 +497,9 @@ class ExtractArgs(TokenizerShape):
                           group='data')
     tokens_path: str = flag('local_tokens', 'the folder to write (for train.py --tokens_path): one token array per split, '
                                             'meta.json once complete; a rerun finishes or reuses it', group='data')
-    vae_ckpt: str = flag('vae_ch160v4096z32.pth', "the tokenizer's weights: a state dict (.pth, .safetensors) or a train_vae.py "
-                                                  'checkpoint; a published file name not found locally is downloaded from '
-                                                  'FoundationVision/var', group='model')
+    vae_ckpt: str = flag(PUBLISHED_VAE, "the tokenizer's weights: a state dict (.pth, .safetensors) or a train_vae.py "
+                                        'checkpoint; a published file name not found locally is downloaded from '
+                                        f'{HF_REPO}', group='model')
     pn: str = flag(PN_SHORTCUTS['256'], "the scales: increasing token-map sides joined by '_', or 256, 512, 1024 for the "
                                         'standard sets', group='model')
     patch_size: int = flag(16, 'pixels per token side at the last scale: 16 (the tokenizer downsamples by 16), so the image side '
@@ -536,11 +539,11 @@ class ModelFlags(TokenizerShape):
     var_ckpt: str = flag('', 'VAR weights: a train.py checkpoint (it defines the model and brings its tokenizer), a save_pretrained '
                              'folder or Hub repo id (the same), or a VAR state dict (.pth, .safetensors; built from the flags); '
                              "'': the published var_d{depth}.pth (a local file, else downloaded)", group='model')
-    vae_ckpt: str = flag('vae_ch160v4096z32.pth', 'the tokenizer of a VAR state dict or published VAR: a state dict or a '
-                                                  'train_vae.py checkpoint; a published file name not found locally is '
-                                                  'downloaded (a checkpoint or folder --var_ckpt brings its own)', group='model')
+    vae_ckpt: str = flag(PUBLISHED_VAE, 'the tokenizer of a VAR state dict or published VAR: a state dict or a '
+                                        'train_vae.py checkpoint; a published file name not found locally is '
+                                        'downloaded (a checkpoint or folder --var_ckpt brings its own)', group='model')
     ema: bool = flag(False, 'the EMA weights of a train.py checkpoint --var_ckpt (trained with --ema)', group='model')
-    depth: int = flag(16, "VAR depth: with --var_ckpt '', which published var_d{depth}.pth (16, 20, 24, 30, 36)", group='model')
+    depth: int = flag(16, f"VAR depth: with --var_ckpt '', which published var_d{{depth}}.pth ({_DEPTHS})", group='model')
     pn: str = flag('', "the scales: token-map sides joined by '_', or 256, 512, 1024; '': the published ones for --depth (512 px "
                        'for d36)', group='model')
     saln: Optional[bool] = flag(None, 'one AdaLN projection shared by all blocks; None: as published (on for d36 only)',

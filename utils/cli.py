@@ -15,12 +15,12 @@ class TrainingStopped(UserError, RuntimeError):
 
 
 def run_main(main: Callable, *args) -> None:
-    import dist
-    from models.state_dict import CheckpointMismatchError
+    import dist   # here, not at the top: this module stays light (the PNG writer processes import it)
+    from models.errors import ModelInputError   # a wrong folder, file or build argument found by models/
     code = 0
     try:
         main(*args)
-    except (UserError, CheckpointMismatchError) as e:
+    except (UserError, ModelInputError) as e:
         logging.getLogger().handlers.clear()
         print(f'error: {e}', file=sys.stderr, flush=True)
         code = 1

@@ -23,16 +23,18 @@ from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Seq
 import torch
 
 import dist
-from models.config import PUBLISHED_DEPTHS, VARConfig, VQVAEConfig, build_var, build_vqvae
-from models.pretrained import PUBLISHED_VAE, looks_like_repo_id, saved_var_files
-from models.state_dict import PUBLISHED, published_configs
+from models import build_var, build_vqvae
+from models.config import (HF_REPO, PUBLISHED, PUBLISHED_DEPTHS, PUBLISHED_VAE, VARConfig, VQVAEConfig, published_configs,
+                           published_var_file)
+from models.hub import resolve_checkpoint
+from models.pretrained import looks_like_repo_id, saved_var_files
+from models.weights import SAFETENSORS_SUFFIX, load_weights
 from utils.arg_util import (FlagError, check_train_flags, derive_scales, flags_from_var_config, flags_from_vqvae_config, pn_flag,
                             var_config_from_flags, vqvae_config_from_flags)
 from utils.ckpt import verify_checksum
 from utils.class_names import class_name_key, class_names_for
-from utils.hub import HF_REPO, resolve_checkpoint
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
-from utils.weights import SAFETENSORS_SUFFIX, load_tokenizer_state, load_weights
+from utils.weights import load_tokenizer_state
 
 __all__ = ['SHAPE_FLAGS', 'InitSource', 'start_from', 'read_source', 'take_shape', 'class_embedding_rows', 'load_source_weights']
 
@@ -158,9 +160,9 @@ def _state_dict(spec: str, sd: Mapping[str, torch.Tensor]) -> InitSource:
 def read_source(spec: str) -> InitSource:
     """The source --init_from names: a published depth (16) or file name (var_d16.pth; a local file first, else the Hub), a
     save_pretrained folder or Hub repo id, a train.py checkpoint (ar-ckpt-*.pth) or a VAR state dict (.pth, .safetensors)."""
-    published = {f'var_d{d}.pth' for d in PUBLISHED_DEPTHS}
+    published = {published_var_file(d) for d in PUBLISHED_DEPTHS}
     if re.fullmatch(r'd?\d+', spec) and not osp.exists(spec):
-        name = f'var_d{spec.lstrip("d")}.pth'
+        name = published_var_file(spec.lstrip('d'))
         if name not in published:
             raise FlagError(f'--init_from={spec}: there is no published VAR of depth {spec.lstrip("d")} '
                             f'(the published depths are {", ".join(map(str, PUBLISHED_DEPTHS))})')
@@ -170,7 +172,7 @@ def read_source(spec: str) -> InitSource:
                         f'`python tools/consolidate_ckpt.py {spec}` and pass the .pth')
     if osp.isdir(spec) or looks_like_repo_id(spec):
         return _saved_folder(spec)
-    if osp.basename(spec) == PUBLISHED_VAE or (osp.basename(spec) in PUBLISHED and osp.basename(spec) not in published):
+    if osp.basename(spec) in PUBLISHED and PUBLISHED[osp.basename(spec)].kind == 'vae':
         raise FlagError(f'--init_from={spec}: the published tokenizer, not a VAR; the tokenizer is --vae_ckpt')
     if osp.isfile(spec):
         if osp.basename(spec) in published:

@@ -9,16 +9,17 @@ from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from models import VAR, VQVAE
-from models.config import ConfigError, VARConfig, VQVAEConfig, build_var, build_vqvae, configs_from_dict, vae_var_kwargs
+from models import VAR, VQVAE, build_var, build_vqvae
+from models.config import (PUBLISHED, PUBLISHED_DEPTHS, ConfigError, VARConfig, VQVAEConfig, configs_from_dict, published_var_file,
+                           vae_var_kwargs)
+from models.hub import CheckpointUnavailableError, resolve_checkpoint
 from models.pretrained import looks_like_repo_id, saved_var_files
-from models.state_dict import PUBLISHED
+from models.weights import load_weights
 from utils.arg_util import (VAR_FLAGS, VQVAE_FLAGS, FlagError, ModelFlags, flags_from_var_config, flags_from_vqvae_config,
                             var_config_from_flags, vqvae_config_from_flags)
 from utils.class_names import class_names_for
 from utils.cli import UserError
-from utils.hub import CheckpointUnavailableError, resolve_checkpoint
-from utils.weights import load_tokenizer_state, load_weights
+from utils.weights import load_tokenizer_state
 from utils.reference_ckpt import complete_reference_args, is_reference_ckpt
 
 __all__ = ['SamplingWeights', 'given_flags', 'checkpoint_configs', 'read_weights', 'build_from_weights', 'load_for_sampling',
@@ -109,9 +110,10 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
         else:
             var_state = obj
     else:
-        name = f'var_d{depth}.pth'
+        name = published_var_file(depth)
         if name not in PUBLISHED:
-            raise UserError(f'there is no published VAR of depth {depth}: use --depth 16, 20, 24, 30 or 36, or --var_ckpt')
+            raise UserError(f'there is no published VAR of depth {depth}: use --depth {", ".join(map(str, PUBLISHED_DEPTHS[:-1]))} or '
+                            f'{PUBLISHED_DEPTHS[-1]}, or --var_ckpt')
         if ema:
             raise UserError('--ema picks the EMA weights of a train.py checkpoint; the published files have none')
         var_state = load_weights(resolve_checkpoint(name))
@@ -135,7 +137,7 @@ def read_weights(flags: ModelFlags, given: Collection[str] = ()) -> SamplingWeig
         num_classes = emb.shape[0] - 1 if isinstance(emb, torch.Tensor) and emb.ndim == 2 else flags.num_classes   # its last row: no class
         vqvae_cfg, var_cfg = vqvae_config_from_flags(flags), var_config_from_flags(dataclasses.replace(flags, num_classes=num_classes))
         vae_state, _ = load_tokenizer_state(vae_ckpt)
-        source, vae_source = var_ckpt or f'var_d{depth}.pth', vae_ckpt
+        source, vae_source = var_ckpt or published_var_file(depth), vae_ckpt
         published = os.path.basename(source) in PUBLISHED   # ImageNet's names; a plain state dict records none
         names = class_names_for(source if published else var_state, num_classes)
     return SamplingWeights(vqvae=vqvae_cfg, var=var_cfg, var_state=var_state, vae_state=vae_state, source=source, vae_source=vae_source,

@@ -3,16 +3,17 @@ import logging
 import os
 from typing import Optional
 
-from utils.cli import UserError
+import huggingface_hub
+
+from .config import HF_REPO, PUBLISHED
+from .errors import ModelInputError
 
 __all__ = ['HF_REPO', 'resolve_checkpoint', 'CheckpointUnavailableError']
 
 logger = logging.getLogger(__name__)
 
-HF_REPO = 'FoundationVision/var'
 
-
-class CheckpointUnavailableError(UserError, FileNotFoundError):
+class CheckpointUnavailableError(ModelInputError, FileNotFoundError):
     """A weights file that is neither local nor downloadable."""
 
 
@@ -26,7 +27,6 @@ def resolve_checkpoint(path_or_name: str, repo_id: str = HF_REPO, downloadable: 
     """
     if os.path.isfile(path_or_name):
         return path_or_name
-    from models.state_dict import PUBLISHED
     name = os.path.basename(path_or_name)
     if downloadable is None:
         downloadable = name in PUBLISHED and name == path_or_name
@@ -36,12 +36,7 @@ def resolve_checkpoint(path_or_name: str, repo_id: str = HF_REPO, downloadable: 
         raise CheckpointUnavailableError(f'{path_or_name} does not exist{hint}')
     url = f'https://huggingface.co/{repo_id}/resolve/main/{name}'
     try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise CheckpointUnavailableError(f'{path_or_name} does not exist and huggingface_hub is not installed to download it '
-                                         f'(pip install huggingface_hub), or download {url} yourself') from None
-    try:
-        local = hf_hub_download(repo_id=repo_id, filename=name)
+        local = huggingface_hub.hf_hub_download(repo_id=repo_id, filename=name)   # looked up here: tests replace it
     except Exception as e:  # offline, unreachable, not found, no permission
         raise CheckpointUnavailableError(
             f'{name} is not at {path_or_name} and could not be downloaded from the Hugging Face repo {repo_id} '
