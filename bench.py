@@ -3,7 +3,7 @@
     python bench.py train  --depth=8 --bs=4 --reso=256 --dtype=fp32 [--tf32] [--tokens] [--grad_ckpt] [--mode=baseline]
     python bench.py sample --depth=8 --bs=4 --dtype=fp32 [--tf32] [--mode=baseline]
     python bench.py compare --reference=DIR [--depth=8] [--bs=4] [--repeat=3] [--threads=N] [--steps=1] [--quick] [--out_dir=DIR]
-    python bench.py compare --reference=DIR --device=cuda --depth=16 --bs=32 --steps=5   # on a GPU
+    python bench.py compare --reference=DIR --device=cuda --depth=16 --bs=32 --steps=2 [--budget_s=180] [--rows=...]   # on a GPU
     python bench.py compare [--repeat=3] [--quick] [--out_dir=DIR]   # ablation: this code against its own --mode=baseline
     python bench.py cpu        # the CPU, its ISA features, and which fast paths this code takes on it and why
 
@@ -31,9 +31,17 @@ from torch.cuda.is_available()). Its `torch.cuda.amp.autocast(enabled=False)` bl
 The training step's optimiser is fused AdamW on the CPU and CUDA alike, as both trainers build it by default (--afuse).
 `compare --reference=DIR --device=cuda` runs the same harness on the GPU the way both codebases are used there (d16 and
 batch 32 are good sizes): TF32 allowed (the reference's --tf32 default), each side's default attention and MLP kernels,
-fused AdamW, and the rows: a training step with live tokenisation under bfloat16 autocast, the same under float16
-autocast with a loss scaler, and sampling under float16 autocast (the reference notebook's); peak memory is CUDA's
-peak allocation after the weights are loaded; each row also gives images/s.
+fused AdamW. The reference runs its two rows as its own code runs: a training step with live tokenisation under
+bfloat16 autocast, and sampling under float16 autocast (the reference notebook's). This code runs variants, each timed
+against one of those two rows: the live step eager (today's default) and with utils.compile.compile_blocks, the step
+from pre-extracted tokens with compile_blocks (held against the reference's live step: its trainer tokenises every
+step) and eager, sampling eager and with utils.sampling_graphs.use_cuda_graphs. A round runs the reference's row, then
+the variants paired with it, each a fresh process. A variant's compilation or graph capture happens in its two warm-up
+steps, outside the timed ones; their seconds are reported too (TorchInductor's cache, TORCHINDUCTOR_CACHE_DIR or its
+default folder, is shared by the fresh processes, so later rounds compile from it). A variant whose feature is missing
+or refuses is recorded as 'unavailable: why'. Peak memory is CUDA's peak allocation after the weights are loaded; each
+row also gives images/s. --budget_s ends the comparison early, with every measurement so far in the table and JSON
+(written after each one).
 
 `--mode=baseline` switches every optimisation of this codebase off (dense masked attention, F.linear,
 whole-batch NCHW direct convs, nearest-upsample-then-conv): what the reference computes, op for op. Each measurement of
@@ -43,20 +51,19 @@ Training steps run as train.py's do: the trainer's AmpOptimizer set-up (--dtype=
 fused AdamW where available, gradient clipping at 2. On CUDA, peak memory is torch's peak allocation, and
 float32 is IEEE float32 unless --tf32 (TensorFloat32 matmuls and convolutions, train.py's default there).
 """
-if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
-    from utils.threads import shorten_openmp_spin_for_nnpack
-    shorten_openmp_spin_for_nnpack()
-
+import importlib
 import inspect
 import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -100,9 +107,9 @@ def build(args, device):
     torch.manual_seed(0)
     patch_nums = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}[args.reso]
     vae, var = build_vae_var(device=device, patch_nums=patch_nums, depth=args.depth, shared_aln=args.depth >= 36)
-    fast = args.mode == 'fast'
-    vae.set_fast_paths(fast)
-    var.set_fast_paths(fast)
+    if args.mode == 'fast':   # baseline: the plain models, the reference's ops
+        from utils.cpu_speed import speed_up   # here, as `models` above: see the imports at the top
+        speed_up(vae, var)
     return vae, var
 
 
@@ -304,15 +311,15 @@ def describe_machine(info: Dict) -> str:
 
 
 def fast_path_lines() -> List[str]:
-    """Which fast path this code takes on this machine, and why (models/kernels decides; see describe_choices)."""
-    from models.kernels import describe_choices
-    from models.kernels.choices import describe_attention
+    """Which fast path this code takes on this machine, and why (cpu_kernels decides; see describe_choices)."""
+    from cpu_kernels import describe_choices
+    from cpu_kernels.choices import describe_attention
     return describe_choices() + [
         describe_attention(),
-        'oneDNN linear, Winograd and the C attention kernel are chosen by the CPU rule table of utils/cpu_rules.py (vendor, ISA flags, cores; '
+        'oneDNN linear, Winograd and the C attention kernel are chosen by the CPU rule table of cpu_kernels/cpu_rules.py (vendor, ISA flags, cores; '
         'never by timing); the size thresholds were measured on a 2-core AMD EPYC with AVX-512',
         'OpenMP\'s idle spin: every measuring process of `compare`, the reference\'s as well as this code\'s, starts with the '
-        'environment above (bench.py sets it before PyTorch loads, as this project\'s scripts do)',
+        'environment bench.py was started with (nothing sets it: cpu_kernels/threads.py)',
     ]
 
 
@@ -334,8 +341,26 @@ ROW_SPECS = {
     'train_live_bf16': ('training step, live tokenisation, bf16 autocast', 'train', True, 'bf16'),
     'train_live_fp16': ('training step, live tokenisation, fp16 autocast + loss scaler', 'train', True, 'fp16'),
     'sample_fp16': ('sampling a batch, fp16 autocast', 'sample', None, 'fp16'),
+    'train_live_bf16_compiled': ('training step, live tokenisation, bf16 autocast, compile_blocks', 'train', True, 'bf16'),
+    'train_tokens_bf16_compiled': ('training step, pre-extracted tokens, bf16 autocast, compile_blocks', 'train', False, 'bf16'),
+    'train_tokens_bf16': ('training step, pre-extracted tokens, bf16 autocast', 'train', False, 'bf16'),
+    'sample_fp16_graphs': ('sampling a batch, fp16 autocast, use_cuda_graphs', 'sample', None, 'fp16'),
+    'sample_fp16_compiled_graphs': ('sampling a batch, fp16 autocast, compile_blocks + use_cuda_graphs', 'sample', None, 'fp16'),
 }
-DEVICE_ROWS = {'cpu': ('train_live', 'train_tokens', 'sample'), 'cuda': ('train_live_bf16', 'train_live_fp16', 'sample_fp16')}
+# this code's speed features a row switches on, in this order (this code's only: the reference never runs these rows)
+ROW_FEATURES = {'train_live_bf16_compiled': ('compile_blocks',), 'train_tokens_bf16_compiled': ('compile_blocks',),
+                'sample_fp16_graphs': ('use_cuda_graphs',), 'sample_fp16_compiled_graphs': ('compile_blocks', 'use_cuda_graphs')}
+FEATURE_MODULES = {'compile_blocks': 'utils.compile', 'use_cuda_graphs': 'utils.sampling_graphs'}
+# a row of this code → the reference's row it is timed against (the row itself where absent). The steps from tokens are
+# held against the reference's live step: its trainer tokenises every step, so that is the step they replace.
+PAIRED_WITH = {'train_live_bf16_compiled': 'train_live_bf16', 'train_tokens_bf16_compiled': 'train_live_bf16',
+               'train_tokens_bf16': 'train_live_bf16', 'sample_fp16_graphs': 'sample_fp16', 'sample_fp16_compiled_graphs': 'sample_fp16'}
+# compile_blocks + use_cuda_graphs is left out of the CUDA default to keep the prepared GPU check within its budget:
+# sampling's ten scale shapes would be compiled in every fresh process (--rows adds it)
+DEVICE_ROWS = {'cpu': ('train_live', 'train_tokens', 'sample'),
+               'cuda': ('train_live_bf16', 'train_live_bf16_compiled', 'train_tokens_bf16_compiled', 'train_tokens_bf16',
+                        'sample_fp16', 'sample_fp16_graphs')}
+FEATURE_WARMUP_STEPS = 2   # a variant with a speed feature: compilation or capture, then a step that catches a recompile
 QUICK_SIZES = dict(depth=2, bs=2, patch_nums=(1, 2, 3, 4), ch=32, Cvae=8)   # 64 px, a tokenizer 5x narrower: to check the harness
 
 
@@ -346,7 +371,7 @@ def side_sizes(args) -> Dict:
     return dict(depth=args.depth, bs=args.bs, patch_nums={256: PATCH_NUMS_256, 512: PATCH_NUMS_512}[args.reso])
 
 
-def _build_kwargs(sizes: Dict, device: str = 'cpu') -> Dict:
+def build_kwargs(sizes: Dict, device: str = 'cpu') -> Dict:
     kw = {k: v for k, v in sizes.items() if k != 'bs'}
     # flash-attn / xformers / the fused MLP are CUDA kernels: off on the CPU so neither side reaches for them; on CUDA each
     # side's default (both fall back to PyTorch's SDPA and MLP where the packages are not installed)
@@ -354,7 +379,7 @@ def _build_kwargs(sizes: Dict, device: str = 'cpu') -> Dict:
     return dict(kw, patch_nums=tuple(kw['patch_nums']), shared_aln=kw['depth'] >= 36, flash_if_available=cuda, fused_if_available=cuda)
 
 
-def _inputs(sizes: Dict, device: str = 'cpu'):
+def make_inputs(sizes: Dict, device: str = 'cpu'):
     g = torch.Generator().manual_seed(0)
     reso = sizes['patch_nums'][-1] * 16
     img_B3HW = torch.rand(sizes['bs'], 3, reso, reso, generator=g) * 2 - 1
@@ -362,56 +387,91 @@ def _inputs(sizes: Dict, device: str = 'cpu'):
     return img_B3HW.to(device), label_B.to(device)
 
 
-def _tokenise(vae, img_B3HW):
+def tokenise(vae, img_B3HW):
     with torch.no_grad():   # the VAE's parameters are frozen on both sides: no graph either way
         idx_Bl = vae.img_to_idxBl(img_B3HW)
         return idx_Bl, torch.cat(idx_Bl, 1), vae.quantize.idxBl_to_var_input(idx_Bl)
 
 
-def _train_steps(vae, var, img_B3HW, label_B, steps: int, live: bool, dtype: str = 'fp32'):
+def _no_mark(name: str):
+    return nullcontext()
+
+
+def reference_optimizer(var) -> torch.optim.Optimizer:
+    """The reference trainer's AdamW (fused, as both trainers build it by default: the reference's and this project's
+    --afuse=True; PyTorch has a fused AdamW on the CPU too)."""
+    return torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+
+
+def train_step(vae, var, opt, scaler, img_B3HW, label_B, tokens=None, dtype: str = 'fp32', mark=_no_mark) -> Tuple[torch.Tensor, List]:
     """The reference trainer's step: logits under its autocast (tokenisation outside it), label-smoothed cross entropy,
-    backward (float16: through a loss scaler, unscaled before clipping), clip at 2, AdamW step (fused, as both trainers
-    build it by default: the reference's and this project's --afuse=True; PyTorch has a fused AdamW on the CPU too)."""
+    backward (float16: through a loss scaler, unscaled before clipping), clip at 2, the optimiser's step.
+    tokens: tokenise's output (pre-extracted), None: tokenise img_B3HW here, inside mark('tokenizer') (a context, for
+    the profiler). Returns (the loss, the token maps)."""
+    if tokens is None:
+        with mark('tokenizer'):
+            tokens = tokenise(vae, img_B3HW)
+    idx_Bl, gt_BL, x_BLCv = tokens
+    with _amp(img_B3HW.device, dtype):
+        logits_BLV = var(label_B, x_BLCv)
+        loss = F.cross_entropy(logits_BLV.view(-1, logits_BLV.shape[-1]), gt_BL.view(-1), label_smoothing=0.1)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, idx_Bl
+
+
+def _train_steps(vae, var, img_B3HW, label_B, steps: int, live: bool, dtype: str = 'fp32', warmup: int = 1, after_warmup=None):
+    """`warmup` untimed steps then `steps` timed ones of train_step; after_warmup() is called between them."""
     var.train()
     device = img_B3HW.device
-    opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    opt = reference_optimizer(var)
     scaler = torch.amp.GradScaler(device.type) if dtype == 'fp16' else None
-    tokens = None if live else _tokenise(vae, img_B3HW)   # pre-extracted: outside the timed region
+    tokens = None if live else tokenise(vae, img_B3HW)   # pre-extracted: outside the timed region
     times, loss = [], None
-    for _ in range(steps + 1):   # the first one warms up
+    for i in range(warmup + steps):
+        if i == warmup and after_warmup is not None:
+            after_warmup()
         _sync(device)
         t = time.perf_counter()
-        idx_Bl, gt_BL, x_BLCv = _tokenise(vae, img_B3HW) if live else tokens
-        with _amp(device, dtype):
-            logits_BLV = var(label_B, x_BLCv)
-            loss = F.cross_entropy(logits_BLV.view(-1, logits_BLV.shape[-1]), gt_BL.view(-1), label_smoothing=0.1)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, idx_Bl = train_step(vae, var, opt, scaler, img_B3HW, label_B, tokens, dtype)
         _sync(device)
         times.append(time.perf_counter() - t)
-    return times[1:], {'loss': loss.item(), 'tokens': [t.cpu() for t in idx_Bl]}
+    return times[warmup:], {'loss': loss.item(), 'tokens': [t.cpu() for t in idx_Bl], 'warmup_s': times[:warmup]}
 
 
-def _sample_steps(var, label_B, steps: int, dtype: str = 'fp32'):
+def sample_batch(var, label_B, dtype: str = 'fp32') -> torch.Tensor:
+    """autoregressive_infer_cfg as the comparison calls it on both sides: images (B, 3, H, W) in [0, 1]."""
+    with torch.inference_mode(), _amp(label_B.device, dtype):
+        return var.autoregressive_infer_cfg(len(label_B), label_B, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
+
+
+def _sample_steps(var, label_B, steps: int, dtype: str = 'fp32', warmup: int = 1, after_warmup=None, vae=None):
+    """`warmup` untimed calls then `steps` timed ones. With vae, the tokens drawn in the last call are kept too, seen
+    where both implementations look them up in the codebook (vae.quantize.embedding) after each scale's draw."""
     var.eval()
     device = label_B.device
-    times, img = [], None
-    for _ in range(steps + 1):
+    times, img, drawn = [], None, []
+    for i in range(warmup + steps):
+        if i == warmup and after_warmup is not None:
+            after_warmup()
+        hook = (vae.quantize.embedding.register_forward_pre_hook(lambda module, inputs: drawn.append(inputs[0].clone()))
+                if vae is not None and i == warmup + steps - 1 else None)
         _sync(device)
         t = time.perf_counter()
-        with torch.inference_mode(), _amp(device, dtype):
-            img = var.autoregressive_infer_cfg(len(label_B), label_B, g_seed=0, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
+        img = sample_batch(var, label_B, dtype)
         _sync(device)
         times.append(time.perf_counter() - t)
-    return times[1:], {'images': img.float().cpu().clone()}
+        if hook is not None:
+            hook.remove()
+    return times[warmup:], {'images': img.float().cpu().clone(), 'drawn_tokens': [t.cpu() for t in drawn], 'warmup_s': times[:warmup]}
 
 
 def _reset_peak_rss() -> bool:
@@ -424,8 +484,52 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def apply_features(var, features: Tuple[str, ...]):
+    """var with this code's speed features switched on, in order (FEATURE_MODULES: where each lives). Returns (the model,
+    'measured' or 'unavailable: why', the seconds the calls took): a feature that is missing or refuses this model or
+    device is a finding of the comparison, not an end to it."""
+    t = time.perf_counter()
+    for name in features:
+        where = f'{FEATURE_MODULES[name]}.{name}'
+        try:
+            fn = getattr(importlib.import_module(FEATURE_MODULES[name]), name)
+        except (ImportError, AttributeError) as e:
+            return var, f'unavailable: {where} cannot be imported ({_first_line(e)})', 0.0
+        try:
+            var = fn(var)
+        except Exception as e:   # e.g. no CUDA or no Triton here: the row says so
+            return var, f'unavailable: {where}(var) raised {_first_line(e)}', 0.0
+    return var, 'measured', time.perf_counter() - t
+
+
+class _CudaPeaks:
+    """CUDA's peak allocation since the weights were loaded, and over the timed steps alone (reset after the warm-up)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.warmup_peak = device, 0
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def after_warmup(self) -> None:
+        if self.device.type == 'cuda':
+            self.warmup_peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def gib(self) -> Tuple[Optional[float], Optional[float]]:
+        if self.device.type != 'cuda':
+            return None, None
+        timed = torch.cuda.max_memory_allocated(self.device)
+        return max(timed, self.warmup_peak) / 2 ** 30, timed / 2 ** 30
+
+
 def side(args) -> None:
-    """One measurement in this fresh process, by the implementation in --impl (its `models` first on sys.path)."""
+    """One measurement in this fresh process, by the implementation in --impl (its `models` first on sys.path). A row
+    that cannot be measured still prints its JSON line, with status 'unavailable: why' or 'failed: why'."""
+    t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     impl = os.path.abspath(args.impl)
     sys.path.insert(0, impl)
@@ -436,30 +540,49 @@ def side(args) -> None:
     device = torch.device(args.device or 'cpu')
     _set_tf32(device, device.type == 'cuda')   # the reference's --tf32 default, and train.py's
     _, what, live, dtype = ROW_SPECS[args.row]
+    features = ROW_FEATURES.get(args.row, ())
     torch.manual_seed(0)
-    vae, var = models.build_vae_var(device=device, **_build_kwargs(sizes, device.type))
+    vae, var = models.build_vae_var(device=device, **build_kwargs(sizes, device.type))
     weights = torch.load(args.weights, map_location='cpu', mmap=True)
     vae.load_state_dict(weights['vae'], strict=True)
     var.load_state_dict(weights['var'], strict=True)
     del weights
+    if impl == REPO:   # this code's side, converted for the CPU as the scripts are; the reference's as it is
+        from utils.cpu_speed import speed_up   # after `import models` from --impl
+        speed_up(vae, var)
     peak_reset = _reset_peak_rss()
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    img_B3HW, label_B = _inputs(sizes, device)
+    peaks = _CudaPeaks(device)
+    img_B3HW, label_B = make_inputs(sizes, device)
+    setup_s = time.perf_counter() - t_start
+    var, status, feature_s = apply_features(var, features)
     torch.manual_seed(0)
-    if what == 'sample':
-        times, keep = _sample_steps(var, label_B, args.steps, dtype)
-    else:
-        times, keep = _train_steps(vae, var, img_B3HW, label_B, args.steps, live=live, dtype=dtype)
-    if args.save_images:
-        torch.save(keep.get('images', keep.get('tokens')), args.save_images)
-    seconds = statistics.median(times)
+    times, keep, warmup = [], {}, FEATURE_WARMUP_STEPS if features else 1
+    if status == 'measured':
+        try:
+            if what == 'sample':
+                times, keep = _sample_steps(var, label_B, args.steps, dtype, warmup, peaks.after_warmup, vae if args.save_images else None)
+            else:
+                times, keep = _train_steps(vae, var, img_B3HW, label_B, args.steps, live=live, dtype=dtype, warmup=warmup,
+                                           after_warmup=peaks.after_warmup)
+        except Exception as e:   # e.g. out of memory, or a compiler error in a variant: the line below says which
+            traceback.print_exc()
+            status = f"failed: {'/'.join(features) or 'eager'} {what} step raised {_first_line(e)}"
+    if args.save_images and keep:
+        torch.save({'images': keep['images'], 'drawn_tokens': keep['drawn_tokens']} if what == 'sample' else keep['tokens'],
+                   args.save_images)
+    seconds = statistics.median(times) if times else None
+    try:
+        peak_cuda, peak_cuda_timed = peaks.gib()
+    except RuntimeError:   # a CUDA error of the step above is already the finding
+        peak_cuda = peak_cuda_timed = None
     print(json.dumps({'row': args.row, 'module': os.path.abspath(models.__file__), 'var_class_file': inspect.getsourcefile(type(var)),
-                      'seconds': seconds, 'images_per_sec': sizes['bs'] / seconds, 'device': str(device), 'dtype': dtype,
-                      'steps': times, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-                      'peak_cuda_gib': torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None,
-                      'peak_rss_since': 'weights loaded' if peak_reset else 'process start', 'threads': torch.get_num_threads(),
-                      'loss': keep.get('loss')}))
+                      'seconds': seconds, 'images_per_sec': sizes['bs'] / seconds if seconds else None, 'device': str(device),
+                      'dtype': dtype, 'steps': times, 'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                      'peak_cuda_gib': peak_cuda, 'peak_rss_since': 'weights loaded' if peak_reset else 'process start',
+                      'threads': torch.get_num_threads(), 'loss': keep.get('loss'), 'status': status, 'features': list(features),
+                      'warmup_s': keep.get('warmup_s', []), 'feature_call_s': feature_s, 'setup_s': setup_s,
+                      'peak_cuda_timed_gib': peak_cuda_timed,
+                      'inductor_cache_dir': os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default') if features else None}))
 
 
 def _child_env(threads: int, device: str) -> Dict[str, str]:
@@ -470,44 +593,93 @@ def _child_env(threads: int, device: str) -> Dict[str, str]:
     return env
 
 
-def run_side(impl: str, row: str, args, sizes: Dict, weights: str, save: str = '') -> Dict:
+def run_side(impl: str, row: str, args, sizes: Dict, weights: str, save: str = '', timeout: Optional[float] = None) -> Dict:
+    """One measuring process; its JSON line, or {'row', 'status': 'failed: why' or 'not finished: why'} where it broke or
+    was stopped after `timeout` seconds (its whole process group: TorchInductor's compile workers too)."""
     argv = [sys.executable, os.path.join(REPO, 'bench.py'), 'side', f'--impl={impl}', f'--row={row}', f'--sizes={json.dumps(sizes)}',
             f'--weights={weights}', f'--threads={args.threads}', f'--steps={args.steps}', f'--save_images={save}', f'--device={args.device}']
-    res = subprocess.run(argv, capture_output=True, text=True, cwd=os.path.dirname(weights), env=_child_env(args.threads, args.device))
-    if res.returncode != 0:
-        raise RuntimeError(f'the {row} measurement of {impl} failed:\n{res.stderr[-3000:]}')
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(weights),
+                            env=_child_env(args.threads, args.device), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:   # it ended just now
+            pass
+        out, err = proc.communicate()
+        return {'row': row, 'status': f'not finished: stopped after {timeout:.0f} s, when --budget_s={args.budget_s:g} was spent',
+                'process_s': time.perf_counter() - t, 'stderr_tail': err[-3000:]}
+    elapsed = time.perf_counter() - t
+    lines = out.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        last = (err.strip().splitlines() or [''])[-1][:300]
+        return {'row': row, 'status': f'failed: exit {proc.returncode}: {last}', 'process_s': elapsed, 'stderr_tail': err[-3000:]}
+    r = json.loads(lines[-1])
+    if r.get('status', 'measured') != 'measured':
+        r['stderr_tail'] = err[-3000:]
+    return dict(r, process_s=elapsed)
 
 
 def _save_shared_weights(sizes: Dict, path: str) -> None:
     """Random but sane weights (this code's init) for both sides; the reference's builder leaves the tokenizer uninitialised."""
     from models import build_vae_var
     torch.manual_seed(0)
-    vae, var = build_vae_var(device='cpu', **_build_kwargs(sizes))
+    vae, var = build_vae_var(device='cpu', **build_kwargs(sizes))
     torch.save({'vae': vae.state_dict(), 'var': var.state_dict()}, path)
 
 
-def _stats(values: List[float]) -> Dict:
-    return {'rounds': values, 'best': min(values), 'median': statistics.median(values)}
+def _stats(values: List[float]) -> Optional[Dict]:
+    return {'rounds': values, 'best': min(values), 'median': statistics.median(values)} if values else None
+
+
+def _groups(rows: Tuple[str, ...]) -> List[Tuple[str, List[str]]]:
+    """[(a row of the reference, the rows of this code timed against it)], in the order `rows` first names them."""
+    groups: Dict[str, List[str]] = {}
+    for row in rows:
+        groups.setdefault(PAIRED_WITH.get(row, row), []).append(row)
+    return list(groups.items())
+
+
+def _measured(r: Dict) -> bool:
+    return r.get('status', 'measured') == 'measured'
+
+
+def _row_status(ours: List[Dict], ref: List[Dict]) -> str:
+    """'measured', or what kept the row (or some of its rounds) from being measured."""
+    bad = [r['status'] for r in ours if not _measured(r)] + [f"the reference's row: {r['status']}" for r in ref if not _measured(r)]
+    if not bad:
+        return 'measured'
+    n_ok = sum(map(_measured, ours))
+    return bad[0] if n_ok == 0 else f'measured in {n_ok} of {len(ours)} rounds; also {bad[0]}'
+
+
+MEMORY_NAMES = {'peak_cuda_gib': 'peak CUDA memory', 'peak_rss_gib': 'peak resident memory'}
 
 
 def summarise(runs: List[Dict], rows: Tuple[str, ...]) -> List[Dict]:
-    """Per row: best and median of each side over the rounds, seconds (with images/s) and peak memory (resident on the
-    CPU, CUDA's allocated peak on a GPU), and the ratios."""
+    """Per row of this code: best and median over the rounds of it and of the reference's row it is timed against
+    (reference_row), seconds (with images/s and the warm-up seconds) and peak memory (resident on the CPU, CUDA's
+    allocated peak on a GPU), and the ratios; None where a side has no measurement (status says why)."""
     out = []
-    cuda = any(r['peak_cuda_gib'] is not None for r in runs)
-    memory, memory_name = ('peak_cuda_gib', 'peak CUDA memory') if cuda else ('peak_rss_gib', 'peak resident memory')
+    memory = 'peak_cuda_gib' if any(r.get('peak_cuda_gib') is not None for r in runs if _measured(r)) else 'peak_rss_gib'
+    memory_name = MEMORY_NAMES[memory]
     for row in rows:
-        title = ROW_SPECS[row][0]
+        title, ref_row = ROW_SPECS[row][0], PAIRED_WITH.get(row, row)
+        by = {'reference': [r for r in runs if r['row'] == ref_row and r['side'] == 'reference'],
+              'ours': [r for r in runs if r['row'] == row and r['side'] == 'ours']}
+        ok = {side: [r for r in rs if _measured(r)] for side, rs in by.items()}
+        status = _row_status(by['ours'], by['reference'])
         for what, unit in (('seconds', 's'), (memory, 'GiB')):
-            ref = _stats([r[what] for r in runs if r['row'] == row and r['side'] == 'reference'])
-            ours = _stats([r[what] for r in runs if r['row'] == row and r['side'] == 'ours'])
+            ref, ours = (_stats([r[what] for r in ok[side] if r.get(what) is not None]) for side in ('reference', 'ours'))
             name = title if what == 'seconds' else f'{memory_name}, {title}'
             s = {'row': row, 'what': what, 'title': name, 'unit': unit, 'reference': ref, 'ours': ours,
-                 'ratio_best': ref['best'] / ours['best'], 'ratio_median': ref['median'] / ours['median']}
-            if what == 'seconds':   # images per second of the best round
-                s['images_per_sec'] = {side: max(r['images_per_sec'] for r in runs if r['row'] == row and r['side'] == side)
-                                       for side in ('reference', 'ours')}
+                 'ratio_best': ref['best'] / ours['best'] if ref and ours else None,
+                 'ratio_median': ref['median'] / ours['median'] if ref and ours else None, 'reference_row': ref_row, 'status': status}
+            if what == 'seconds':   # images per second of the best round; the warm-up steps' seconds of every round
+                s['images_per_sec'] = {side: max((r['images_per_sec'] for r in ok[side]), default=None) for side in ok}
+                s['warmup_s'] = {side: [r.get('warmup_s', []) for r in ok[side]] for side in ok}
             out.append(s)
     return out
 
@@ -517,6 +689,9 @@ def print_table(summary: List[Dict], caption: str, repeat: int, digits: int = 2)
           '| ratio (reference / this code), best / median |\n| --- | --- | --- | --- |')
     for s in summary:
         ref, ours = s['reference'], s['ours']
+        if ref is None or ours is None:
+            print(f"| {s['title']} | {_pair(ref, digits, s['unit'])} | {_pair(ours, digits, s['unit'])} | {s['status']} |")
+            continue
         d = digits if s['what'] == 'seconds' else 2
         ips = s.get('images_per_sec')
         print(f"| {s['title']} | {ref['best']:.{d}f} / {ref['median']:.{d}f} {s['unit']} | {ours['best']:.{d}f} / {ours['median']:.{d}f} "
@@ -524,20 +699,92 @@ def print_table(summary: List[Dict], caption: str, repeat: int, digits: int = 2)
               + (f" images/s (best): reference {ips['reference']:.1f}, this code {ips['ours']:.1f} |" if ips else ''))
 
 
-def sanity_lines(tmp: str, runs: List[Dict]) -> Tuple[Dict, List[str]]:
-    """Both sides on the same weights: the same token maps for the same images; how far the sampled images and the
-    first round's losses lie apart."""
-    tok_ref, tok_ours = torch.load(f'{tmp}/tokens_reference.pt'), torch.load(f'{tmp}/tokens_ours.pt')
-    n_tok = sum(t.numel() for t in tok_ours)
-    n_diff = sum(int((a != b).sum()) for a, b in zip(tok_ref, tok_ours))
-    img_diff = float((torch.load(f'{tmp}/images_reference.pt') - torch.load(f'{tmp}/images_ours.pt')).abs().max())
-    loss_row = next(r['row'] for r in runs if ROW_SPECS[r['row']][1] == 'train')   # the first training row
-    loss = {r['side']: r['loss'] for r in runs if r['row'] == loss_row and r['round'] == 0}
-    sanity = {'tokens': n_tok, 'tokens_differing': n_diff, 'sampled_images_max_abs_diff': img_diff, 'train_loss': loss,
-              'loss_row': loss_row}
-    return sanity, [f'same weights, same images: {n_tok - n_diff} of {n_tok} tokens equal ({n_diff} differ)',
-                    f'sampled images (same seed, labels): max |reference - this code| = {img_diff:.2e} in [0, 1]',
-                    f"loss of the last timed step ({loss_row}), round 1: reference {loss['reference']:.6f}, this code {loss['ours']:.6f}"]
+def _pair(stats: Optional[Dict], digits: int, unit: str) -> str:
+    return '–' if stats is None else f"{stats['best']:.{digits}f} / {stats['median']:.{digits}f} {unit}"
+
+
+def _num(x: Optional[float], fmt: str) -> str:
+    return '–' if x is None else format(x, fmt)
+
+
+def print_variant_table(summary: List[Dict], caption: str, repeat: int) -> None:
+    """One line per variant of this code: its seconds against its reference row's, images/s, peak memory, warm-up."""
+    mem = {s['row']: s for s in summary if s['what'] != 'seconds'}
+    memory_name = MEMORY_NAMES[next(iter(mem.values()))['what']]
+    print(f'| {caption}: this code | timed against the reference\'s | reference, best / median | this code, best / median '
+          f'({repeat} rounds) | ratio, best / median | images/s (best): reference, this code | {memory_name} (median): reference, '
+          'this code | warm-up s, this code (per round) |\n| --- | --- | --- | --- | --- | --- | --- | --- |')
+    notes = []
+    for s in (s for s in summary if s['what'] == 'seconds'):
+        m, ips = mem[s['row']], s['images_per_sec']
+        warm = '; '.join('+'.join(f'{w:.1f}' for w in ws) for ws in s['warmup_s']['ours']) or '–'
+        print(f"| {s['row']} | {s['reference_row']} | {_pair(s['reference'], 3, 's')} | {_pair(s['ours'], 3, 's')} "
+              f"| {_num(s['ratio_best'], '.2f')}x / {_num(s['ratio_median'], '.2f')}x | {_num(ips['reference'], '.1f')}, {_num(ips['ours'], '.1f')} "
+              f"| {_num(m['reference'] and m['reference']['median'], '.2f')}, {_num(m['ours'] and m['ours']['median'], '.2f')} GiB | {warm} |")
+        if s['status'] != 'measured':
+            notes.append(f"- {s['row']}: {s['status']}")
+    if notes:
+        print('\n'.join(notes))
+
+
+def _load_kept(path: str):
+    return torch.load(path) if os.path.isfile(path) else None
+
+
+def _drawn_differing(a: List[torch.Tensor], b: List[torch.Tensor]) -> Tuple[int, Optional[int]]:
+    """(tokens, how many differ) of two sampling calls' drawn tokens; None differing where they cannot be lined up."""
+    n = sum(t.numel() for t in a)
+    if not a or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return n, None
+    return n, sum(int((x != y).sum()) for x, y in zip(a, b))
+
+
+def sanity_lines(tmp: str, runs: List[Dict], rows: Tuple[str, ...]) -> Tuple[Dict, List[str]]:
+    """Both sides on the same weights: the same token maps for the same images (the first live training row); how far
+    the sampled images and the first round's losses lie apart; a sampling variant of this code against the reference and
+    against this code's eager sampling (its drawn tokens must be the same)."""
+    groups, sanity, lines = _groups(rows), {'variants': {}}, []
+    first_train = next((ref for ref, _ in groups if ROW_SPECS[ref][1] == 'train' and ROW_SPECS[ref][2]), None)
+    tok_ref, tok_ours = (_load_kept(f'{tmp}/tokens_{side}_{first_train}.pt') for side in ('reference', 'ours'))
+    if tok_ref is not None and tok_ours is not None:
+        n_tok = sum(t.numel() for t in tok_ours)
+        n_diff = sum(int((a != b).sum()) for a, b in zip(tok_ref, tok_ours))
+        sanity.update(tokens=n_tok, tokens_differing=n_diff, tokens_row=first_train)
+        lines.append(f'same weights, same images: {n_tok - n_diff} of {n_tok} tokens equal ({n_diff} differ)')
+    elif first_train is not None:
+        lines.append(f'token maps ({first_train}): not compared, a side has none')
+    for ref_row, ours_rows in groups:
+        if ROW_SPECS[ref_row][1] != 'sample':
+            continue
+        ref = _load_kept(f'{tmp}/images_reference_{ref_row}.pt')
+        eager = _load_kept(f'{tmp}/images_ours_{ref_row}.pt')
+        for row in ours_rows:
+            got = _load_kept(f'{tmp}/images_ours_{row}.pt')
+            vs_ref = float((ref['images'] - got['images']).abs().max()) if ref is not None and got is not None else None
+            n, drawn_diff = _drawn_differing(ref['drawn_tokens'], got['drawn_tokens']) if ref is not None and got is not None else (0, None)
+            if row == ref_row:
+                if 'sampled_images_max_abs_diff' not in sanity:
+                    sanity.update(sampled_images_max_abs_diff=vs_ref, sampled_tokens=n, sampled_tokens_differing=drawn_diff)
+                    lines.append(f'sampled images (same seed, labels): max |reference - this code| = {_num(vs_ref, ".2e")} in [0, 1]')
+                continue
+            vs_eager = float((eager['images'] - got['images']).abs().max()) if eager is not None and got is not None else None
+            n_e, drawn_vs_eager = (_drawn_differing(eager['drawn_tokens'], got['drawn_tokens']) if eager is not None and got is not None
+                                   else (0, None))
+            sanity['variants'][row] = {'images_max_abs_diff_vs_reference': vs_ref, 'drawn_tokens_differing_vs_reference': drawn_diff,
+                                       'images_max_abs_diff_vs_eager': vs_eager, 'drawn_tokens': n_e,
+                                       'drawn_tokens_differing_vs_eager': drawn_vs_eager,
+                                       'same_tokens_as_eager': drawn_vs_eager == 0 if drawn_vs_eager is not None else None}
+            lines.append(f'sampled images, {row}: max |reference - this code| = {_num(vs_ref, ".2e")}; against this code\'s '
+                         f'eager {ref_row}: max |diff| = {_num(vs_eager, ".2e")}, drawn tokens differing: '
+                         f'{_num(drawn_vs_eager, "d")} of {n_e} (must be 0)')
+    train_rows = [r['row'] for r in runs if ROW_SPECS[r['row']][1] == 'train']
+    if train_rows:
+        loss_row = train_rows[0]   # the first training row
+        loss = {r['side']: r['loss'] for r in runs if r['row'] == loss_row and r['round'] == 0 and _measured(r)}
+        sanity.update(train_loss=loss, loss_row=loss_row)
+        if len(loss) == 2:
+            lines.append(f"loss of the last timed step ({loss_row}), round 1: reference {loss['reference']:.6f}, this code {loss['ours']:.6f}")
+    return sanity, lines
 
 
 def _write_json_atomic(obj, path: str) -> None:
@@ -545,52 +792,99 @@ def _write_json_atomic(obj, path: str) -> None:
     write_bytes_atomic(json.dumps(obj, indent=1).encode(), path)
 
 
-def measure_interleaved(args, reference: str, sizes: Dict, tmp: str) -> List[Dict]:
-    """Every row by both sides, --repeat rounds, each measurement a fresh process; round 1 keeps the token maps and images."""
+MIN_SIDE_S = 20.0   # --budget_s: a measuring process is not started with less left (nor with less than its last round took)
+
+
+def compared_rows(args) -> Tuple[str, ...]:
+    """--rows: '' the device's rows, 'cpu' or 'cuda' that device's, else the rows named."""
+    if args.rows in ('', 'cpu', 'cuda'):
+        return DEVICE_ROWS[args.rows or args.device]
+    return tuple(r.strip() for r in args.rows.split(',') if r.strip())
+
+
+def measure_interleaved(args, reference: str, sizes: Dict, tmp: str, rows: Tuple[str, ...], progress=None,
+                        deadline: Optional[float] = None) -> List[Dict]:
+    """--repeat rounds, each a fresh process per measurement: the reference's row, then this code's rows timed against
+    it (on the CPU: each row by both sides). Round 1 keeps the token maps of the first live training row and every
+    sampling row's images. progress(runs) after every measurement; past `deadline` (time.monotonic()) no process is
+    started, and a running one is stopped there."""
     weights = os.path.join(tmp, 'weights.pt')
     _save_shared_weights(sizes, weights)
-    runs, rows = [], DEVICE_ROWS[args.device]
-    first_train = next(row for row in rows if ROW_SPECS[row][1] == 'train' and ROW_SPECS[row][2])   # live: keeps the tokens
-    first_sample = next(row for row in rows if ROW_SPECS[row][1] == 'sample')
+    groups = _groups(rows)
+    first_train = next((ref for ref, _ in groups if ROW_SPECS[ref][1] == 'train' and ROW_SPECS[ref][2]), None)
+    took: Dict[Tuple[str, str], float] = {}   # (side, row) → seconds of its last process: does another one fit?
+    runs: List[Dict] = []
     for rnd in range(args.repeat):   # interleaved: reference, this code, reference, this code, ...
-        for row in rows:
-            for name, impl in (('reference', reference), ('ours', REPO)):
-                kept = {first_train: 'tokens', first_sample: 'images'}.get(row)
-                save = f'{tmp}/{kept}_{name}.pt' if rnd == 0 and kept else ''
-                r = run_side(impl, row, args, sizes, weights, save)
+        for ref_row, ours_rows in groups:
+            for name, impl, row in [('reference', reference, ref_row)] + [('ours', REPO, r) for r in ours_rows]:
+                kept = 'tokens' if row == first_train else 'images' if ROW_SPECS[row][1] == 'sample' else None
+                save = f'{tmp}/{kept}_{name}_{row}.pt' if rnd == 0 and kept else ''
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left < max(MIN_SIDE_S, took.get((name, row), 0.0)):
+                    r = {'row': row, 'status': f'not run: --budget_s={args.budget_s:g} spent ({max(left, 0):.0f} s left)'}
+                else:
+                    r = run_side(impl, row, args, sizes, weights, save, timeout=left)
+                    took[(name, row)] = r['process_s']
                 runs.append(dict(r, side=name, round=rnd))
-                memory = (f"{r['peak_cuda_gib']:.2f} GiB CUDA peak" if r['peak_cuda_gib'] is not None
-                          else f"{r['peak_rss_gib']:.2f} GiB resident peak")
-                print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {memory}", flush=True)
+                if _measured(r):
+                    memory = (f"{r['peak_cuda_gib']:.2f} GiB CUDA peak" if r['peak_cuda_gib'] is not None
+                              else f"{r['peak_rss_gib']:.2f} GiB resident peak")
+                    warm = f", warm-up {'+'.join(f'{w:.1f}' for w in r['warmup_s'])} s" if r.get('features') else ''
+                    print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['seconds']:.3f} s, {memory}{warm}", flush=True)
+                else:
+                    print(f"round {rnd + 1}/{args.repeat}, {row}, {name}: {r['status']}", flush=True)
+                    if r.get('stderr_tail'):
+                        print(r['stderr_tail'], file=sys.stderr, flush=True)
+                if progress is not None:
+                    progress(runs)
     return runs
 
 
 def compare_reference(args) -> None:
     """The reference implementation and this code side by side: the README's performance table."""
+    deadline = time.monotonic() + args.budget_s if args.budget_s > 0 else None   # --budget_s: from here
     reference = os.path.abspath(args.reference)
-    sizes, info = side_sizes(args), cpu_info(args.threads)
+    sizes, info, rows = side_sizes(args), cpu_info(args.threads), compared_rows(args)
     if args.device == 'cuda':
         info['gpu'] = torch.cuda.get_device_name()
     print(f'command: {args.command}\n{describe_machine(info)}' + (f"\nGPU: {info['gpu']}" if 'gpu' in info else '')
           + f'\nreference: {reference}; this code: {REPO}')
     for line in fast_path_lines():
         print(f'- this code: {line}')
+    out_json = os.path.join(args.out_dir, 'compare_reference.json') if args.out_dir else None
+
+    def payload(runs: List[Dict], sanity: Optional[Dict], complete: bool) -> Dict:
+        modules = {name: sorted({r['module'] for r in runs if r['side'] == name and 'module' in r}) for name in ('reference', 'ours')}
+        return {'command': args.command, 'machine': info, 'sizes': sizes, 'steps': args.steps, 'repeat': args.repeat, 'rows': list(rows),
+                'reference_dir': reference, 'this_code_dir': REPO, 'modules': modules, 'fast_paths': fast_path_lines(),
+                'complete': complete, 'sanity': sanity, 'summary': summarise(runs, rows), 'runs': runs}
+
+    def progress(runs: List[Dict]) -> None:   # a comparison stopped from outside still leaves every measurement so far
+        if out_json:
+            os.makedirs(args.out_dir, exist_ok=True)
+            _write_json_atomic(payload(runs, None, False), out_json)
+
     with tempfile.TemporaryDirectory(prefix='var-bench-') as tmp:
-        runs = measure_interleaved(args, reference, sizes, tmp)
-        sanity, lines = sanity_lines(tmp, runs)
-    modules = {name: sorted({r['module'] for r in runs if r['side'] == name}) for name in ('reference', 'ours')}
-    print(f"\nmodels imported: reference {', '.join(modules['reference'])}; this code {', '.join(modules['ours'])}")
+        runs = measure_interleaved(args, reference, sizes, tmp, rows, progress, deadline)
+        sanity, lines = sanity_lines(tmp, runs, rows)
+    result = payload(runs, sanity, True)
+    print(f"\nmodels imported: reference {', '.join(result['modules']['reference'])}; this code {', '.join(result['modules']['ours'])}")
     print('\n'.join(lines) + '\n')
-    summary = summarise(runs, DEVICE_ROWS[args.device])
-    precision = 'float32' if args.device == 'cpu' else f"{info['gpu']}, TF32 on"
-    caption = (f"d{sizes['depth']}, batch {sizes['bs']}, {sizes['patch_nums'][-1] * 16} px, {precision}, {args.threads} threads, "
-               f"{args.steps} timed step(s) per process")
-    print_table(summary, caption, args.repeat, digits=3 if args.device == 'cuda' else 2)   # GPU steps are short
-    if args.out_dir:
+    caption = f"d{sizes['depth']}, batch {sizes['bs']}, {sizes['patch_nums'][-1] * 16} px"
+    if rows == DEVICE_ROWS['cpu']:
+        precision = 'float32' if args.device == 'cpu' else f"{info['gpu']}, TF32 on"
+        print_table(result['summary'], f"{caption}, {precision}, {args.threads} threads, {args.steps} timed step(s) per process",
+                    args.repeat, digits=3 if args.device == 'cuda' else 2)   # GPU steps are short
+    else:
+        where = f"{info['gpu']}, TF32 on" if args.device == 'cuda' else f'CPU, {args.threads} threads'
+        print_variant_table(result['summary'], f'{caption}, {where}, {args.steps} timed step(s) per process', args.repeat)
+    if out_json:
         os.makedirs(args.out_dir, exist_ok=True)
-        _write_json_atomic({'command': args.command, 'machine': info, 'sizes': sizes, 'steps': args.steps, 'repeat': args.repeat,
-                            'reference_dir': reference, 'this_code_dir': REPO, 'modules': modules, 'fast_paths': fast_path_lines(),
-                            'sanity': sanity, 'summary': summary, 'runs': runs}, os.path.join(args.out_dir, 'compare_reference.json'))
+        _write_json_atomic(result, out_json)
+    failed = [r for r in runs if r['status'].startswith('failed')]
+    if failed:
+        raise RuntimeError(f"{len(failed)} measurement(s) failed; the first, {failed[0]['row']} of the {failed[0]['side']} side: "
+                           f"{failed[0]['status']}\n{failed[0].get('stderr_tail', '')}")
 
 
 def check_args(args) -> None:
@@ -601,12 +895,21 @@ def check_args(args) -> None:
     for flag in ('repeat', 'threads', 'steps'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag}={getattr(args, flag)}: must be at least 1')
+    if not args.budget_s >= 0:   # nan too
+        raise UserError(f'--budget_s={args.budget_s}: must be 0 (no limit) or the seconds the comparison may take')
+    for name in ('rows', 'budget_s'):
+        if getattr(args, name) != BenchArgs.__dataclass_fields__[name].default and args.reference is None:
+            raise UserError(f'--{name}={getattr(args, name)} applies to `bench.py compare --reference=DIR` only')
     if args.reference is not None:
         if not os.path.isfile(os.path.join(args.reference, 'models', '__init__.py')):
             raise UserError(f'--reference={args.reference}: no models/__init__.py there; give the root of a work tree of the '
                             'reference implementation (github.com/FoundationVision/VAR), kept outside this project')
         if args.device not in (None, 'cpu', 'cuda'):
             raise UserError(f'--device={args.device}: compare --reference measures on cpu or cuda')
+        unknown = [r for r in compared_rows(args) if r not in ROW_SPECS] if args.rows not in ('', 'cpu', 'cuda') else []
+        if unknown or (args.rows not in ('', 'cpu', 'cuda') and not compared_rows(args)):
+            raise UserError(f'--rows={args.rows}: {", ".join(unknown) or "no row"} is not a row; give cpu, cuda or rows among '
+                            f'{", ".join(ROW_SPECS)}, comma-separated')
         if args.device == 'cuda' and not torch.cuda.is_available():
             raise UserError('--device=cuda: no CUDA device is visible here (torch.cuda.is_available() is False); use --device=cpu')
 
@@ -645,6 +948,10 @@ class BenchArgs:
                                     group='benchmark')
     threads: int = flag(help='compare --reference, fsdp: torch threads of every measuring process (>= 1); default: the CPUs this '
                              'process may use', default_factory=lambda: len(os.sched_getaffinity(0)), group='environment')
+    rows: str = flag('', "compare --reference: the rows, comma-separated (see ROW_SPECS), or 'cpu' / 'cuda' for that device's "
+                         "set; '': the --device's set", group='benchmark')
+    budget_s: float = flag(0.0, 'compare --reference: the seconds it may take; once spent no measuring process is started '
+                                '(a running one is stopped) and the table holds the rounds done; 0: no limit', group='benchmark')
     impl: str = flag('', 'side: the implementation to import `models` from (internal, used by compare --reference)',
                      group='benchmark')
     row: str = flag('train_live', 'side: what to measure (internal)', choices=list(ROW_SPECS), group='benchmark')
