@@ -29,7 +29,8 @@ REFERENCE ?=
 bench: $(STAMP)
 	$(PYTHON) bench.py compare $(if $(REFERENCE),--reference=$(REFERENCE))
 
-# The prepared GPU check (tools/gpu_check.sh): cuda tests + bench.py on CUDA + OUT/summary.json, under 8 minutes.
+# The prepared GPU check (tools/gpu_check.sh): cuda tests, the profile, the comparison with the reference, the memory table
+# and an FID export's timing on CUDA, then OUT/summary.json, in at most 7.5 minutes (GPU_CHECK_TOTAL_S=450).
 # Needs no .venv (the GPU machine's python3 has PyTorch); `make gpu-check OUT=dir DEVICE=cpu` is the dry run.
 OUT ?= local_output/gpu_check
 DEVICE ?= cuda
