@@ -600,7 +600,7 @@ def run_side(impl: str, row: str, args, sizes: Dict, weights: str, save: str = '
             f'--weights={weights}', f'--threads={args.threads}', f'--steps={args.steps}', f'--save_images={save}', f'--device={args.device}']
     t = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(weights),
-                            env=_child_env(args.threads, args.device), start_new_session=True)
+                            env=_child_env(args.threads, args.device), process_group=0)   # stopped as a whole group
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -719,8 +719,10 @@ def print_variant_table(summary: List[Dict], caption: str, repeat: int) -> None:
         m, ips = mem[s['row']], s['images_per_sec']
         warm = '; '.join('+'.join(f'{w:.1f}' for w in ws) for ws in s['warmup_s']['ours']) or '–'
         print(f"| {s['row']} | {s['reference_row']} | {_pair(s['reference'], 3, 's')} | {_pair(s['ours'], 3, 's')} "
-              f"| {_num(s['ratio_best'], '.2f')}x / {_num(s['ratio_median'], '.2f')}x | {_num(ips['reference'], '.1f')}, {_num(ips['ours'], '.1f')} "
-              f"| {_num(m['reference'] and m['reference']['median'], '.2f')}, {_num(m['ours'] and m['ours']['median'], '.2f')} GiB | {warm} |")
+              f"| {_num(s['ratio_best'], '.2f')}x / {_num(s['ratio_median'], '.2f')}x "
+              f"| {_num(ips['reference'], '.1f')}, {_num(ips['ours'], '.1f')} "
+              f"| {_num(m['reference'] and m['reference']['median'], '.2f')}, {_num(m['ours'] and m['ours']['median'], '.2f')} GiB "
+              f"| {warm} |")
         if s['status'] != 'measured':
             notes.append(f"- {s['row']}: {s['status']}")
     if notes:
@@ -765,7 +767,8 @@ def sanity_lines(tmp: str, runs: List[Dict], rows: Tuple[str, ...]) -> Tuple[Dic
             if row == ref_row:
                 if 'sampled_images_max_abs_diff' not in sanity:
                     sanity.update(sampled_images_max_abs_diff=vs_ref, sampled_tokens=n, sampled_tokens_differing=drawn_diff)
-                    lines.append(f'sampled images (same seed, labels): max |reference - this code| = {_num(vs_ref, ".2e")} in [0, 1]')
+                    lines.append(f'sampled images ({ref_row}): not compared, a side has none' if vs_ref is None else
+                                 f'sampled images (same seed, labels): max |reference - this code| = {vs_ref:.2e} in [0, 1]')
                 continue
             vs_eager = float((eager['images'] - got['images']).abs().max()) if eager is not None and got is not None else None
             n_e, drawn_vs_eager = (_drawn_differing(eager['drawn_tokens'], got['drawn_tokens']) if eager is not None and got is not None
@@ -821,7 +824,8 @@ def measure_interleaved(args, reference: str, sizes: Dict, tmp: str, rows: Tuple
                 save = f'{tmp}/{kept}_{name}_{row}.pt' if rnd == 0 and kept else ''
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left < max(MIN_SIDE_S, took.get((name, row), 0.0)):
-                    r = {'row': row, 'status': f'not run: --budget_s={args.budget_s:g} spent ({max(left, 0):.0f} s left)'}
+                    r = {'row': row, 'status': f'not run: {max(left, 0):.0f} s of --budget_s={args.budget_s:g} left, less than its '
+                                               'measuring process takes'}
                 else:
                     r = run_side(impl, row, args, sizes, weights, save, timeout=left)
                     took[(name, row)] = r['process_s']

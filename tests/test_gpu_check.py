@@ -37,7 +37,8 @@ def cuda_runs():
     runs = []
     for rnd in range(2):
         runs += [side_run('train_live_bf16', 'reference', rnd, 0.24 + rnd * 0.02, 24.9),
-                 side_run('train_live_bf16', 'ours', rnd, 0.24, 24.9), side_run('train_tokens_bf16_compiled', 'ours', rnd, 0.08, 20.0, warmup=(30.0 - 20 * rnd, 0.1)),
+                 side_run('train_live_bf16', 'ours', rnd, 0.24, 24.9),
+                 side_run('train_tokens_bf16_compiled', 'ours', rnd, 0.08, 20.0, warmup=(30.0 - 20 * rnd, 0.1)),
                  side_run('sample_fp16', 'reference', rnd, 0.27, 6.8), side_run('sample_fp16_graphs', 'ours', rnd, 0.135, 7.0),
                  side_run('sample_fp16_compiled_graphs', 'ours', rnd, 0, status='unavailable: utils.compile.compile_blocks cannot be imported')]
     return runs
@@ -66,7 +67,8 @@ def test_compare_pairs_each_variant_with_its_reference_row():
 def test_compare_variant_table_and_round_order(capsys):
     bench.print_variant_table(bench.summarise(cuda_runs(), CUDA_ROWS), 'd16, batch 32', 2)
     out = capsys.readouterr().out
-    assert '| train_tokens_bf16_compiled | train_live_bf16 | 0.240 / 0.250 s | 0.080 / 0.080 s | 3.00x / 3.12x | 133.3, 400.0 | 24.90, 20.00 GiB | 30.0+0.1; 10.0+0.1 |' in out
+    assert ('| train_tokens_bf16_compiled | train_live_bf16 | 0.240 / 0.250 s | 0.080 / 0.080 s | 3.00x / 3.12x | 133.3, 400.0 '
+            '| 24.90, 20.00 GiB | 30.0+0.1; 10.0+0.1 |') in out
     assert '| sample_fp16_compiled_graphs | sample_fp16 | 0.270 / 0.270 s | – | –x / –x |' in out
     assert '- sample_fp16_compiled_graphs: unavailable: utils.compile.compile_blocks cannot be imported' in out
     # a round: the reference's row, then the rows of this code timed against it; the CPU rows stay one pair each
@@ -81,7 +83,8 @@ def test_a_missing_speed_feature_is_a_finding_not_an_error(monkeypatch):
     var = torch.nn.Linear(2, 2)
     monkeypatch.setitem(bench.FEATURE_MODULES, 'compile_blocks', 'utils.no_such_module')
     got, status, _ = bench.apply_features(var, ('compile_blocks',))
-    assert got is var and status.startswith("unavailable: utils.no_such_module.compile_blocks cannot be imported (ModuleNotFoundError: No module named 'utils.no_such_module'")
+    assert got is var and status.startswith('unavailable: utils.no_such_module.compile_blocks cannot be imported '
+                                            "(ModuleNotFoundError: No module named 'utils.no_such_module'")
     refusing = types.ModuleType('refusing_features')   # a feature that is there but refuses this model or device
 
     def use_cuda_graphs(model):

@@ -133,7 +133,7 @@ def run(args: ExportArgs) -> Dict:
         env['CUDA_VISIBLE_DEVICES'] = ''
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            process_group=0)   # stopped as a whole group: sample.py and its PNG writers
     stderr_lines: List[str] = []
     progress: List[Tuple[float, int]] = []
     stopped = False
@@ -160,7 +160,8 @@ def run(args: ExportArgs) -> Dict:
     elif proc.returncode != 0:
         result['status'] = f"failed: sample.py exit {proc.returncode}: {(stderr_lines or [''])[-1].strip()[:300]}"
     elif result['images_written'] != result['images'] or result['npz_bytes'] is None:
-        result['status'] = f"failed: {result['images_written']} of {result['images']} PNGs, npz {'written' if result['npz_bytes'] else 'missing'}"
+        npz_state = 'written' if result['npz_bytes'] else 'missing'
+        result['status'] = f"failed: {result['images_written']} of {result['images']} PNGs, npz {npz_state}"
     else:
         result['status'] = 'measured'
     return result

@@ -54,7 +54,8 @@ CASES = {
 CATEGORIES = (
     ('attention', re.compile(r'flash|fmha|attention|attn|sdpa|flex|triton_tem', re.I)),
     ('convolution', re.compile(r'conv|fprop|dgrad|wgrad|winograd|implicit_gemm|cudnn', re.I)),
-    ('GEMM', re.compile(r'gemm|gemv|cutlass|cublas|nvjet|xmma|matmul|splitk|sm90_|sm80_|aten::(add)?mm$|aten::bmm$|aten::baddbmm$|aten::linear$|aten::matmul$', re.I)),
+    ('GEMM', re.compile(r'gemm|gemv|cutlass|cublas|nvjet|xmma|matmul|splitk|sm90_|sm80_|'
+                        r'aten::((add|b|baddb)?mm|linear|matmul)$', re.I)),
     ('norm/elementwise', re.compile(r'norm|elementwise|vectorized|unrolled|triton_(poi|red|per)|reduce|softmax|catarray|'
                                     r'aten::(add|mul|sub|div|silu|gelu|copy_|fill_|cat|clone|where|exp|pow|sum|mean)_?$', re.I)),
 )
