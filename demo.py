@@ -10,10 +10,6 @@
 It ends with one line `class fidelity X.XX (chance Y.YY), grid: PATH`. Every stage reuses what a
 previous run finished (the training scripts resume), so a second run is quick.
 """
-if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
-    from utils.threads import shorten_openmp_spin_for_nnpack
-    shorten_openmp_spin_for_nnpack()
-
 import json
 import logging
 import os
@@ -96,8 +92,10 @@ def train_models(out: str, data: str, cfg: dict, seed: int) -> str:
 def sample_grid(out: str, var_dir: str, classes: List[str], cfg: dict, seed: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
     """5. samples of every class from the trained VAR, and OUT/grid.png with one row per class: (samples, labels, grid path)."""
     from utils.arg_util import ModelFlags
+    from utils.cpu_speed import speed_up
     from utils.model_loading import load_for_sampling   # as sample.py reads a train.py checkpoint: its configs, its vae_local
     vae, var, _ = load_for_sampling(torch.device('cpu'), ModelFlags(var_ckpt=osp.join(var_dir, 'ar-ckpt-last.pth')))
+    speed_up(vae, var)   # cpu_kernels, where present, as sample.py
     n, n_check = cfg['per_class'], cfg['check_per_class']
     labels = torch.arange(len(classes)).repeat_interleave(n_check)
     t = time.time()

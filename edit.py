@@ -14,10 +14,6 @@ transparency over white), its short side resized to the model's resolution and t
 a mask must have the image's size and goes through the same resize and crop, so the region edited
 is the one marked (transparent mask pixels count as black: not marked).
 """
-if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
-    from utils.threads import shorten_openmp_spin_for_nnpack
-    shorten_openmp_spin_for_nnpack()
-
 import logging
 import math
 import os
@@ -37,6 +33,7 @@ from models.helpers import EDIT_MODES, make_edit_mask
 from utils.arg_util import FlagError, ModelFlags, flag, parse_dataclass, var_config_from_flags, vqvae_config_from_flags
 from utils.class_names import NULL_CLASS, describe_class, parse_class
 from utils.cli import UserError, run_main
+from utils.cpu_speed import speed_up
 from utils.data import normalize_01_into_pm1
 from utils.imgs import IMAGE_READ_ERRORS, load_rgb, save_png_atomic, to_uint8_BHW3
 from utils.log import setup_logging
@@ -219,6 +216,7 @@ def main(args: EditArgs) -> List[str]:
     check_sampling_ranges(args, weights.var.num_classes, weights.vqvae.V, from_checkpoint=True)
     label = resolve_class(args, weights.var.num_classes, weights.class_names)   # a bad name stops before the model is built
     vae, var = build_from_weights(device, args, weights)
+    speed_up(vae, var)   # cpu_kernels, where present
     size, pn = vae.img_size, var.patch_nums[-1]
     keep_hw = keep_mask(args, mask, size, pn).to(device)
     img = model_input(image, size).to(device)

@@ -15,10 +15,6 @@ of these match, and otherwise stops naming each difference, before any model is 
 allocated on the disk in full before any row is written, so a full disk is a clear error at the start,
 never a crash halfway; an unreadable image is an error naming the file.
 """
-if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
-    from utils.threads import shorten_openmp_spin_for_nnpack
-    shorten_openmp_spin_for_nnpack()
-
 import errno
 import json
 import logging
@@ -37,6 +33,7 @@ import dist
 from models import VQVAE, build_vqvae
 from utils.arg_util import ExtractArgs, parse_extract_args, vqvae_config_from_flags
 from utils.cli import run_main
+from utils.cpu_speed import speed_up
 from utils.data import ImageFolderDataset, check_data_path, sample_seed
 from utils.imgs import IMAGE_READ_ERRORS, load_rgb
 from utils.log import setup_logging
@@ -280,6 +277,7 @@ def main(args: ExtractArgs) -> str:
     vae = build_vqvae(vqvae_config_from_flags(args), device)
     vae.load_state_dict(state, strict=True)
     vae.eval()
+    speed_up(vae)
     t0 = time.time()
     counts = {}
     for split, samples, views in splits:

@@ -14,10 +14,6 @@ set does not depend on the number of processes, and on the CPU in float32 not on
 in the same --out resumes (skipping the finished images, each decoded and checked first) only when all of
 it matches, and otherwise stops, naming the differences. PNGs, the manifest and the npz are written atomically.
 """
-if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
-    from utils.threads import shorten_openmp_spin_for_nnpack
-    shorten_openmp_spin_for_nnpack()
-
 import contextlib
 import json
 import logging
@@ -39,6 +35,7 @@ from utils.arg_util import FlagError, ModelFlags, flag, parse_dataclass, var_con
 from utils.ckpt import remove_stale_temps, write_bytes_atomic
 from utils.class_names import NULL_CLASS, describe_classes, parse_classes, split_classes
 from utils.cli import run_main
+from utils.cpu_speed import speed_up
 from utils.imgs import IMAGE_READ_ERRORS, to_uint8_BHW3
 from utils.log import setup_logging
 from utils.misc import (SampleFolderError, SampleSetNpz, create_npz_from_sample_folder, list_sample_indices, open_npz_arr0,
@@ -361,6 +358,7 @@ def main(args: SampleArgs) -> str:
         raise SampleFolderError(f'{out} holds images beyond the {N} asked for (from index {extra[0]}): use another --out, or remove them')
     labels = log_classes(args, weights, listed)
     vae, var = build_from_weights(device, args, weights)
+    speed_up(vae, var)   # cpu_kernels, where present
     use_cuda_graphs(var, enabled=args.cuda_graphs)
     manifest = make_manifest(args, device, weights, vae, var, listed)
     _, npz_manifest = check_existing(out, manifest['pixels'])

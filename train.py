@@ -5,10 +5,6 @@
 torchrun's own flags cover several machines; a plain `python train.py ...` runs as one process.
 Rerunning the same command resumes from local_output/ar-ckpt-last.pth, mid-epoch included.
 """
-if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
-    from utils.threads import shorten_openmp_spin_for_nnpack
-    shorten_openmp_spin_for_nnpack()
-
 import logging
 import os.path as osp
 import random
@@ -25,6 +21,7 @@ from utils.arg_util import MODEL_KEYS, Args, FlagError, parse_args, var_config_f
 from utils.class_names import check_same_classes
 from utils.cli import run_main
 from utils.compile import compile_blocks
+from utils.cpu_speed import speed_up
 from utils.data import build_dataset
 from utils.engine import CheckpointNames, run_training
 from utils.init_from import InitSource, load_source_weights, start_from
@@ -127,6 +124,7 @@ def build_models(args: Args, device: torch.device, meta: Optional[Dict], n_train
     vae_local = build_vqvae(vqvae_config_from_flags(args), device)
     var_wo_ddp = build_var(var_config_from_flags(args), vae_local, flash_if_available=args.fuse, fused_if_available=args.fuse,
                            init_adaln=args.aln, init_adaln_gamma=args.alng, init_head=args.hd, init_std=args.ini)
+    speed_up(vae_local, var_wo_ddp)   # cpu_kernels, before any compiling or wrapping
     if init is not None:
         load_source_weights(init, vae_local, var_wo_ddp, class_names)
     if init is not None and init.vae_state is not None:   # the tokenizer of --init_from's source

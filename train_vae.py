@@ -11,10 +11,6 @@ more release, `vae.pth`), a plain state dict that loads strictly into VQVAE / bu
 writes the val images' reconstructions and the centre-cropped originals as two .npz files for evaluate.py (rFID), the
 same for any number of processes, each with a manifest of what they depend on (docs/fid.md).
 """
-if __name__ == '__main__':   # before PyTorch loads: libgomp reads its idle spin once (utils/threads.py)
-    from utils.threads import shorten_openmp_spin_for_nnpack
-    shorten_openmp_spin_for_nnpack()
-
 import hashlib
 import logging
 import os
@@ -32,6 +28,7 @@ from utils.amp_opt import AmpOptimizer, build_adamw
 from utils.arg_util import VAE_MODEL_KEYS, FlagError, VAEArgs, parse_vae_args, vqvae_config_from_flags
 from utils.ckpt import remove_stale_temps
 from utils.cli import UserError, run_main
+from utils.cpu_speed import speed_up
 from utils.data import build_dataset
 from utils.engine import CheckpointNames, run_training
 from utils.lr_control import filter_params
@@ -48,7 +45,9 @@ RECON_FORMAT = 'var-tokenizer-reconstructions/1'   # arr_0[i]: val image i (sort
 
 
 def build_vae(args: VAEArgs, device: torch.device) -> VQVAE:
-    return build_vqvae(vqvae_config_from_flags(args), device, test_mode=False, beta=args.beta)
+    vae = build_vqvae(vqvae_config_from_flags(args), device, test_mode=False, beta=args.beta)
+    speed_up(vae)   # cpu_kernels, before any wrapping
+    return vae
 
 
 def validate_ckpt(ckpt: Dict) -> None:

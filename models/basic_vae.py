@@ -6,9 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import Conv2d, Conv3x3, channels_last_pays, norm_silu_conv3x3, residual_add, to_conv_layout, upsample2x_conv3x3
+__all__ = ['Encoder', 'Decoder', 'ResnetBlock', 'AttnBlock', 'Upsample2x', 'Downsample2x', 'Normalize', 'conv3x3']
 
-__all__ = ['Encoder', 'Decoder', 'ResnetBlock', 'AttnBlock', 'Upsample2x', 'Downsample2x', 'Normalize']
+
+def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 3×3 conv with stride 1 and zero padding 1: the map keeps its size."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
@@ -19,14 +22,14 @@ def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
 
 
 class Upsample2x(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 conv (by phases on the small input where the fast paths allow: kernels/upsample.py)."""
+    """Nearest-neighbour ×2, then a 3×3 conv."""
 
     def __init__(self, in_channels: int):
         super().__init__()
-        self.conv = Conv3x3(in_channels, in_channels)
+        self.conv = conv3x3(in_channels, in_channels)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        return upsample2x_conv3x3(x_BChw, self.conv.weight, self.conv.bias)  # B, C, 2h, 2w
+        return self.conv(F.interpolate(x_BChw, scale_factor=2, mode='nearest'))  # B, C, 2h, 2w
 
 
 class Downsample2x(nn.Module):
@@ -34,7 +37,7 @@ class Downsample2x(nn.Module):
 
     def __init__(self, in_channels: int):
         super().__init__()
-        self.conv = Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x_BChw, pad=(0, 1, 0, 1), mode='constant', value=0))  # B, C, h/2, w/2
@@ -49,20 +52,20 @@ class ResnetBlock(nn.Module):
         out_channels = in_channels if out_channels is None else out_channels
         self.out_channels = out_channels
         self.norm1 = Normalize(in_channels)
-        self.conv1 = Conv3x3(in_channels, out_channels)
+        self.conv1 = conv3x3(in_channels, out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
-        self.conv2 = Conv3x3(out_channels, out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
         if in_channels != out_channels:
-            self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
         else:
             self.nin_shortcut = nn.Identity()
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        # conv(dropout(silu(norm(x)))), in one pass where the conv allows (kernels/winograd.py)
-        h_BChw = norm_silu_conv3x3(x_BChw, self.norm1, self.conv1)
-        h_BChw = norm_silu_conv3x3(h_BChw, self.norm2, self.conv2, self.dropout)
-        return residual_add(self.nin_shortcut(x_BChw), h_BChw)   # in place into h without autograd (kernels/memory.py)
+        inplace = not torch.is_grad_enabled()   # the norm's output is not needed again
+        h_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=inplace))
+        h_BChw = self.conv2(self.dropout(F.silu(self.norm2(h_BChw), inplace=inplace)))
+        return self.nin_shortcut(x_BChw) + h_BChw
 
 
 class AttnBlock(nn.Module):
@@ -72,9 +75,9 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.C = in_channels
         self.norm = Normalize(in_channels)
-        self.qkv = Conv2d(in_channels, 3 * in_channels, kernel_size=1, stride=1, padding=0)
+        self.qkv = nn.Conv2d(in_channels, 3 * in_channels, kernel_size=1, stride=1, padding=0)
         self.w_ratio = int(in_channels) ** (-0.5)
-        self.proj_out = Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         qkv_B3Chw = self.qkv(self.norm(x_BChw))
@@ -105,7 +108,7 @@ class Encoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.in_channels = in_channels
 
-        self.conv_in = Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         in_ch_mult = (1,) + tuple(ch_mult)
         self.down = nn.ModuleList()
         block_in = ch
@@ -130,11 +133,9 @@ class Encoder(nn.Module):
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = Conv2d(block_in, (2 * z_channels if double_z else z_channels), kernel_size=3, stride=1, padding=1)
-        self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations (fast paths on)
+        self.conv_out = nn.Conv2d(block_in, (2 * z_channels if double_z else z_channels), kernel_size=3, stride=1, padding=1)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        x_B3HW = to_conv_layout(x_B3HW, self.ch, self.channels_last)
         h = self.conv_in(x_B3HW)
         for i_level in range(self.num_resolutions):
             level = self.down[i_level]
@@ -160,7 +161,7 @@ class Decoder(nn.Module):
         self.in_channels = in_channels
 
         block_in = ch * ch_mult[self.num_resolutions - 1]
-        self.conv_in = Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, dropout=dropout)
@@ -183,11 +184,9 @@ class Decoder(nn.Module):
             self.up.insert(0, up)  # keep the checkpoint's order: up[0] is the finest level
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = Conv3x3(block_in, in_channels)   # to RGB: by taps in CPU inference (kernels/narrow_conv.py)
-        self.channels_last = channels_last_pays(ch)   # run the convs on channels-last activations (fast paths on)
+        self.conv_out = conv3x3(block_in, in_channels)   # to RGB
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
-        z_BChw = to_conv_layout(z_BChw, self.ch, self.channels_last)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]

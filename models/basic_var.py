@@ -3,17 +3,28 @@
 Letters: B batch, L tokens (of all scales fed so far), C width, D condition width, H heads,
 c head dim (C / H), S cached key tokens.
 """
+import functools
+import importlib
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import BACKENDS, attention
 from .helpers import DropPath
-from .kernels import BACKENDS, Linear, ada_layer_norm, attention, block_causal, linear, mlp_gelu
 
-__all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin']
+__all__ = ['FFN', 'SelfAttention', 'AdaLNSelfAttn', 'AdaLNBeforeHead', 'SharedAdaLin', 'fused_mlp_func']
+
+
+@functools.lru_cache(maxsize=None)
+def fused_mlp_func() -> Optional[Callable]:
+    """flash_attn.ops.fused_dense.fused_mlp_func if installed and importable, else None (an optional library)."""
+    try:
+        return importlib.import_module('flash_attn.ops.fused_dense').fused_mlp_func
+    except Exception:  # flash-attn without its fused_dense extension, or not installed
+        return None
 
 
 class FFN(nn.Module):
@@ -25,13 +36,19 @@ class FFN(nn.Module):
         self.fused_if_available = fused_if_available
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        self.fc1 = Linear(in_features, hidden_features)
-        self.fc2 = Linear(hidden_features, out_features)
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop, inplace=True) if drop > 0 else nn.Identity()
 
     def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        # flash-attn's fused MLP on CUDA where allowed, else fc1 + GELU (one oneDNN call on the CPU) and fc2
-        return self.drop(mlp_gelu(x_BLC, self.fc1, self.fc2, self.fused_if_available, self.training))
+        # flash-attn's fused MLP on CUDA where installed and allowed, as in the reference; not under torch.compile,
+        # where its extension would break the graph and the compiler fuses the GELU itself
+        fused = fused_mlp_func() if (self.fused_if_available and x_BLC.is_cuda and not torch.compiler.is_compiling()) else None
+        if fused is not None:
+            return self.drop(fused(x=x_BLC, weight1=self.fc1.weight, weight2=self.fc2.weight, bias1=self.fc1.bias,
+                                   bias2=self.fc2.bias, activation='gelu_approx', save_pre_act=self.training,
+                                   return_residual=False, checkpoint_lvl=0, heuristic=0, process_group=None))
+        return self.drop(self.fc2(F.gelu(self.fc1(x_BLC), approximate='tanh')))
 
 
 class SelfAttention(nn.Module):
@@ -53,11 +70,11 @@ class SelfAttention(nn.Module):
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
 
-        self.mat_qkv = Linear(embed_dim, embed_dim * 3, bias=False)
+        self.mat_qkv = nn.Linear(embed_dim, embed_dim * 3, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(embed_dim)), nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer('zero_k_bias', torch.zeros(embed_dim))
 
-        self.proj = Linear(embed_dim, embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop, inplace=True) if proj_drop > 0 else nn.Identity()
         self.attn_drop: float = attn_drop
         self.backend = backend
@@ -105,32 +122,22 @@ class SelfAttention(nn.Module):
         return self.cached_k, self.cached_v
 
     def forward(self, x_BLC: torch.Tensor, attn_bias) -> torch.Tensor:
-        """x (B, L, C); attn_bias None, a mask broadcastable to (B, H, L, S) or a kernels.BlockCausal → (B, L, C)."""
+        """x (B, L, C); attn_bias None, a mask broadcastable to (B, H, L, S) or an attention.BlockCausal → (B, L, C)."""
         B, L, C = x_BLC.shape
-        qkv_BL3Hc = linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-                           ).view(B, L, 3, self.num_heads, self.head_dim)
-        scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp() if self.attn_l2_norm else None
-        dropout_p = self.attn_drop if self.training else 0.0
-        if not self.caching and block_causal.applies(qkv_BL3Hc, attn_bias, dropout_p, self.backend):
-            # CPU teacher forcing: the steps below in one kernel, from and to these layouts (kernels/block_causal.py)
-            oup_BLC = block_causal.block_causal_self_attention(qkv_BL3Hc, scale_mul_1H11, self.scale, attn_bias)
-        else:
-            oup_BLC = self._attention(qkv_BL3Hc, scale_mul_1H11, attn_bias, dropout_p)
-        return self.proj_drop(self.proj(oup_BLC))
-
-    def _attention(self, qkv_BL3Hc: torch.Tensor, scale_mul_1H11, attn_bias, dropout_p: float) -> torch.Tensor:
-        """Heads split, q and k L2-normalised, KV cache, attention, heads merged: (B, L, 3, H, c) → (B, L, C)."""
-        B, L = qkv_BL3Hc.shape[:2]
+        qkv_BL3Hc = F.linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+                             ).view(B, L, 3, self.num_heads, self.head_dim)
         q_BHLc, k_BHLc, v_BHLc = qkv_BL3Hc.permute(2, 0, 3, 1, 4).unbind(dim=0)
         if self.attn_l2_norm:
+            scale_mul_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             q_BHLc = F.normalize(q_BHLc, dim=-1).mul(scale_mul_1H11)
             k_BHLc = F.normalize(k_BHLc, dim=-1)
 
         if self.caching:
             k_BHLc, v_BHLc = self._append_to_cache(k_BHLc, v_BHLc)   # B, H, S, c
 
+        dropout_p = self.attn_drop if self.training else 0.0
         oup_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, scale=self.scale, attn_bias=attn_bias, dropout_p=dropout_p, backend=self.backend)
-        return oup_BHLc.transpose(1, 2).reshape(B, L, -1)
+        return self.proj_drop(self.proj(oup_BHLc.transpose(1, 2).reshape(B, L, -1)))
 
     def extra_repr(self) -> str:
         return f'attn_l2_norm={self.attn_l2_norm}, backend={self.backend}'
@@ -157,7 +164,7 @@ class AdaLNSelfAttn(nn.Module):
         if self.shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim ** 0.5)
         else:
-            self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), Linear(cond_dim, 6 * embed_dim))
+            self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * embed_dim))
 
     def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias) -> torch.Tensor:
         """x (B, L, C); cond_BD (B, D), or (B, 1, 6, C) from the shared AdaLN → (B, L, C)."""
@@ -165,8 +172,8 @@ class AdaLNSelfAttn(nn.Module):
             gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + cond_BD).unbind(2)  # 6 × (B, 1, C)
         else:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
-        x = x + self.drop_path(self.attn(ada_layer_norm(self.ln_wo_grad, x, scale1, shift1), attn_bias=attn_bias).mul_(gamma1))
-        x = x + self.drop_path(self.ffn(ada_layer_norm(self.ln_wo_grad, x, scale2, shift2)).mul(gamma2))
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias=attn_bias).mul_(gamma1))
+        x = x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
         return x
 
     def extra_repr(self) -> str:
@@ -180,14 +187,14 @@ class AdaLNBeforeHead(nn.Module):
         super().__init__()
         self.C, self.D = C, D
         self.ln_wo_grad = norm_layer(C, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), Linear(D, 2 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(D, 2 * C))
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return ada_layer_norm(self.ln_wo_grad, x_BLC, scale, shift)   # ln(x)·(1 + scale) + shift
+        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
 
 
-class SharedAdaLin(Linear):
+class SharedAdaLin(nn.Linear):
     """One AdaLN projection shared by all blocks: cond (B, D) → (B, 1, 6, C)."""
 
     def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:

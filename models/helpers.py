@@ -8,8 +8,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels.switch import SWITCH, compiling
-
 __all__ = ['sample_with_top_k_top_p_', 'gumbel_softmax_with_rng', 'DropPath', 'make_edit_mask', 'EDIT_MODES']
 
 
@@ -54,10 +52,10 @@ def _top_k_top_p_filter_fast_(logits_BlV: torch.Tensor, top_k: int, top_p: float
     Without a tie at the k-th value, the top-k-masked row sorted ascending is (V - k) -inf followed by the k largest
     ascending, built here from topk(sorted=True); the same V-wide softmax and cumsum then give the same flags. Falls
     back (returns False) where the result could depend on the order torch's unstable sort gives tied values: a tie
-    at the k-th value, or a tie run inside the top k whose flags differ. Float32 CPU only; the switch turns it off.
+    at the k-th value, or a tie run inside the top k whose flags differ. Float32 CPU only.
     """
     V = logits_BlV.shape[-1]
-    if not (SWITCH.on and logits_BlV.dtype == torch.float32 and logits_BlV.device.type == 'cpu' and top_k <= V):
+    if not (logits_BlV.dtype == torch.float32 and logits_BlV.device.type == 'cpu' and top_k <= V):
         return False
     vals_BlK, idx_BlK = logits_BlV.topk(min(top_k + 1, V), largest=True, sorted=True, dim=-1)   # descending
     if bool(vals_BlK[..., 0].isnan().any()):
@@ -120,7 +118,7 @@ class DropPath(nn.Module):
             self.keep_prob.fill_(1.0 - p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiling():
+        if torch.compiler.is_compiling():
             return self._compiled_forward(x)
         if self.drop_prob == 0.0 or not self.training:
             return x

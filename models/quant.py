@@ -12,12 +12,10 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import Conv2d
-
 __all__ = ['VectorQuantizer2', 'Phi', 'PhiShared', 'PhiPartiallyShared', 'PhiNonShared']
 
 
-class Phi(Conv2d):
+class Phi(nn.Conv2d):
     """phi(h) = (1 − r)·h + r·conv3×3(h)."""
 
     def __init__(self, embed_dim: int, quant_resi: float):

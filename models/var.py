@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from . import kernels
+from .attention import BACKENDS, BlockCausal, choose_backend, describe_backends
 from .basic_var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from .config import PATCH_NUMS_256
-from .kernels import BACKENDS, BlockCausal, Linear, choose_backend, describe_backends
 from .pretrained import HubMixin
 from . import sampling
 from .state_dict import check_state_dict
@@ -48,7 +47,9 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
 
         self.cond_drop_rate = cond_drop_rate
         self.grad_ckpt = False  # activation checkpointing of every block while training
-        self.grouped_attention = True   # teacher forcing: attention by groups of scales, not one dense L×L mask
+        # teacher forcing: the attention is told the mask is block-causal over scales (an attention.BlockCausal), not
+        # only given the dense L×L mask, so that a kernel may skip what the mask hides (the plain path uses the mask)
+        self.grouped_attention = True
 
         self.patch_nums = tuple(patch_nums)
         self.L = sum(pn ** 2 for pn in self.patch_nums)
@@ -66,7 +67,7 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         quant = vae_local.quantize
         self.vae_proxy = (vae_local,)        # a tuple, so the tokenizer is not part of this state dict
         self.vae_quant_proxy = (quant,)
-        self.word_embed = Linear(self.Cvae, self.C)
+        self.word_embed = nn.Linear(self.Cvae, self.C)
 
         # 2. class embedding; the last row is "no class" (condition dropout, unconditional guidance)
         init_std = math.sqrt(1 / self.C / 3)
@@ -109,7 +110,7 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
 
         # 6. classifier head
         self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_layer=norm_layer)
-        self.head = Linear(self.C, self.V)
+        self.head = nn.Linear(self.C, self.V)
 
     # ------------------------------------------------------------------ utilities
     @property
@@ -121,19 +122,13 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         return self._rng
 
     def set_attn_backend(self, backend: str) -> None:
-        """Use another attention kernel: one of models.kernels.BACKENDS."""
+        """Use another attention kernel: one of models.attention.BACKENDS."""
         if backend not in BACKENDS:
             raise ValueError(f'attention backend {backend!r} is not one of {BACKENDS}')
         self.attn_backend = backend
         for b in self.blocks:
             b.attn.backend = backend
         logger.info('VAR d%d: attention backend %s', self.depth, describe_backends(backend))
-
-    def set_fast_paths(self, enabled: bool) -> 'VAR':
-        """models.kernels.set_fast_paths(enabled), process-wide: grouped block-causal attention and oneDNN linear
-        layers (default), or the reference's dense masked attention and F.linear (for comparison)."""
-        kernels.set_fast_paths(enabled)
-        return self
 
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Final AdaLN and head, in float32: (B, L, C) → (B, L, V)."""

@@ -9,10 +9,8 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from . import kernels
 from .basic_vae import Decoder, Encoder
 from .config import PATCH_NUMS_256
-from .kernels import Conv2d
 from .pretrained import HubMixin
 from .quant import VectorQuantizer2
 from .state_dict import check_state_dict
@@ -49,29 +47,21 @@ class VQVAE(nn.Module, HubMixin, weights_kind='vae'):
             default_qresi_counts=default_qresi_counts, v_patch_nums=v_patch_nums,
             quant_resi=quant_resi, share_quant_resi=share_quant_resi,
         )
-        self.quant_conv = Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
-        self.post_quant_conv = Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
+        self.quant_conv = nn.Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
+        self.post_quant_conv = nn.Conv2d(self.Cvae, self.Cvae, quant_conv_ks, stride=1, padding=quant_conv_ks // 2)
 
         if self.test_mode:
             self.eval()
             for p in self.parameters():
                 p.requires_grad_(False)
-        kernels.log_choices_once()
-
-    def set_fast_paths(self, enabled: bool) -> 'VQVAE':
-        """models.kernels.set_fast_paths(enabled), process-wide: channels-last convs, polyphase upsampling, Winograd
-        convs, in-place inference ops and images in groups on the CPU (default), or the reference's plain ops."""
-        kernels.set_fast_paths(enabled)
-        return self
 
     def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) → latent f (B, Cvae, h, w) before quantisation; in groups of images on the CPU without autograd."""
-        return kernels.in_image_groups(lambda x: self.quant_conv(self.encoder(x)), img_B3HW, self.ch, *img_B3HW.shape[-2:])
+        """Images (B, 3, H, W) → latent f (B, Cvae, h, w) before quantisation."""
+        return self.quant_conv(self.encoder(img_B3HW))
 
     def decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-        """Quantised latent f_hat (B, Cvae, h, w) → image (B, 3, H, W), not clamped; in groups of images on the CPU without autograd."""
-        H, W = (s * self.downsample for s in f_hat_BChw.shape[-2:])
-        return kernels.in_image_groups(lambda f: self.decoder(self.post_quant_conv(f)), f_hat_BChw, self.ch, H, W)
+        """Quantised latent f_hat (B, Cvae, h, w) → image (B, 3, H, W), not clamped."""
+        return self.decoder(self.post_quant_conv(f_hat_BChw))
 
     @property
     def img_size(self) -> int:

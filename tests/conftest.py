@@ -23,8 +23,9 @@ def reference_file(name: str) -> Path:
     return path
 
 
-def build_tiny(seed: int = 0, **overrides):
-    """A tiny tokenizer + VAR on the CPU with every parameter randomised (no branch near zero)."""
+def build_tiny(seed: int = 0, fast: bool = False, **overrides):
+    """A tiny tokenizer + VAR on the CPU with every parameter randomised (no branch near zero); fast=True: converted
+    by cpu_kernels.convert (for the tests of the CPU paths)."""
     from models import build_vae_var
     kw = dict(TINY, flash_if_available=False, fused_if_available=False)
     kw.update(overrides)
@@ -44,6 +45,10 @@ def build_tiny(seed: int = 0, **overrides):
                 p.copy_(0.5 * noise if p.ndim >= 2 else 0.1 * noise)  # embeddings, positions, biases
     vae.eval()
     var.eval()
+    if fast:
+        import cpu_kernels
+        cpu_kernels.convert(vae)
+        cpu_kernels.convert(var)
     return vae, var
 
 
@@ -52,21 +57,33 @@ def tiny():
     return build_tiny()
 
 
+def cpu_kernels_importable() -> bool:
+    """Whether the optional CPU package can be imported (tests of the models run without it too)."""
+    try:
+        import cpu_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @pytest.fixture(autouse=True)
 def fast_kernels_on():
-    """Every test starts with the fast kernels on (models.kernels' switch is process-wide), and a test that turns
-    them off (`var.set_fast_paths(False)`) leaves them on for the next one."""
-    from models.kernels import fast_paths
+    """Every test starts with the fast kernels on (cpu_kernels' switch is process-wide), and a test that turns
+    them off (`cpu_kernels.set_fast_paths(False)`) leaves them on for the next one."""
+    if not cpu_kernels_importable():
+        yield
+        return
+    from cpu_kernels import fast_paths
     with fast_paths(True):
         yield
 
 
 @pytest.fixture
 def fake_cpu(monkeypatch):
-    """fake_cpu(vendor, flags, cores) makes models.kernels read that CPU (vendor_id and flags as /proc/cpuinfo writes
+    """fake_cpu(vendor, flags, cores) makes cpu_kernels read that CPU (vendor_id and flags as /proc/cpuinfo writes
     them) and choose its kernels again; the real CPU's choice comes back after the test."""
-    from models.kernels import choices
-    from utils.cpu_rules import CpuFeatures
+    from cpu_kernels import choices
+    from cpu_kernels.cpu_rules import CpuFeatures
 
     def fake(vendor: str, flags: str, cores: int) -> CpuFeatures:
         features = CpuFeatures(vendor=vendor, flags=frozenset(flags.split()), cores=cores)

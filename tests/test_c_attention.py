@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from models.kernels import BlockCausal, attention, block_causal, c_attention, fast_paths, native
-from models.kernels.choices import describe_choices
-from test_attention import assert_fused_equals_plain, block_causal_bias, logits_and_grads_fast_and_plain, plain_self_attention
-from utils.cpu_rules import read_cpu_features
+from cpu_kernels import block_causal, c_attention, convert, fast_paths, native
+from cpu_kernels.attention import attention
+from cpu_kernels.choices import describe_choices
+from cpu_kernels.cpu_rules import read_cpu_features
+from models.attention import BlockCausal
+from test_attention import block_causal_bias
+from test_cpu_attention import assert_fused_equals_plain, logits_and_grads_fast_and_plain, plain_self_attention
 
 REPO = Path(__file__).resolve().parents[1]
 AVX512 = 'avx512f' in read_cpu_features().flags
@@ -107,7 +110,7 @@ def test_training_step_takes_the_c_kernel_and_equals_the_plain_path(c_kernel_on,
     builds its mask with key ends), and the logits and every parameter's gradient equal those of the plain path."""
     from models import VAR
     vae, _ = build_tiny(patch_nums=(1, 2, 4, 8))
-    var = VAR(vae, num_classes=5, depth=2, embed_dim=128, num_heads=2, patch_nums=(1, 2, 4, 8))
+    var = convert(VAR(vae, num_classes=5, depth=2, embed_dim=128, num_heads=2, patch_nums=(1, 2, 4, 8)))
     var.init_weights(init_adaln_gamma=1.0, init_head=1.0)
     var.train()
     var.cond_drop_rate = 0.0
@@ -143,7 +146,7 @@ def test_sampled_images_are_those_of_pytorchs_kernel(c_kernel_on, monkeypatch):
     """A VAR of head dim 64 samples the same images with the C kernel as with PyTorch's (KV-cached, guidance on)."""
     from models import VAR
     vae, _ = build_tiny(patch_nums=(1, 2, 4, 8))
-    var = VAR(vae, num_classes=5, depth=2, embed_dim=128, num_heads=2, patch_nums=(1, 2, 4, 8))
+    var = convert(VAR(vae, num_classes=5, depth=2, embed_dim=128, num_heads=2, patch_nums=(1, 2, 4, 8)))
     var.init_weights(init_adaln_gamma=1.0, init_head=1.0)
     var.eval()
     calls = spy_on_c_kernel(monkeypatch)
@@ -182,7 +185,7 @@ def test_key_ends_are_the_dense_masks_rows():
 _LOAD = r'''
 import sys
 sys.path.insert(0, {repo!r})
-from models.kernels import native
+from cpu_kernels import native
 lib, where = native.library('block_causal_attention')
 print(where if lib is not None else 'UNAVAILABLE: ' + where)
 '''
@@ -208,7 +211,7 @@ def test_without_a_compiler_pytorchs_kernel_runs_and_says_why(kernel_cache, fake
     lengths = [1, 4, 16]
     mask = BlockCausal.over_scales(lengths, block_causal_bias((1, 2, 4), as_bool=False))
     qkv = torch.randn(2, 21, 3, 2, 64)
-    with caplog.at_level('WARNING', logger='models.kernels.native'):
+    with caplog.at_level('WARNING', logger='cpu_kernels.native'):
         assert not block_causal.c_kernel_applies(64, mask)
     assert "'no-such-compiler-here' not found" in c_attention.status()
     assert any('C kernel block_causal_attention unavailable' in r.getMessage() for r in caplog.records)

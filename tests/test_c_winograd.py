@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_kernels import c_winograd, convert, fast_paths, native, set_fast_paths, winograd
+from cpu_kernels.choices import describe_choices
+from cpu_kernels.convert import convert_tree
+from cpu_kernels.winograd import Conv3x3
 from models import VQVAE
-from models.kernels import c_winograd, fast_paths, native, winograd
-from models.kernels.choices import describe_choices
-from models.kernels.winograd import Conv3x3
 
 needs_kernel = pytest.mark.skipif(bool(c_winograd.status()), reason=f'the C Winograd kernel does not run here: {c_winograd.status()}')
 
@@ -67,13 +68,13 @@ def test_tokenizer_decodes_by_the_c_kernel_channels_last(cpu_with_fast_kernels, 
     calls = []
     real = c_winograd.conv3x3
     monkeypatch.setattr(c_winograd, 'conv3x3', lambda x, *a, **k: calls.append(x.shape[1:]) or real(x, *a, **k))
-    vae = VQVAE(vocab_size=64, z_channels=8, ch=160, v_patch_nums=(1, 2, 4), test_mode=True)
+    vae = convert(VQVAE(vocab_size=64, z_channels=8, ch=160, v_patch_nums=(1, 2, 4), test_mode=True))
     img = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         idx_fast = vae.img_to_idxBl(img)
         rec_fast = vae.idxBl_to_img(idx_fast, same_shape=True, last_one=True)
         assert (160, 64, 64) in calls
-        vae.set_fast_paths(False)
+        set_fast_paths(False)
         n = len(calls)
         idx_plain = vae.img_to_idxBl(img)
         rec_plain = vae.idxBl_to_img(idx_plain, same_shape=True, last_one=True)
@@ -147,7 +148,7 @@ def test_resnet_block_folds_its_norms_into_the_c_kernel_only_without_active_drop
     norms = []
     real = c_winograd.conv3x3
     monkeypatch.setattr(c_winograd, 'conv3x3', lambda x, *a, norm=None, **k: norms.append(norm) or real(x, *a, norm=norm, **k))
-    block = ResnetBlock(in_channels=128, out_channels=128, dropout=0.5).eval()
+    block = convert_tree(ResnetBlock(in_channels=128, out_channels=128, dropout=0.5)).eval()
     x = torch.randn(1, 128, 64, 64)
     with torch.no_grad():
         fast = block(x)

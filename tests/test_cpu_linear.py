@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import build_tiny
-from models.kernels import fast_paths, fast_paths_enabled
-from models.kernels.matmul import Linear, linear, onednn_available
+from cpu_kernels import fast_paths, fast_paths_enabled, set_fast_paths
+from cpu_kernels.matmul import Linear, linear, onednn_available
 
 pytestmark = [pytest.mark.skipif(not onednn_available(), reason='this PyTorch build has no oneDNN for this CPU'),
               pytest.mark.usefixtures('cpu_with_fast_kernels')]   # the kernels as the AMD rule chooses them
@@ -60,14 +60,14 @@ def test_falls_back_to_f_linear_where_onednn_does_not_apply():
 
 
 def test_var_switches_onednn_with_its_fast_paths():
-    _, var = build_tiny()
+    _, var = build_tiny(fast=True)
     var.eval()
     label_B = torch.tensor([1, 2])
     x = torch.randn(2, var.L - var.first_l, var.Cvae)
     with torch.no_grad():
         assert onednn_calls(lambda: var(label_B, x)) > 0
         fast = var(label_B, x)
-        var.set_fast_paths(False)
+        set_fast_paths(False)
         assert not fast_paths_enabled()
         assert onednn_calls(lambda: var(label_B, x)) == 0
         plain = var(label_B, x)
@@ -76,7 +76,7 @@ def test_var_switches_onednn_with_its_fast_paths():
 
 def test_torch_compile_of_var_traces_f_linear_with_the_same_numbers():
     """--tfast: torch.compile cannot lower oneDNN's linear with a trainable weight; under tracing F.linear is used."""
-    _, var = build_tiny()
+    _, var = build_tiny(fast=True)
     var.eval()
     var.cond_drop_rate = 0
     label_B, x = torch.tensor([1, 2]), torch.randn(2, var.L - var.first_l, var.Cvae)

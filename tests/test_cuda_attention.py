@@ -14,8 +14,9 @@ import contextlib
 import pytest
 import torch
 
+from cpu_kernels import set_fast_paths
 from cuda_util import CUDA_MARKS, DEVICE, ieee_fp32, max_rel_err, tiny_on_cuda
-from models.kernels import attention, backend_status
+from models.attention import attention, backend_status
 from test_attention import block_causal_bias, reference_attention
 
 pytestmark = CUDA_MARKS
@@ -126,14 +127,14 @@ def route_ctx(dtype: str, kernels):
 @pytest.fixture(scope='module')
 def tiny_model():
     with ieee_fp32():
-        vae, var = tiny_on_cuda(patch_nums=(1, 2, 4, 8))
+        vae, var = tiny_on_cuda(patch_nums=(1, 2, 4, 8), fast=True)   # converted, as the scripts run it
         var.cond_drop_rate = 0.0
         yield vae, var
 
 
 def teacher_forcing(var, backend, grouped, dtype, kernels, labels, x):
     var.set_attn_backend(backend)
-    var.set_fast_paths(grouped)
+    set_fast_paths(grouped)
     var.zero_grad(set_to_none=True)
     with route_ctx(dtype, kernels):
         logits = var(labels, x)
@@ -166,7 +167,7 @@ def test_masked_training_attention_routes_agree(tiny_model, dtype, grouped):
             assert err <= floor_grads, f'{name}: gradient of {worst} differs by {err:.3g} > {floor_grads:.3g}'
     finally:
         var.set_attn_backend('sdpa')
-        var.set_fast_paths(True)
+        set_fast_paths(True)
         var.zero_grad(set_to_none=True)
 
 
@@ -181,11 +182,11 @@ def kv_cached_error(var, vae, backend, dtype, kernels, cfg=2.5):
                                      on_scale=lambda si, lg, idx: record.__setitem__(si, (lg.float(), idx)))
     idx_Bl = [record[si][1] for si in range(len(var.patch_nums))]
     var.set_attn_backend('math')
-    var.set_fast_paths(False)
+    set_fast_paths(False)
     with torch.no_grad():
         x = vae.quantize.idxBl_to_var_input(idx_Bl)
         cond, uncond = var(labels, x), var(torch.full_like(labels, var.num_classes), x)
-    var.set_fast_paths(True)
+    set_fast_paths(True)
     errs = []
     for si, (bg, ed) in enumerate(var.begin_ends):
         lg = record[si][0]
@@ -206,4 +207,4 @@ def test_kv_cached_sampling_routes_agree_with_teacher_forcing(tiny_model, dtype)
             assert err <= tol, f'{name}: KV-cached logits differ from teacher forcing by {err:.3g} > {tol:.3g}'
     finally:
         var.set_attn_backend('sdpa')
-        var.set_fast_paths(True)
+        set_fast_paths(True)

@@ -1,7 +1,7 @@
 """utils.compile.compile_blocks on CUDA with inductor: the compiled blocks against the eager ones.
 
 - float32 with TensorFloat32 off: logits and every parameter's gradient (after a cross-entropy backward) within 1e-5
-  of their largest value; the compiled blocks run PyTorch's plain ops (FlexAttention where models.kernels has it)
+  of their largest value; the compiled blocks run PyTorch's plain ops (FlexAttention where models.attention has it)
   where the eager ones run SDPA with the dense mask, so what differs is float rounding of fused kernels;
 - bfloat16 autocast: the loss within 1e-2 relative;
 - three training steps with an AdamW step between compile nothing after the first (error_on_recompile), and the
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from cuda_util import CUDA_MARKS, DEVICE, ieee_fp32, max_rel_err, tiny_on_cuda
-from models import kernels
+from models import attention as attention_backends
 from utils.compile import compile_blocks
 
 pytestmark = CUDA_MARKS
@@ -63,7 +63,7 @@ def logits_and_grads(var, *inputs):
 
 
 def expected_backend() -> str:
-    return 'flex' if 'flex' in kernels.BACKENDS and kernels.backend_status('flex')[0] else 'sdpa'
+    return 'flex' if 'flex' in attention_backends.BACKENDS and attention_backends.backend_status('flex')[0] else 'sdpa'
 
 
 def test_compiled_blocks_match_eager_in_float32_and_train_without_recompiles():

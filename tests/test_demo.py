@@ -26,6 +26,7 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path):
     from demo import SAMPLING
     from models import build_vae_var
     from utils.classifier import SmallClassifier, predict
+    from utils.cpu_speed import speed_up
     from utils.data import build_dataset
     _, _, val_set, classes = build_dataset(str(out / 'data'), final_reso=64, mid_reso=1.0)
     clf = SmallClassifier(len(classes))
@@ -44,6 +45,7 @@ def test_demo_quick_end_to_end_and_reuse(tmp_path):
     vae.load_state_dict(ck['trainer']['vae_local'], strict=True)
     var.load_state_dict(ck['trainer']['var_wo_ddp'], strict=True)
     var.eval()
+    speed_up(vae, var)   # as demo.py samples
     labels_B = torch.arange(len(classes)).repeat_interleave(4)
     with torch.inference_mode():
         img_B3HW = var.autoregressive_infer_cfg(B=len(labels_B), label_B=labels_B, g_seed=0, **SAMPLING)

@@ -20,13 +20,15 @@ SAMPLING_FLAGS = [f'--{k}={v}' for k, v in SAMPLING.items()]
 def setup(tmp_path_factory, shapes_data):
     """(folder with the weights, a 64 px RGB input image, the tokenizer and VAR built as edit.py builds them)."""
     from edit import parse_edit_args
+    from utils.cpu_speed import speed_up
     from utils.model_loading import load_for_sampling
     d = tmp_path_factory.mktemp('edit')
-    vae, var = build_tiny(seed=5)
+    vae, var = build_tiny(fast=True, seed=5)
     torch.save(vae.state_dict(), d / 'vae.pth')
     torch.save(var.state_dict(), d / 'var.pth')
     image = next((shapes_data / 'train').glob('*/00003.png'))
     vae, var, _ = load_for_sampling(torch.device('cpu'), parse_edit_args(weights(d) + MODEL_FLAGS))
+    speed_up(vae, var)
     return d, image, vae, var
 
 

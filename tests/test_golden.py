@@ -1,8 +1,9 @@
-"""Numbers of the reference implementation (../shared/reference/golden_small.pt) on the CPU in float32."""
+"""Numbers of the reference implementation (../shared/reference/golden_small.pt) on the CPU in float32, by the plain
+models and by the models converted for speed (cpu_kernels.convert; skipped where that package is absent)."""
 import pytest
 import torch
 
-from conftest import reference_file
+from conftest import cpu_kernels_importable, reference_file
 from models import build_vae_var, make_edit_mask
 
 FEAT_TOL = 1e-4
@@ -25,9 +26,16 @@ def load_golden(device):
     return g, vae, var
 
 
-@pytest.fixture(scope='module')
-def golden():
-    return load_golden('cpu')
+@pytest.fixture(scope='module', params=['plain', 'converted'])
+def golden(request):
+    g, vae, var = load_golden('cpu')
+    if request.param == 'converted':
+        if not cpu_kernels_importable():
+            pytest.skip('cpu_kernels is not importable here: the plain models only')
+        import cpu_kernels
+        cpu_kernels.convert(vae)
+        cpu_kernels.convert(var)
+    return g, vae, var
 
 
 def assert_close(got, want, tol, what):

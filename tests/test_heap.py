@@ -1,4 +1,4 @@
-"""models/kernels/heap.py: inside `large_buffers_from_heap` a freed large buffer's pages serve the next one (no new
+"""cpu_kernels/heap.py: inside `large_buffers_from_heap` a freed large buffer's pages serve the next one (no new
 page faults), outside they are faulted in anew; the tokenizer's CPU inference runs inside it, training does not."""
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from models.kernels import fast_paths, heap, memory
+from cpu_kernels import fast_paths, heap, memory
 
 REPO = Path(__file__).resolve().parents[1]
 needs_glibc = pytest.mark.skipif(heap.glibc() is None, reason='the C library is not glibc')
@@ -18,7 +18,7 @@ _PROBE = r'''
 import json, resource, sys
 sys.path.insert(0, {repo!r})
 import torch
-from models.kernels import heap
+from cpu_kernels import heap
 
 MB42 = 42 * 2 ** 20 // 4   # floats: the published tokenizer's 160 channels at 256 px
 
@@ -70,7 +70,7 @@ def test_tokenizer_inference_runs_inside_it_and_training_does_not(monkeypatch):
     entered = []
     real = memory.large_buffers_from_heap
     monkeypatch.setattr(memory, 'large_buffers_from_heap', lambda: entered.append(1) or real())
-    vae, _ = build_tiny()
+    vae, _ = build_tiny(fast=True)
     img = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         tokens = vae.img_to_idxBl(img)

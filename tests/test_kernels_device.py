@@ -5,9 +5,13 @@ docs/performance.md, GPU)."""
 import pytest
 import torch
 
-import models.kernels.attention_dispatch as attention_dispatch
-import models.kernels.upsample as upsample
-from models.kernels import BlockCausal, attention, block_causal, block_causal_groups, to_conv_layout, upsample2x_conv3x3
+import cpu_kernels.attention as cpu_attention
+import cpu_kernels.upsample as upsample
+from cpu_kernels import block_causal
+from cpu_kernels.attention import attention
+from cpu_kernels.memory import to_conv_layout
+from cpu_kernels.upsample import upsample2x_conv3x3
+from models.attention import BlockCausal, block_causal_groups
 
 
 def refuse(*_, **__):
@@ -32,7 +36,7 @@ def test_block_causal_attention_is_one_masked_call_off_the_cpu(monkeypatch):
     L = sum(lengths)
     mask = BlockCausal(block_causal_groups(lengths), torch.zeros(1, 1, L, L, device='meta'))
     q = torch.empty(2, 4, L, 16, device='meta')
-    monkeypatch.setattr(attention_dispatch, '_block_causal_attention', refuse)
+    monkeypatch.setattr(cpu_attention, '_block_causal_attention', refuse)
     assert attention(q, q, q, 0.25, mask).shape == (2, 4, L, 16)
     assert not block_causal.applies(torch.empty(2, L, 3, 4, 16, device='meta'), mask, 0.0, 'sdpa')   # nor the fused one
     with pytest.raises(AssertionError, match='a CPU fast path ran'):   # the CPU still goes by groups

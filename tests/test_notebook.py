@@ -15,7 +15,7 @@ from conftest import REPO, build_tiny, run_script
 
 @pytest.mark.parametrize('layout', ['pth', 'save_pretrained'])
 def test_notebook_executes_and_shows_the_grid_of_the_reference_settings(tmp_path, monkeypatch, layout):
-    vae, var = build_tiny(seed=8)
+    vae, var = build_tiny(fast=True, seed=8)
     torch.save(vae.state_dict(), tmp_path / 'vae.pth')
     torch.save(var.state_dict(), tmp_path / 'var.pth')
     var.class_names = ['tench', 'goldfish', 'great white shark', 'tiger shark', 'hammerhead']

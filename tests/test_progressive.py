@@ -80,9 +80,8 @@ def tokens_and_inputs(B=3, seed=0):
 
 @pytest.mark.parametrize('grouped', [True, False])
 def test_forward_at_a_stage_is_the_full_forwards_prefix(grouped):
-    vae, var = build_tiny()
+    vae, var = build_tiny(fast=grouped)   # converted: attention by groups of scales; plain: the dense mask
     var.cond_drop_rate = 0.0
-    var.set_fast_paths(grouped)
     idx_Bl, label_B = tokens_and_inputs()
     x_full = vae.quantize.idxBl_to_var_input(idx_Bl)
     with torch.no_grad():

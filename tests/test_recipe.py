@@ -188,7 +188,7 @@ def tiny_trainer(*flags, seed=0):
     """The tiny models and the trainer train.py builds for these flags."""
     from conftest import TINY_TRAIN_FLAGS
     from train import build_trainer
-    vae, var = build_tiny(seed=seed)
+    vae, var = build_tiny(fast=True, seed=seed)   # converted, as train.py's
     args = parse_args(TINY_TRAIN_FLAGS + ['--afuse=0', *flags]).finalize(world_size=1)
     return build_trainer(args, torch.device('cpu'), vae, var, var), vae, var
 

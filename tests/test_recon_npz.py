@@ -35,9 +35,11 @@ def centre_crops(data, side=64, mid_reso=1.125):
 def reconstructions(vae_ckpt, imgs_NHW3):
     """The tiny tokenizer's reconstruction from all scales of each image (uint8, rounded to nearest)."""
     from models import VQVAE
+    from utils.cpu_speed import speed_up
     vae = VQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 3, 4), test_mode=True)
     vae.load_state_dict(torch.load(vae_ckpt, map_location='cpu', weights_only=True), strict=True)
     vae.eval()
+    speed_up(vae)   # as train_vae.py's
     x_B3HW = torch.from_numpy(imgs_NHW3).permute(0, 3, 1, 2).float() / 255 * 2 - 1
     with torch.no_grad():
         rec_B3HW = vae.idxBl_to_img(vae.img_to_idxBl(x_B3HW), same_shape=True, last_one=True)

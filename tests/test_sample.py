@@ -18,7 +18,7 @@ PNGS = [f'{i:06d}.png' for i in range(15)]
 @pytest.fixture(scope='module')
 def tiny_ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp('ckpt')
-    vae, var = build_tiny(seed=21)
+    vae, var = build_tiny(fast=True, seed=21)
     torch.save(vae.state_dict(), d / 'vae.pth')
     torch.save(var.state_dict(), d / 'var.pth')
     return d
@@ -95,7 +95,7 @@ def test_same_files_for_one_or_two_processes_and_any_batch_size(tiny_ckpts, ref_
     assert np.array_equal(a[7], np.asarray(Image.open(ref_set / '000007.png')))
 
     # images 4 and 10 made in-process from their index alone: label i // per_class (not i % num_classes), seeds of (--seed, i)
-    _, var = build_tiny(seed=21)
+    _, var = build_tiny(fast=True, seed=21)
     from utils.imgs import save_png_atomic
     for i, arr in zip((4, 10), in_process(var, [4, 10], per_class=3, seed=1)):
         save_png_atomic(arr, str(tmp_path / 'in_process.png'))
@@ -154,7 +154,7 @@ def test_the_manifest_is_in_the_folder_and_the_npz_and_evaluate_prints_it(tiny_c
     assert (p['cfg'], p['top_k'], p['top_p'], p['seed'], p['per_class'], p['num_classes'], p['fp16'], p['more_smooth']) == \
         (1.5, 20, 0.9, 1, 3, 5, 0, False)
     assert p['model']['depth'] == 2 and p['model']['patch_nums'] == [1, 2, 3, 4] and p['image_size'] == 64
-    vae, var = build_tiny(seed=21)
+    vae, var = build_tiny(fast=True, seed=21)
     assert p['var_sha256'] == state_fingerprint(var) and p['vae_sha256'] == state_fingerprint(vae)
     with torch.no_grad():
         var.head.bias[0] += 1e-6
@@ -172,7 +172,7 @@ def test_a_rerun_with_other_settings_or_weights_is_refused(tiny_ckpts, ref_set, 
             '--top_p: 0.9 then, 0.5 now', '--more_smooth: False then, True now', '--fp16: 0 then, 2 now',
             'start afresh with another --out')
     assert 'VAR d2 from' not in res.stdout, 'refused before the model is built'
-    vae, var = build_tiny(seed=22)   # the same architecture, other weights
+    vae, var = build_tiny(fast=True, seed=22)   # the same architecture, other weights
     torch.save(var.state_dict(), tmp_path / 'var_other.pth')
     torch.save(vae.state_dict(), tmp_path / 'vae_other.pth')
     flags = sample_flags(tiny_ckpts, out, '--per_class=3', '--bs=4', '--seed=1')
@@ -218,7 +218,7 @@ def test_foreign_files_in_out_are_refused(tiny_ckpts, ref_set, tmp_path):
 
 
 def test_trainer_checkpoint_its_ema_weights_and_its_model_flags(tiny_ckpts, tmp_path):
-    vae, var = build_tiny(seed=21)
+    vae, var = build_tiny(fast=True, seed=21)
     ema = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() and 'attn_bias' not in k else v for k, v in var.state_dict().items()}
     args = dict(patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, vae_ch=32, share_quant_resi=4, num_classes=5, depth=2, saln=False, anorm=True)
     ck = {'epoch': 3, 'iter': 0, 'args': args, 'trainer': {'var_wo_ddp': var.state_dict(), 'vae_local': vae.state_dict(), 'var_ema': ema}}
@@ -281,7 +281,7 @@ def test_flags_beyond_the_model_are_named_before_it_is_built(tiny_ckpts, tmp_pat
 def test_fp16_and_bf16_autocast(tiny_ckpts, ref_set, tmp_path):
     """--fp16=1 samples under float16 autocast, --fp16=2 under bfloat16: the same bytes as in-process under that autocast."""
     ref = np.load(str(ref_set) + '.npz')['arr_0'][:6]   # images 0-5: classes 0 and 1, 3 each
-    _, var = build_tiny(seed=21)
+    _, var = build_tiny(fast=True, seed=21)
     for mode, dtype in ((1, torch.float16), (2, torch.bfloat16)):
         out = tmp_path / f'fp16_{mode}'
         run_script(sample_flags(tiny_ckpts, out, '--per_class=3', '--num_classes=2', '--bs=6', '--seed=1', f'--fp16={mode}'))

@@ -24,7 +24,7 @@ PNGS = [f'{i:06d}.png' for i in range(15)]
 @pytest.fixture(scope='module')
 def tiny_ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp('ckpt')
-    vae, var = build_tiny(seed=21)
+    vae, var = build_tiny(fast=True, seed=21)
     torch.save(vae.state_dict(), d / 'vae.pth')
     torch.save(var.state_dict(), d / 'var.pth')
     return d

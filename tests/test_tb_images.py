@@ -44,6 +44,7 @@ def test_vis_epochs_due():
 
 def test_train_py_writes_sample_grids_of_the_ema_weights(shapes_data, tiny_vae_ckpt, tmp_path, one_thread):
     from utils.arg_util import ModelFlags
+    from utils.cpu_speed import speed_up
     from utils.model_loading import load_for_sampling
     from utils.vis import fixed_classes, sample_grid
     from models.weights import load_weights, save_weights
@@ -62,13 +63,16 @@ def test_train_py_writes_sample_grids_of_the_ema_weights(shapes_data, tiny_vae_c
     # the last grid is the EMA weights' samples of the fixed classes and seeds, bit for bit
     flags = dict(var_ckpt=str(out / 'ar-ckpt-last.pth'), fuse=False)
     _, var_ema, _ = load_for_sampling(torch.device('cpu'), ModelFlags(ema=True, **flags))
+    speed_up(var_ema)   # as train.py's
     assert np.array_equal(grids[1][1], sample_grid(var_ema, fixed_classes(6), seed=5))
     _, var_trained, _ = load_for_sampling(torch.device('cpu'), ModelFlags(ema=False, **flags))
+    speed_up(var_trained)
     assert not np.array_equal(grids[1][1], sample_grid(var_trained, fixed_classes(6), seed=5))   # not the trained weights
 
 
 def test_train_vae_writes_reconstructions_and_safetensors(tiny_shapes, tmp_path, one_thread):
     from models import VQVAE
+    from utils.cpu_speed import speed_up
     from utils.vis import reconstruction_grids
     from models.weights import load_weights
     out = tmp_path / 'vae'
@@ -85,6 +89,7 @@ def test_train_vae_writes_reconstructions_and_safetensors(tiny_shapes, tmp_path,
     assert st.keys() == pth.keys() and all(torch.equal(st[k], pth[k]) for k in st)
     vae = VQVAE(vocab_size=64, z_channels=8, ch=32, v_patch_nums=(1, 2, 3, 4), test_mode=True)
     vae.load_state_dict(st, strict=True)
+    speed_up(vae)   # as train_vae.py's
     from utils.data import build_dataset
     _, _, val_set, _ = build_dataset(str(tiny_shapes), final_reso=64, hflip=False, mid_reso=1.125, seed=0)
     inp_B3HW = torch.stack([val_set[i][0] for i in range(4)])

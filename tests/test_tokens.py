@@ -37,7 +37,7 @@ def test_tokens_match_the_tokenizer_and_do_not_depend_on_processes(shapes_data, 
     # row 5 is the tokenizer's output for image 5 and for its flip
     from conftest import build_tiny
     from utils.data import build_dataset
-    vae, _ = build_tiny(seed=11)
+    vae, _ = build_tiny(fast=True, seed=11)
     _, train_set, _, _ = build_dataset(str(shapes_data), final_reso=64, mid_reso=1.0)
     train_set.train = False
     x = train_set[5][0][None]
@@ -91,7 +91,7 @@ def test_training_from_tokens_equals_live_tokenisation(shapes_data, tiny_vae_ckp
 def test_tokens_of_another_tokenizer_are_refused(shapes_data, tokens_one, tmp_path):
     from conftest import build_tiny
     other = tmp_path / 'other_vae.pth'
-    torch.save(build_tiny(seed=99)[0].state_dict(), other)
+    torch.save(build_tiny(fast=True, seed=99)[0].state_dict(), other)
     res = run_script(['train.py', f'--tokens_path={tokens_one}', f'--vae_ckpt={other}', f'--local_out_dir_path={tmp_path / "x"}',
                       *TINY_TRAIN_FLAGS, '--ep=1'], check=False)
     assert res.returncode == 1 and 'were extracted with another tokenizer' in res.stderr
@@ -118,7 +118,7 @@ def assert_refused(res, folder, finished, *what):
 
 def test_a_folder_made_with_another_tokenizer_is_refused_finished_or_not(tiny_shapes, tiny_tokens, tmp_path):
     other = tmp_path / 'other_vae.pth'
-    torch.save(build_tiny(seed=99)[0].state_dict(), other)
+    torch.save(build_tiny(fast=True, seed=99)[0].state_dict(), other)
     meta = json.loads((tiny_tokens / 'meta.json').read_text())
     from utils.token_data import tokenizer_fingerprint
     change = f'the tokenizer weights (fingerprint {meta["tokenizer"]} then, {tokenizer_fingerprint(torch.load(other))} now)'
@@ -236,7 +236,7 @@ def test_crops_3_stores_the_crops_live_training_draws(tiny_shapes, crops_one, cr
     assert meta['crops'] == 3 and meta['crop_seed'] == 7 and 'sample_seed(crop_seed, c, image index)' in meta['crops_drawn']
     assert meta['views']['train'] == ['image', 'hflip', 'random crop 1', 'random crop 1 hflip', 'random crop 2', 'random crop 2 hflip']
     # crop c of image i: the crop the training transform (no flip, --seed=7) draws at epoch c, tokenised with its flip
-    vae, _ = build_tiny(seed=11)
+    vae, _ = build_tiny(fast=True, seed=11)
     _, train_set, _, _ = build_dataset(str(tiny_shapes), final_reso=64, mid_reso=1.25, hflip=False, seed=7)
     for c, i in ((2, 9), (1, 17)):
         x = train_set[(c, i)][0][None]

@@ -1,10 +1,23 @@
 """The fast top-k + top-p filter (no sort of all V) draws the same tokens as the reference's full sort, bit for bit."""
+import contextlib
+
 import pytest
 import torch
 
 import models.helpers as helpers
 from models.helpers import sample_with_top_k_top_p_, top_k_top_p_filter_reference_
-from models.kernels.switch import fast_paths
+
+
+@contextlib.contextmanager
+def fast_filter(on: bool):
+    """The fast filter as it is (on), or refusing every call (off: the reference's full sort runs)."""
+    real = helpers._top_k_top_p_filter_fast_
+    if not on:
+        helpers._top_k_top_p_filter_fast_ = lambda *a: False
+    try:
+        yield
+    finally:
+        helpers._top_k_top_p_filter_fast_ = real
 
 
 def _both(logits_BlV, k, p, seed=0):
@@ -12,7 +25,7 @@ def _both(logits_BlV, k, p, seed=0):
     out = []
     for on in (True, False):
         x = logits_BlV.clone()
-        with fast_paths(on):
+        with fast_filter(on):
             idx = sample_with_top_k_top_p_(x, top_k=k, top_p=p, rng=torch.Generator().manual_seed(seed), num_samples=2)
         out.append((x, idx))
     return out
@@ -49,7 +62,7 @@ def test_nan_rows_fall_back_untouched():
     x = torch.randn(3, 2, 64, generator=torch.Generator().manual_seed(2))
     x[1, 0, 5] = torch.nan
     fast_x = x.clone()
-    with fast_paths(True):
+    with fast_filter(True):
         assert helpers._top_k_top_p_filter_fast_(fast_x, 10, 0.9) is False   # left to the reference
     torch.testing.assert_close(fast_x, x, rtol=0, atol=0, equal_nan=True)   # untouched on fallback
 
@@ -72,7 +85,7 @@ def test_fast_path_taken_on_ordinary_data(monkeypatch):
     # seed 1: no tie at the k-th value nor inside the cut (seed 0 has one tie at a row's cut: the fallback's case)
     x = torch.randn(4, 256, 4096, generator=torch.Generator().manual_seed(1))
     ref_x = x.clone()
-    with fast_paths(False):
+    with fast_filter(False):
         top_k_top_p_filter_reference_(ref_x, 900, 0.96)
 
     def no_sort(*a, **kw):
@@ -88,12 +101,12 @@ def test_other_paths_unchanged():
         (fast_x, fast_idx), (ref_x, ref_idx) = _both(x, k, p)
         assert torch.equal(fast_x, ref_x) and torch.equal(fast_idx, ref_idx)
     for on in (True, False):   # top_k > V raises as the reference does
-        with fast_paths(on), pytest.raises(RuntimeError):
+        with fast_filter(on), pytest.raises(RuntimeError):
             sample_with_top_k_top_p_(x.clone(), top_k=65, top_p=0.9)
     # per-sample generators
     outs = []
     for on in (True, False):
-        with fast_paths(on):
+        with fast_filter(on):
             outs.append(sample_with_top_k_top_p_(x.clone(), top_k=10, top_p=0.9,
                                                  rng=[torch.Generator().manual_seed(s) for s in (1, 2)]))
     assert torch.equal(*outs)

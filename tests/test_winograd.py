@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_kernels import c_winograd, convert, fast_paths, set_fast_paths, winograd
+from cpu_kernels.convert import convert_tree
+from cpu_kernels.winograd import Conv3x3, winograd_conv3x3
 from models import VQVAE
 from models.basic_vae import Upsample2x
-from models.kernels import c_winograd, fast_paths, winograd
-from models.kernels.winograd import Conv3x3, winograd_conv3x3
 
 pytestmark = pytest.mark.usefixtures('cpu_with_fast_kernels')   # the kernels as the AMD rule chooses them
 
@@ -68,7 +69,7 @@ def test_conv3x3_goes_by_winograd_only_where_it_pays_and_applies(winograd_calls)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             conv(big)                               # autocast asks for bfloat16
         with fast_paths(False):
-            conv(big)                               # switched off (VQVAE.set_fast_paths(False))
+            conv(big)                               # switched off (cpu_kernels.fast_paths(False))
         assert winograd_calls == []
     out = conv(big)                                 # autograd on (tokenizer training): the direct conv, differentiable
     assert winograd_calls == [] and out.requires_grad
@@ -76,10 +77,10 @@ def test_conv3x3_goes_by_winograd_only_where_it_pays_and_applies(winograd_calls)
 
 def test_upsample_goes_by_phases_or_by_the_c_kernel_reading_it_upsampled(winograd_calls):
     """Where the 3×3 conv at the large size would go by Winograd, the upsampling conv goes by phases on the small input
-    (chosen over NNPACK on the upsampled one, and closer to the plain path: kernels/upsample.py), or, by this package's
+    (chosen over NNPACK on the upsampled one, and closer to the plain path: cpu_kernels/upsample.py), or, by this package's
     kernel, straight from the small input, read as if upsampled."""
     torch.manual_seed(0)
-    up = Upsample2x(128)
+    up = convert_tree(Upsample2x(128))
     x = torch.randn(2, 128, 32, 32)
     with torch.no_grad():
         fast = up(x)
@@ -92,7 +93,7 @@ def test_upsample_goes_by_phases_or_by_the_c_kernel_reading_it_upsampled(winogra
 def test_tokenizer_with_winograd_matches_the_plain_path(winograd_calls):
     """A tokenizer wide enough for Winograd (ch=128, 64-px images): features, tokens and images as on the plain path."""
     torch.manual_seed(0)
-    vae = VQVAE(vocab_size=64, z_channels=8, ch=128, v_patch_nums=(1, 2, 4), test_mode=True)
+    vae = convert(VQVAE(vocab_size=64, z_channels=8, ch=128, v_patch_nums=(1, 2, 4), test_mode=True))
     img = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         f_fast, idx_fast = vae.encode(img), vae.img_to_idxBl(img)
@@ -100,7 +101,7 @@ def test_tokenizer_with_winograd_matches_the_plain_path(winograd_calls):
         small = (32, 32) if winograd_calls.impl == 'c' else (64, 64)   # the C kernel reads the upsampling conv's small input
         assert winograd_calls and all(s[-2:] in ((64, 64), small) for s in winograd_calls)
         n_fast = len(winograd_calls)
-        vae.set_fast_paths(False)
+        set_fast_paths(False)
         f_ref, idx_ref = vae.encode(img), vae.img_to_idxBl(img)
         rec_ref = vae.idxBl_to_img(idx_ref, same_shape=True, last_one=True)
         assert len(winograd_calls) == n_fast   # the plain path never goes by Winograd

@@ -42,8 +42,6 @@ Environment variables point it at other files (the tests use tiny local checkpoi
 BUILD_CODE = """import json, os, random, sys
 
 sys.path.insert(0, os.path.abspath('.'))   # the repository root
-from utils.threads import shorten_openmp_spin_for_nnpack
-shorten_openmp_spin_for_nnpack()   # before PyTorch loads: OpenMP's idle spin for this CPU (utils/threads.py)
 
 import numpy as np
 import PIL.Image as PImage
@@ -55,6 +53,7 @@ from models.config import PUBLISHED, PUBLISHED_VAE, published_build_kwargs
 from models.hub import resolve_checkpoint   # local path first, huggingface_hub second
 from models.pretrained import class_names, looks_like_repo_id
 from models.weights import load_weights   # .pth or .safetensors
+from utils.cpu_speed import speed_up   # cpu_kernels.convert where that optional package is present
 from utils.weights import load_tokenizer_state
 
 MODEL_DEPTH = int(os.environ.get('VAR_NB_DEPTH', 16))   # 16, 20, 24, 30 or 36 for the published models
@@ -75,6 +74,7 @@ else:
     var.class_names = names if names and len(names) <= var.num_classes else None
 vae.eval()
 var.eval()
+speed_up(vae, var)   # the CPU kernels: the same weights, faster on the CPU
 for p in vae.parameters(): p.requires_grad_(False)
 for p in var.parameters(): p.requires_grad_(False)
 print(f'VAR d{MODEL_DEPTH} ready on {device}: {sum(p.numel() for p in var.parameters()) / 1e6:.1f}M parameters')"""

@@ -7,7 +7,7 @@ AdaLNSelfAttn), in place, as torchtitan and diffusers compile their transformer 
   inputs of the graph, not constants (and DropPath reads its rate from a tensor under compile, models/helpers.py), so
   a d16 model compiles two graphs per input shape (block 0, which has no drop path, and the 15 others), not sixteen;
 - fullgraph=True: a graph break is an error, not a silent fall back to Python between graph pieces. Under
-  torch.compile the kernels of models/kernels take PyTorch's plain ops (F.linear, the layer norm, SDPA), which the
+  torch.compile the kernels of cpu_kernels take PyTorch's plain ops (F.linear, the layer norm, SDPA), which the
   compiler fuses itself; the oneDNN, C and flash-attn paths and their autograd functions run only eagerly;
 - dynamic=False: static shapes. Each (sequence length, batch size, autograd on or off) is a graph of its own; progressive
   training's stages feed other sequence lengths, validation another batch without autograd. torch._dynamo's per-function
@@ -21,7 +21,7 @@ on a trained model) runs them eagerly: each of its 10 scales is another query an
 state that the step appends to, and models/sampling.py has its own way to make that loop fast (CUDA graphs). A block
 that caches keys and values (`attn.caching`) therefore calls its plain forward; nothing is compiled for it.
 
-On CUDA, where models.kernels offers FlexAttention ('flex' in BACKENDS), the compiled blocks attend through it: the
+On CUDA, where models.attention offers FlexAttention ('flex' in BACKENDS), the compiled blocks attend through it: the
 scales' block-causal mask as a block mask, which the compiler turns into one fused kernel that skips the masked-out
 blocks, instead of SDPA reading a dense L x L bias. On the CPU the blocks attend by groups of scales with PyTorch's
 ops. One log line says which.
@@ -35,7 +35,7 @@ from typing import Callable, Optional, Set
 import torch
 import torch.nn as nn
 
-from models import kernels
+from models import attention as attention_backends
 
 __all__ = ['compile_blocks', 'recompile_limit_for', 'compiled_blocks']
 
@@ -90,14 +90,14 @@ def _training_attention(var: nn.Module, device: torch.device) -> str:
     if var.attn_backend == 'math':
         return "the plain matmul-softmax with the dense block-causal mask (attention backend 'math', as chosen)"
     if device.type == 'cuda':
-        if 'flex' in kernels.BACKENDS:
-            usable, why_not = kernels.backend_status('flex')
+        if 'flex' in attention_backends.BACKENDS:
+            usable, why_not = attention_backends.backend_status('flex')
             if usable:
                 var.set_attn_backend('flex')
                 return ("FlexAttention (attention backend 'flex'): the scales' block-causal mask as a block mask, compiled "
                         'into the blocks, instead of SDPA over a dense L x L bias')
             return f"SDPA with the dense block-causal bias: FlexAttention is not usable here ({why_not})"
-        return "SDPA with the dense block-causal bias: this models.kernels has no 'flex' attention backend"
+        return "SDPA with the dense block-causal bias: this models.attention has no 'flex' attention backend"
     return 'SDPA group by group of scales, PyTorch\'s ops (the C kernel and the fused CPU paths run only eagerly)'
 
 

@@ -36,7 +36,7 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from models.kernels import fast_paths_enabled
+from utils.cpu_speed import fast_paths_enabled
 from models.sampling import scale_logits
 
 __all__ = ['use_cuda_graphs', 'ScaleGraphs', 'WARMUP_PASSES']

@@ -5,10 +5,9 @@ PyTorch's scaled-dot-product attention ('sdpa') is the default. flash-attn ('fla
 matmul-softmax reference that every other path is tested against. The backend is the model's choice
 (`VAR.set_attn_backend`, as in the reference's flash_if_available).
 
-Block-causal teacher forcing (a `BlockCausal` spec) goes group by group of scales with the fast paths on
-(switch.py), and with them off (or on 'math') through one dense L×L mask as in the reference. With the fast paths on,
-unmasked float32 CPU attention without autograd (sampling's queries against the KV cache) goes through this package's
-C kernel where the CPU's rule chooses it (c_attention.py).
+Block-causal teacher forcing (a `BlockCausal` spec) goes through its dense L×L mask as in the reference.
+cpu_kernels/attention.py, which a converted model calls instead of this function, goes group by group of scales on
+the CPU.
 
 Letters: B batch, H heads, L query tokens, S key tokens, c head dim.
 """
@@ -21,8 +20,6 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import c_attention
-from .switch import SWITCH, compiling, plain_cpu_float32
 
 __all__ = ['BACKENDS', 'attention', 'BlockCausal', 'block_causal_groups', 'block_causal_key_ends', 'backend_status', 'choose_backend',
            'describe_backends', 'flash_attn_func', 'xformers_attn_func']
@@ -84,41 +81,20 @@ def _math_attention(q_BHLc, k_BHSc, v_BHSc, scale: float, attn_bias: Optional[to
     return attn_BHLS @ v_BHSc
 
 
-def _c_kernel_applies(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor) -> bool:
-    """Unmasked attention without autograd (a scale against the KV cache in sampling) by the C kernel (c_attention.py):
-    float32 CPU, fast paths on, a CPU and head dimension it suits."""
-    return (SWITCH.on and plain_cpu_float32(q_BHLc) and all(t.dtype == torch.float32 for t in (k_BHSc, v_BHSc))
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHLc, k_BHSc, v_BHSc)))
-            and all(t.stride(-1) == 1 for t in (q_BHLc, k_BHSc, v_BHSc)) and c_attention.usable(q_BHLc.shape[-1]))
-
-
-@functools.lru_cache(maxsize=64)
-def _all_keys(L: int, S: int) -> torch.Tensor:
-    """(L,) int32: every query row reads all S keys."""
-    return torch.full((L,), S, dtype=torch.int32)
-
-
 def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, scale: float,
               attn_bias=None, dropout_p: float = 0.0, backend: str = 'sdpa') -> torch.Tensor:
     """softmax(scale·q·kᵀ + bias)·v → (B, H, L, c).
 
     attn_bias: None, an additive float mask or a boolean keep-mask broadcastable to (B, H, L, S), or a
-    `BlockCausal` (S = L: by groups of scales with the fast paths on, else its dense mask).
+    `BlockCausal` (S = L: its dense mask).
     A backend that does not apply to the call (no CUDA, a mask flash-attn cannot take, float32 for
     flash-attn) falls back to SDPA.
     """
-    if isinstance(attn_bias, BlockCausal):   # by groups on the CPU only: on CUDA the groups' slices, copies and
-        # zero-filled slice gradients cost more than the masked-out third of attention (under 1% of a d16 step) saves
-        if SWITCH.on and backend != 'math' and q_BHLc.device.type == 'cpu':
-            return _block_causal_attention(q_BHLc, k_BHSc, v_BHSc, scale, attn_bias, dropout_p, backend)
+    if isinstance(attn_bias, BlockCausal):
         attn_bias = attn_bias.bias
     if backend == 'math':
         return _math_attention(q_BHLc, k_BHSc, v_BHSc, scale, attn_bias, dropout_p)
-    if attn_bias is None and dropout_p == 0.0 and _c_kernel_applies(q_BHLc, k_BHSc, v_BHSc):
-        L, S = q_BHLc.shape[2], k_BHSc.shape[2]
-        oup_BLHc, _ = c_attention.forward(q_BHLc.transpose(1, 2), k_BHSc.transpose(1, 2), v_BHSc.transpose(1, 2), _all_keys(L, S), scale)
-        return oup_BLHc.transpose(1, 2)
-    on_cuda = q_BHLc.is_cuda and not compiling()   # under torch.compile SDPA: flash-attn's and xformers' ops break the graph
+    on_cuda = q_BHLc.is_cuda and not torch.compiler.is_compiling()   # under torch.compile SDPA: flash-attn's and xformers' ops break the graph
     if backend == 'flash' and on_cuda and attn_bias is None and q_BHLc.dtype in (torch.float16, torch.bfloat16):
         fn = flash_attn_func()
         if fn is not None:  # flash-attn takes (B, L, H, c)
@@ -148,7 +124,7 @@ class BlockCausal:
     group also needs `bias` (the dense additive mask) over that window. Large scales form unmasked groups
     of their own (their queries see the whole prefix), small ones share one masked group.
     key_end: None, or (L,) int32 on the CPU: query row i reads keys [0, key_end[i]) (what `bias` says row by row, for
-    kernels that take the mask as row lengths: block_causal.py). Build both with `over_scales`.
+    kernels that take the mask as row lengths: cpu_kernels/block_causal.py). Build both with `over_scales`.
     """
     groups: Tuple[Tuple[int, int, int, bool], ...]
     bias: torch.Tensor
@@ -179,14 +155,6 @@ def block_causal_groups(scale_lengths: Sequence[int], alone_from: int = 64) -> T
     if cur > start:
         groups.append((start, cur, cur, True))
     return tuple(groups)
-
-
-def _block_causal_attention(q_BHLc, k_BHLc, v_BHLc, scale: float, mask: BlockCausal, dropout_p: float, backend: str) -> torch.Tensor:
-    outs = []
-    for qb, qe, ke, masked in mask.groups:
-        bias = mask.bias[..., qb:qe, :ke] if masked else None
-        outs.append(attention(q_BHLc[:, :, qb:qe], k_BHLc[:, :, :ke], v_BHLc[:, :, :ke], scale, bias, dropout_p, backend))
-    return torch.cat(outs, dim=2)
 
 
 def _check_backend(name: str) -> str:

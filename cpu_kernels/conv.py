@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .switch import plain_cpu_float32
 
-__all__ = ['Conv2d', 'conv2d', 'conv2d_reference', 'batch_invariant_applies', 'onednn_conv_available']
+__all__ = ['BatchInvariantConv', 'Conv2d', 'conv2d', 'conv2d_reference', 'batch_invariant_applies', 'onednn_conv_available']
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,10 +53,14 @@ def conv2d(x_BChw: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 conv2d_reference = F.conv2d   # the plain path: whatever kernel PyTorch picks for the batch
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and checkpoint keys) computed by `conv2d`; zero padding only."""
+class BatchInvariantConv:
+    """Mixin for nn.Conv2d subclasses: `_conv_forward` by `conv2d` (zero padding; other padding as nn.Conv2d's)."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.padding_mode != 'zeros' or isinstance(self.padding, str):
             return super()._conv_forward(x, weight, bias)
         return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2d(BatchInvariantConv, nn.Conv2d):
+    """nn.Conv2d (same parameters and checkpoint keys) computed by `conv2d`."""

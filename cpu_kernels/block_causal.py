@@ -28,8 +28,9 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from models.attention import BlockCausal
+
 from . import c_attention
-from .attention_dispatch import BlockCausal
 from .switch import SWITCH, plain_cpu_float32
 
 __all__ = ['applies', 'block_causal_self_attention', 'c_kernel_applies']

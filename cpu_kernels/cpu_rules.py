@@ -1,6 +1,5 @@
 """What this CPU has (vendor, ISA feature flags, cores) and the one table of rules that picks, from that alone, which
-CPU-dependent fast paths run here. Torch-free, so that a script can read its rule before PyTorch is loaded
-(utils/threads.py); models/kernels/choices.py applies it to the kernels and says what it chose.
+CPU-dependent fast paths run here. Torch-free; choices.py applies it to the kernels and says what it chose.
 
     CPU (first match)                 oneDNN linear  Winograd  C attention  why
     AMX (amx_tile or amx_bf16)        off            off       off          not measured by us; a user with AVX-512
@@ -11,7 +10,7 @@ CPU-dependent fast paths run here. Torch-free, so that a script can read its rul
                                                                             takes its AVX2 code on AMD, oneDNN's GEMMs,
                                                                             the C Winograd kernel and the C attention
                                                                             their AVX-512; Winograd on wide maps only
-                                                                            (models/kernels/winograd.py's thresholds);
+                                                                            (winograd.py's thresholds);
                                                                             measured with 2 threads, assumed up to 8
     AMD, avx512f, > 8 cores           off            off       off          not measured
     Intel, avx512f without AMX        off            off       off          not measured; MKL has AVX-512 code on Intel
@@ -19,8 +18,8 @@ CPU-dependent fast paths run here. Torch-free, so that a script can read its rul
                                                                             AVX-512 code)
     anything else (no flags, ARM)     off            off       off          not measured
 
-Where a rule sends convolutions to Winograd (NNPACK's threads or this package's), this project's scripts also shorten
-OpenMP's idle spin (utils/threads.py).
+Where a rule sends convolutions to Winograd (NNPACK's threads or this package's), a shorter OpenMP idle spin, set in
+the environment before Python starts, is faster (threads.py).
 
 Linux: /proc/cpuinfo's `vendor_id` and `flags` of the first processor (the kernel's names: avx2, avx512f,
 amx_tile, amx_bf16, ...) and the CPUs this process may run on. Elsewhere (or unreadable): no vendor and no

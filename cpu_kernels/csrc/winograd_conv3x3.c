@@ -1,4 +1,4 @@
-/* 3×3 convolution, stride 1, zero padding 1, float32, by Winograd's F(4×4, 3×3), AVX-512 (models/kernels/c_winograd.py).
+/* 3×3 convolution, stride 1, zero padding 1, float32, by Winograd's F(4×4, 3×3), AVX-512 (cpu_kernels/c_winograd.py).
  *
  * A 4×4 tile of output comes from a 6×6 tile of input with 36 products per (input, output) channel pair instead of
  * 144 (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):

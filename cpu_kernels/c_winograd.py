@@ -10,7 +10,7 @@ The layer before the conv can be read into it: a nearest ×2 upsampling (the dec
 a GroupNorm and SiLU (the ResnetBlock's: winograd.norm_silu_conv3x3), the norm's statistics gathered in one pass
 first. Neither is then made in memory: the upsampled or normalised activation is never written out and read back.
 
-It runs where the CPU's rule chooses Winograd (utils/cpu_rules.py), the CPU has AVX-512 and it could be built
+It runs where the CPU's rule chooses Winograd (cpu_rules.py), the CPU has AVX-512 and it could be built
 (native.py); elsewhere winograd.py calls NNPACK. Letters: B batch, C/O input/output channels, h/w height/width,
 P the 36 positions of a 6×6 tile.
 """
@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from utils.cpu_rules import read_cpu_features
+from .cpu_rules import read_cpu_features
 
 from . import native
 

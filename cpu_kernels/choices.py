@@ -5,8 +5,8 @@ matmul instead of MKL's for the float32 linear layers (matmul.py), NNPACK's Wino
 3×3 conv (winograd.py), this package's C kernel instead of PyTorch's flash kernel for attention
 (c_attention.py). They are chosen from the CPU's vendor, ISA flags and core count by the first matching rule
 of CPU_RULES; never by timing, so the same machine always takes the same kernels. Where nothing was measured the
-rule keeps PyTorch's plain kernel. The table (with each rule's reason) is in utils/cpu_rules.py, torch-free so that
-a script can read it before PyTorch is loaded (utils/threads.py); `python bench.py cpu` prints the rule matched.
+rule keeps PyTorch's plain kernel. The table (with each rule's reason) is in cpu_rules.py, torch-free;
+`python bench.py cpu` prints the rule matched.
 
 The other fast paths do fewer operations, move fewer bytes or keep fewer activations with PyTorch's own kernels
 (polyphase upsampling, 3×3 convs to a few channels by taps, channels-last layout, in-place residual adds, images in
@@ -20,14 +20,15 @@ from typing import List
 
 import torch
 
-from utils.cpu_rules import CpuRule, read_cpu_features, rule_for
-from utils.threads import describe_openmp_spin
+from models.attention import choose_backend, describe_backends
 
+from .cpu_rules import CpuRule, read_cpu_features, rule_for
 from .switch import SWITCH
+from .threads import describe_openmp_spin
 
 __all__ = ['cpu_rule', 'describe_choices', 'describe_attention', 'log_choices_once']
 
-logger = logging.getLogger('models.kernels')
+logger = logging.getLogger('cpu_kernels')
 
 _logged = {'done': False}
 
@@ -50,7 +51,8 @@ def describe_choices() -> List[str]:
     from .c_attention import C_HEAD_DIM, status as c_attention_status
     from .conv import onednn_conv_available
     from .heap import glibc
-    from .matmul import fused_mlp_func, onednn_available
+    from models.basic_var import fused_mlp_func
+    from .matmul import onednn_available
     from .memory import CHANNELS_LAST_MIN_WIDTH, CPU_CHUNK_BYTES
     from .narrow_conv import NARROW_MAX_OUT_CHANNELS, NARROW_MIN_IN_CHANNELS
     from .c_winograd import status as c_winograd_status
@@ -100,13 +102,12 @@ def describe_choices() -> List[str]:
 
 def describe_attention() -> str:
     """The attention backend a model built with flash_if_available=True takes here."""
-    from .attention_dispatch import choose_backend, describe_backends
     return f'attention: {describe_backends(choose_backend(True))}'
 
 
 def log_choices_once() -> None:
-    """Log describe_choices() at INFO the first time a model is built in this process."""
+    """Log describe_choices() at INFO the first time a model is converted in this process."""
     if _logged['done']:
         return
     _logged['done'] = True
-    logger.info('fast kernels (models.kernels.set_fast_paths to switch):\n  %s', '\n  '.join(describe_choices()))
+    logger.info('fast kernels (cpu_kernels.fast_paths to switch):\n  %s', '\n  '.join(describe_choices()))

@@ -6,7 +6,7 @@ oneDNN (fast path, CPU float32). PyTorch computes a float32 `F.linear` and its g
 in its epilogue and can apply the FFN's GELU there too. The input gradient and the weight gradient go through oneDNN
 as well. Results differ from MKL's by float rounding (~1e-6 relative). Used for float32 on the CPU with autocast off
 (bf16/fp16 autocast, torch.compile and CUDA keep F.linear), when this PyTorch build has oneDNN, the fast paths are on
-(switch.py) and the CPU's rule chooses it (utils/cpu_rules.py: `onednn_linear`, applied in choices.py).
+(switch.py) and the CPU's rule chooses it (cpu_rules.py: `onednn_linear`, applied in choices.py).
 
 flash-attn's fused MLP (CUDA, as in the reference): fc1, GELU and fc2 in one kernel when flash-attn's
 fused_dense extension is installed and the model was built with fused_if_available (the reference's own
@@ -15,18 +15,18 @@ option, not this package's switch).
 Letters: N rows (all leading dimensions together), K input features, O output features.
 """
 import functools
-import importlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.basic_var import fused_mlp_func
+
 from .choices import cpu_rule
 from .switch import SWITCH, compiling, plain_cpu_float32
 
-__all__ = ['Linear', 'linear', 'linear_reference', 'mlp_gelu', 'onednn_applies', 'onednn_available', 'fused_mlp_func',
-           'ACTIVATIONS']
+__all__ = ['Linear', 'linear', 'linear_reference', 'mlp_gelu', 'onednn_applies', 'onednn_available', 'ACTIVATIONS']
 
 ACTIVATIONS = (None, 'gelu_tanh')
 
@@ -41,15 +41,6 @@ def onednn_available() -> bool:
         return bool(torch.equal(torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], ''), F.linear(x, w)))
     except (AttributeError, RuntimeError):
         return False
-
-
-@functools.lru_cache(maxsize=None)
-def fused_mlp_func() -> Optional[Callable]:
-    """flash_attn.ops.fused_dense.fused_mlp_func if installed and importable, else None."""
-    try:
-        return importlib.import_module('flash_attn.ops.fused_dense').fused_mlp_func
-    except Exception:  # flash-attn without its fused_dense extension, or not installed
-        return None
 
 
 def onednn_applies(x: torch.Tensor) -> bool:

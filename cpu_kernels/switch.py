@@ -1,9 +1,8 @@
 """Whether a fast path may run: the one process-wide switch, and what the execution context allows.
 
 `set_fast_paths(False)` (or `with fast_paths(False):`) makes every kernel of this package take its plain
-reference path, the ops the reference implementation calls. The switch is on by default; importing changes
-nothing. It is process-wide: it applies to every model, whichever `VAR.set_fast_paths` / `VQVAE.set_fast_paths`
-flipped it.
+reference path, the ops the reference implementation calls, in every converted model (convert.py). The switch is on
+by default; importing changes nothing. It is process-wide: it applies to every converted model at once.
 """
 import contextlib
 import logging
@@ -33,11 +32,11 @@ def fast_paths_enabled() -> bool:
 
 
 def set_fast_paths(enabled: bool) -> None:
-    """Turn every fast path of models.kernels on (default) or off (the reference's plain ops), process-wide."""
+    """Turn every fast path of cpu_kernels on (default) or off (the reference's plain ops), process-wide."""
     if not isinstance(enabled, bool):
         raise TypeError(f'set_fast_paths takes True or False, got {enabled!r}')
     if enabled != SWITCH.on:
-        logger.info('models.kernels: fast paths %s', 'on' if enabled else 'off (the reference\'s plain ops)')
+        logger.info('cpu_kernels: fast paths %s', 'on' if enabled else 'off (the reference\'s plain ops)')
     SWITCH.on = enabled
 
 

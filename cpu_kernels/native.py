@@ -1,7 +1,7 @@
 """This package's C kernels (csrc/): compiled on first use with the system's C compiler, cached on disk, loaded by ctypes.
 
 A kernel here is plain C with x86 intrinsics and no PyTorch headers, so any C11 compiler builds it on the spot and
-there is no build step at install time. It is compiled only where the CPU's rule uses it (utils/cpu_rules.py),
+there is no build step at install time. It is compiled only where the CPU's rule uses it (cpu_rules.py),
 the first time a model needs it, into `$VAR_KERNEL_CACHE` (default `$XDG_CACHE_HOME/var_kernels`, else
 `~/.cache/var_kernels`), under a name made from the source, the headers of csrc/, the flags and the compiler's version:
 an edited source or header is rebuilt, a cached one is loaded as is. The library is written under a temporary name and

@@ -1,4 +1,4 @@
-/* Block-causal self-attention, forward and backward, float32, AVX-512 (models/kernels/c_attention.py calls it).
+/* Block-causal self-attention, forward and backward, float32, AVX-512 (cpu_kernels/c_attention.py calls it).
  *
  * For one (batch, head) slice: query row i reads keys [0, key_end[i]) (block-causal over scales: every token of a
  * scale sees the tokens of its own and the coarser scales), with the head dimension c = 64.

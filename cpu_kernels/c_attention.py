@@ -8,7 +8,7 @@ q, k, v and their gradients in whatever (B, L, H, c) layout they are (the qkv pr
 Results differ from PyTorch's by float rounding (~2e-7 of the output's scale, gradients ~4e-7, as PyTorch's own
 against float64).
 
-It runs where the CPU's rule says (utils/cpu_rules.py: `c_attention`) and it could be built (native.py); elsewhere
+It runs where the CPU's rule says (cpu_rules.py: `c_attention`) and it could be built (native.py); elsewhere
 the callers keep PyTorch's kernel. Letters: B batch, L query rows, S keys, H heads, c head dim.
 """
 import ctypes
