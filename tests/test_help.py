@@ -30,7 +30,8 @@ FLAG_CLASSES = [('utils.arg_util', 'Args'), ('utils.arg_util', 'VAEArgs'), ('uti
                 ('utils.arg_util', 'ModelFlags'), ('sample', 'SampleArgs'), ('edit', 'EditArgs'), ('evaluate', 'EvaluateArgs'),
                 ('demo', 'DemoArgs'), ('bench', 'BenchArgs'), ('bench_fsdp', 'WorkerArgs'), ('utils.toy_data', 'ToyDataArgs'),
                 ('tools.consolidate_ckpt', 'ConsolidateArgs'), ('tools.gpu_check_summary', 'SummaryArgs'),
-                ('tools.make_demo_notebook', 'NotebookArgs')]
+                ('tools.make_demo_notebook', 'NotebookArgs'), ('tools.gpu_profile', 'ProfileArgs'), ('tools.gpu_memory', 'MemoryArgs'),
+                ('tools.gpu_export', 'ExportArgs')]
 
 _HEADING = re.compile(r'^(\S.*):$')
 _OPTION = re.compile(r'^  (?:-\w, )?(--[\w-]+)(?: \S+)?(?:\s{2,}(\S.*))?$')      # "  --name METAVAR   text"
