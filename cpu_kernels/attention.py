@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from models.attention import BlockCausal, attention as plain_attention
+from models.attention import BlockCausal, attention as plain_attention, flex_block_mask
 
 from . import c_attention
 from .switch import SWITCH, plain_cpu_float32
@@ -40,6 +40,10 @@ def _all_keys(L: int, S: int) -> torch.Tensor:
 def attention(q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor, scale: float,
               attn_bias=None, dropout_p: float = 0.0, backend: str = 'sdpa') -> torch.Tensor:
     """models.attention.attention (the same arguments, the same result up to float rounding), with the CPU paths above."""
+    if backend == 'flex':
+        if flex_block_mask(q_BHLc, k_BHSc, v_BHSc, attn_bias, dropout_p) is not None:
+            return plain_attention(q_BHLc, k_BHSc, v_BHSc, scale, attn_bias, dropout_p, backend)
+        backend = 'sdpa'   # where flex does not apply, what models.attention falls back to
     if isinstance(attn_bias, BlockCausal):
         if SWITCH.on and backend != 'math' and q_BHLc.device.type == 'cpu':
             return _block_causal_attention(q_BHLc, k_BHSc, v_BHSc, scale, attn_bias, dropout_p, backend)

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from models.attention import BlockCausal
+from models.attention import BlockCausal, flex
 
 from . import c_attention
 from .switch import SWITCH, plain_cpu_float32
@@ -39,9 +39,10 @@ _NORM_EPS = 1e-12   # F.normalize's default
 
 
 def applies(qkv_BL3Hc: torch.Tensor, attn_bias, dropout_p: float, backend: str) -> bool:
-    """Whether `block_causal_self_attention` may replace SelfAttention's plain path for this call."""
+    """Whether `block_causal_self_attention` may replace SelfAttention's plain path for this call ('flex': only where
+    FlexAttention does not apply, i.e. CPU training)."""
     return (isinstance(attn_bias, BlockCausal) and SWITCH.on and backend != 'math' and dropout_p == 0.0
-            and plain_cpu_float32(qkv_BL3Hc))
+            and plain_cpu_float32(qkv_BL3Hc) and not (backend == 'flex' and flex.flex_applies(dropout_p, qkv_BL3Hc)))
 
 
 def block_causal_self_attention(qkv_BL3Hc: torch.Tensor, scale_mul_1H11: Optional[torch.Tensor], scale: float,

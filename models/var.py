@@ -48,7 +48,7 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         self.cond_drop_rate = cond_drop_rate
         self.grad_ckpt = False  # activation checkpointing of every block while training
         # teacher forcing: the attention is told the mask is block-causal over scales (an attention.BlockCausal), not
-        # only given the dense L×L mask, so that a kernel may skip what the mask hides (the plain path uses the mask)
+        # only given the dense L×L mask, so that a kernel may skip what the mask hides ('flex'; the plain path uses the mask)
         self.grouped_attention = True
 
         self.patch_nums = tuple(patch_nums)
@@ -236,9 +236,11 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         x_BLC = x_BLC.to(dtype=main_type)
         cond_BD_or_gss = cond_BD_or_gss.to(dtype=main_type)
         attn_bias = attn_bias.to(dtype=main_type)
-        if self.grouped_attention and self.attn_backend != 'math':
+        if (self.grouped_attention and self.attn_backend != 'math') or self.attn_backend == 'flex':
             n_scales = len(self.patch_nums) if prog_si < 0 else prog_si + 1
-            attn_bias = BlockCausal.over_scales([pn * pn for pn in self.patch_nums[:n_scales]], attn_bias)
+            # 'flex': its BlockMask made here, outside compiled blocks, once per shape (kernels/flex.py)
+            attn_bias = BlockCausal.over_scales([pn * pn for pn in self.patch_nums[:n_scales]], attn_bias,
+                                                flex_mask=self.attn_backend == 'flex')
 
         for b in self.blocks:
             if self.grad_ckpt and self.training and torch.is_grad_enabled():
