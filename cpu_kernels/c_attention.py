@@ -1,7 +1,7 @@
 """Attention by this package's C kernel (csrc/block_causal_attention.c): float32, head dimension 64, AVX-512.
 
 Each query row reads a prefix of the keys, [0, key_end[row]): block-causal teacher forcing (block_causal.py, forward
-and backward) and a scale's queries against the whole KV cache in sampling (attention_dispatch.py, forward only).
+and backward) and a scale's queries against the whole KV cache in sampling (attention.py, forward only).
 PyTorch's CPU flash kernel computes the same by calling MKL's GEMM on small blocks, and MKL runs its AVX2 code on
 AMD CPUs; this kernel does every product with AVX-512 register blocks, reads the keys each row needs only, and takes
 q, k, v and their gradients in whatever (B, L, H, c) layout they are (the qkv projection's, the KV cache's).

@@ -238,7 +238,7 @@ class VAR(nn.Module, HubMixin, weights_kind='var'):
         attn_bias = attn_bias.to(dtype=main_type)
         if (self.grouped_attention and self.attn_backend != 'math') or self.attn_backend == 'flex':
             n_scales = len(self.patch_nums) if prog_si < 0 else prog_si + 1
-            # 'flex': its BlockMask made here, outside compiled blocks, once per shape (kernels/flex.py)
+            # 'flex': its BlockMask made here, outside compiled blocks, once per shape (flex_attention.py)
             attn_bias = BlockCausal.over_scales([pn * pn for pn in self.patch_nums[:n_scales]], attn_bias,
                                                 flex_mask=self.attn_backend == 'flex')
 

@@ -272,7 +272,7 @@ def test_flex_backend_is_accepted_described_and_logged(counted, caplog, monkeypa
     assert usable == flex_available('cuda') and (usable or 'CUDA' in why_not)
     monkeypatch.setattr(flex, '_NOTED_EAGER', False)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger='models.kernels.flex'), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger='models.flex_attention'), torch.no_grad():
         var(labels, x_BLCv)
         var(labels, x_BLCv)
     eager_notes = [r for r in caplog.records if 'running eagerly' in r.getMessage()]

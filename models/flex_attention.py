@@ -10,7 +10,7 @@ FlexAttention is fused (Triton on CUDA, C++ on the CPU) only under torch.compile
 score matrix: correct, but slower than SDPA, and logged once when it happens. On the CPU it has no backward, so
 CPU training with 'flex' takes the other paths (`flex_applies`).
 
-torch.nn.attention.flex_attention is imported on first use, not with this package (it pulls in torch.fx's symbolic
+torch.nn.attention.flex_attention is imported on first use, not with this module (it pulls in torch.fx's symbolic
 shapes); after that first eager use its functions are plain module globals, which torch.compile traces without breaks.
 
 Letters: B batch, H heads, L tokens (queries and keys: self-attention over all scales fed), c head dim.
