@@ -239,7 +239,10 @@ def test_checkpoint_every_few_minutes(tiny_shapes, tiny_vae_ckpt, tmp_path):
 
 GRAD_CKPT_RUN = '''
 import runpy, sys
-import models.basic_var as bv
+try:   # the block class train.py's converted models run (cpu_kernels.convert), else the plain one
+    import cpu_kernels.transformer as bv
+except ImportError:
+    import models.basic_var as bv
 calls = [0]
 forward = bv.AdaLNSelfAttn.forward
 def counted(self, *a, **k):
