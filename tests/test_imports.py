@@ -2,8 +2,8 @@
 never utils/, tools/, tests/ or a script at the root; no project import hides inside a function; and its modules form no
 import cycle. Read from the source with ast, nothing imported.
 
-Every models/*.py is checked; models/kernels/ is not in that glob, being a package of its own that leaves models/, and
-a file of it that stays in models/ is checked by the glob like any other.
+Every models/*.py is checked (models/ has no subpackage: the CPU kernels are the package cpu_kernels/ beside it, which
+models/ never imports).
 """
 import ast
 from pathlib import Path
