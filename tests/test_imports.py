@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Set, Tuple
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# the project's own packages and folders other than models/; the scripts at the root are added per repository
-OTHER_PROJECT_PACKAGES = {'utils', 'tools', 'tests'}
+# the project's own packages and folders other than models/ (the optional cpu_kernels too); the scripts at the root are added per repository
+OTHER_PROJECT_PACKAGES = {'utils', 'tools', 'tests', 'cpu_kernels'}   # cpu_kernels converts models; they never import it
 
 
 def root_scripts(repo: Path) -> Set[str]:
