@@ -1,5 +1,6 @@
 """evaluate.py: the Fréchet distance against scipy, and the whole command offline with Inception weights made for the test."""
 import json
+import os
 import re
 
 import numpy as np
@@ -218,37 +219,32 @@ def test_inception_weights_are_read_with_weights_only(tmp_path):
     assert not marker.exists(), 'the weights file ran code'
 
 
-def test_fid_uses_the_statistics_a_reference_batch_stores(tmp_path):
+def test_fid_uses_the_statistics_a_reference_batch_stores(tmp_path, monkeypatch):
     """The OpenAI reference batches store 'mu' and 'sigma' of the whole reference set; FID is taken against those (as their
-    evaluator does), not against the features of the few images of arr_0; precision and recall still use arr_0."""
+    evaluator does), not against the features of the few images of arr_0; precision and recall still use arr_0. The
+    network is replaced by fixed features per file (the whole path through Inception is the test above)."""
     import evaluate
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    weights = tmp_path / 'inception.pth'
-    fake_inception_weights(weights, toy_images(np.random.default_rng(0), 1, 1, 0))
     rng = np.random.default_rng(1)
-    ref, smp = toy_images(rng, 4, 2, 2), toy_images(rng, 2, 3, 3)
+    feats = {'ref': rng.normal(size=(12, 2048)), 'smp': rng.normal(size=(9, 2048)) + 0.5}
+    logits = {'ref': rng.normal(size=(12, 1008)), 'smp': rng.normal(size=(9, 1008))}
+    monkeypatch.setattr(evaluate, 'load_inception', lambda weights, device: 'net')
+    monkeypatch.setattr(evaluate, 'inception_features',
+                        lambda net, path, bs, device: (feats[os.path.basename(path)[:3]], logits[os.path.basename(path)[:3]]))
     mu, a = rng.normal(size=2048), rng.normal(size=(2048, 64))
     sigma = a @ a.T / 64
-    np.savez(tmp_path / 'plain.npz', arr_0=ref)
-    np.savez(tmp_path / 'stats.npz', arr_0=ref, mu=mu, sigma=sigma)
-    kw = dict(inception_weights=str(weights), bs=4, splits=2, k=1, device='cpu')
-    plain = evaluate.evaluate(str(tmp_path / 'plain.npz'), _npz(tmp_path, smp), **kw)
-    stored = evaluate.evaluate(str(tmp_path / 'stats.npz'), _npz(tmp_path, smp), **kw)
-    net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'], feature_extractor_weights_path=str(weights)).eval()
-    with torch.no_grad():
-        pool = net(torch.from_numpy(smp).permute(0, 3, 1, 2).contiguous())[0].double().numpy()
-    want = frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), mu, sigma)
-    assert stored['fid'] == pytest.approx(want, rel=1e-6) and abs(stored['fid'] - plain['fid']) > 1
+    images = np.zeros((12, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / 'ref_plain.npz', arr_0=images)
+    np.savez(tmp_path / 'ref_stats.npz', arr_0=images, mu=mu, sigma=sigma)
+    np.savez(tmp_path / 'smp.npz', arr_0=images[:9])
+    kw = dict(bs=4, splits=2, k=1, device='cpu')
+    plain = evaluate.evaluate(str(tmp_path / 'ref_plain.npz'), str(tmp_path / 'smp.npz'), **kw)
+    stored = evaluate.evaluate(str(tmp_path / 'ref_stats.npz'), str(tmp_path / 'smp.npz'), **kw)
+    pool = feats['smp']
+    assert stored['fid'] == pytest.approx(frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), mu, sigma), rel=1e-9)
+    assert abs(stored['fid'] - plain['fid']) > 1   # plain: arr_0's statistics (the test above checks that value)
     assert (stored['fid_reference_stats'], plain['fid_reference_stats']) == ('stored mu/sigma', 'arr_0')
     for key in ('precision', 'recall', 'inception_score'):
         assert stored[key] == plain[key], key
-    np.savez(tmp_path / 'half.npz', arr_0=ref, mu=mu)
+    np.savez(tmp_path / 'ref_half.npz', arr_0=images, mu=mu)
     with pytest.raises(evaluate.EvaluationInputError, match='mu without sigma'):
-        evaluate.evaluate(str(tmp_path / 'half.npz'), _npz(tmp_path, smp), **kw)
-
-
-def _npz(tmp_path, images) -> str:
-    path = tmp_path / 'samples.npz'
-    if not path.exists():
-        np.savez(path, arr_0=images)
-    return str(path)
+        evaluate.evaluate(str(tmp_path / 'ref_half.npz'), str(tmp_path / 'smp.npz'), **kw)
