@@ -25,8 +25,6 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 
 import dist
 from models.helpers import EDIT_MODES, make_edit_mask
@@ -35,7 +33,8 @@ from utils.class_names import NULL_CLASS, describe_class, parse_class
 from utils.cli import UserError, run_main
 from utils.cpu_speed import speed_up
 from utils.data import normalize_01_into_pm1
-from utils.imgs import IMAGE_READ_ERRORS, load_rgb, save_png_atomic, to_uint8_BHW3
+from utils.imgs import (IMAGE_READ_ERRORS, centre_crop_square, load_rgb, resize_short_side, save_png_atomic, to_tensor01,
+                        to_uint8_BHW3)
 from utils.log import setup_logging
 from utils.model_loading import build_from_weights, given_flags, read_weights
 
@@ -171,12 +170,12 @@ def read_mask(path: str, image_wh) -> PIL.Image.Image:
 
 def square_crop(img: PIL.Image.Image, size: int) -> PIL.Image.Image:
     """The model's view of a photo (and of its mask): short side resized to `size` (Lanczos), centre crop size x size."""
-    return TF.center_crop(TF.resize(img, size, interpolation=InterpolationMode.LANCZOS), [size, size])
+    return centre_crop_square(resize_short_side(img, size), size)
 
 
 def model_input(image: PIL.Image.Image, size: int) -> torch.Tensor:
     """(1, 3, size, size) in [-1, 1]: the photo as the model sees it."""
-    return normalize_01_into_pm1(TF.to_tensor(square_crop(image, size)))[None]
+    return normalize_01_into_pm1(to_tensor01(square_crop(image, size)))[None]
 
 
 def load_image(path: str, size: int) -> torch.Tensor:

@@ -136,3 +136,23 @@ def test_images_without_a_defined_rgb_are_refused_not_guessed(tmp_path, case, me
     ds = ImageFolderDataset([(str(path), 0), (str(good), 1)], final_reso=SIZE, mid_reso=1.0, train=False)
     img_3hw, label = ds[0]                          # skipped with a warning, counted
     assert label == 1 and int(ds.n_skipped) == 1 and img_3hw[2].min() == 1
+
+
+@pytest.mark.parametrize('w, h', [(64, 48), (48, 64), (37, 91), (90, 90), (73, 71), (300, 41)])
+def test_the_transforms_are_torchvisions_pixel_for_pixel(w, h):
+    """utils.imgs' resize, crops, flip and to-tensor give torchvision.transforms.functional's results exactly (the data
+    sets and edit.py use them instead of importing torchvision at every start)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+    from utils.imgs import centre_crop_square, crop_square, hflip, resize_short_side, to_tensor01
+    rng = np.random.default_rng(w * 1000 + h)
+    for mode, shape in (('RGB', (h, w, 3)), ('L', (h, w))):
+        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        for size in (32, 41, min(w, h)):
+            ours, theirs = resize_short_side(img, size), TF.resize(img, size, interpolation=InterpolationMode.LANCZOS)
+            assert ours.size == theirs.size and np.array_equal(np.asarray(ours), np.asarray(theirs)), (mode, size)
+            r = min(ours.size) - 3
+            assert np.array_equal(np.asarray(centre_crop_square(ours, r)), np.asarray(TF.center_crop(theirs, [r, r])))
+            assert np.array_equal(np.asarray(crop_square(ours, 2, 1, r)), np.asarray(TF.crop(theirs, 2, 1, r, r)))
+        assert np.array_equal(np.asarray(hflip(img)), np.asarray(TF.hflip(img)))
+        assert torch.equal(to_tensor01(img), TF.to_tensor(img))

@@ -11,12 +11,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import PIL.Image
 import torch
-import torchvision.transforms.functional as TF
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode
 
 from utils.cli import UserError
-from utils.imgs import load_rgb
+from utils.imgs import centre_crop_square, crop_square, hflip, load_rgb, resize_short_side, to_tensor01
 
 __all__ = ['IMG_EXTENSIONS', 'DataFolderError', 'scan_class_folder', 'check_data_path', 'ImageFolderDataset',
            'build_dataset', 'normalize_01_into_pm1', 'sample_seed']
@@ -114,12 +112,12 @@ class ImageFolderDataset(Dataset):
 
     def transform(self, img: PIL.Image.Image, g: torch.Generator) -> torch.Tensor:
         if self.train and self.hflip and torch.rand(1, generator=g).item() < 0.5:
-            img = TF.hflip(img)
+            img = hflip(img)
         return self.crop(self.resize(img), g if self.train else None)
 
     def resize(self, img: PIL.Image.Image) -> PIL.Image.Image:
         """Short side → mid_reso (Lanczos)."""
-        return TF.resize(img, self.mid_reso, interpolation=InterpolationMode.LANCZOS)
+        return resize_short_side(img, self.mid_reso)
 
     def crop(self, img: PIL.Image.Image, g: Optional[torch.Generator]) -> torch.Tensor:
         """A final_reso square of a resized image in [-1, 1]: the random crop training draws from g, or with g None the centre
@@ -129,10 +127,10 @@ class ImageFolderDataset(Dataset):
             w, h = img.size
             i = int(torch.randint(0, h - r + 1, (1,), generator=g))
             j = int(torch.randint(0, w - r + 1, (1,), generator=g))
-            img = TF.crop(img, i, j, r, r)
+            img = crop_square(img, i, j, r)
         else:
-            img = TF.center_crop(img, [r, r])
-        return normalize_01_into_pm1(TF.to_tensor(img))
+            img = centre_crop_square(img, r)
+        return normalize_01_into_pm1(to_tensor01(img))
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]):
         epoch, index = key if isinstance(key, tuple) else (0, key)

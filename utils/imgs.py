@@ -11,7 +11,8 @@ import torch
 
 from utils.ckpt import write_bytes_atomic
 
-__all__ = ['IMAGE_READ_ERRORS', 'load_rgb', 'to_rgb', 'to_uint8_BHW3', 'save_png_atomic', 'make_grid', 'save_grid']
+__all__ = ['IMAGE_READ_ERRORS', 'load_rgb', 'to_rgb', 'resize_short_side', 'crop_square', 'centre_crop_square', 'hflip', 'to_tensor01',
+           'to_uint8_BHW3', 'save_png_atomic', 'make_grid', 'save_grid']
 
 WHITE = (255, 255, 255)
 # what reading a damaged, truncated, oversized or unsupported image file raises (PIL's plugins use all of these)
@@ -62,6 +63,47 @@ def _sixteen_bit_to_8bit(img: PIL.Image.Image) -> PIL.Image.Image:
         alpha_hw = np.where(v_hw == key, 0, 255).astype(np.uint8)
         return PIL.Image.fromarray(np.stack([l_hw, alpha_hw], axis=-1))   # LA
     return PIL.Image.fromarray(l_hw)   # L
+
+
+# The data transforms, on PIL images, pixel for pixel as torchvision.transforms.functional computes them (the reference's
+# pipeline; tests/test_image_io.py compares the two) without importing torchvision, which every script would pay for at start.
+def resize_short_side(img: PIL.Image.Image, size: int) -> PIL.Image.Image:
+    """The short side to `size`, the long one int(size * long / short), Lanczos (TF.resize(img, size, LANCZOS))."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), PIL.Image.LANCZOS)
+
+
+def crop_square(img: PIL.Image.Image, top: int, left: int, r: int) -> PIL.Image.Image:
+    """The r x r square at (top, left) (TF.crop(img, top, left, r, r))."""
+    return img.crop((left, top, left + r, top + r))
+
+
+def centre_crop_square(img: PIL.Image.Image, r: int) -> PIL.Image.Image:
+    """The centre r x r square, its offsets rounded as TF.center_crop rounds them; the image must be at least r x r."""
+    w, h = img.size
+    if r > w or r > h:
+        raise ValueError(f'a {r}x{r} centre crop of a {w}x{h} image')
+    if (w, h) == (r, r):
+        return img
+    return crop_square(img, int(round((h - r) / 2.0)), int(round((w - r) / 2.0)), r)
+
+
+def hflip(img: PIL.Image.Image) -> PIL.Image.Image:
+    return img.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+
+
+def to_tensor01(img: PIL.Image.Image) -> torch.Tensor:
+    """(C, H, W) float in [0, 1] of an 8-bit image (RGB or L), as TF.to_tensor gives it."""
+    if img.mode not in ('RGB', 'L'):
+        raise ValueError(f'to_tensor01 takes RGB or L images, not {img.mode}')
+    arr = np.array(img, dtype=np.uint8, copy=True)
+    t = torch.from_numpy(arr).view(img.size[1], img.size[0], len(img.getbands())).permute(2, 0, 1).contiguous()
+    return t.to(dtype=torch.get_default_dtype()).div(255)
 
 
 def to_uint8_BHW3(img_B3HW: torch.Tensor) -> np.ndarray:
