@@ -5,9 +5,8 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from utils.parallel import clip_grad_norm
+from utils.parallel import clip_grad_norm, is_dtensor
 
 __all__ = ['AmpOptimizer', 'build_adamw', 'MAX_LOSS_SCALE']
 
@@ -50,7 +49,7 @@ class AmpOptimizer:
 
     def __init__(self, device_type: str, mixed_precision: int, optimizer: torch.optim.Optimizer, names: List[str],
                  paras: List[torch.nn.Parameter], grad_clip: float, n_gradient_accumulation: int = 1):
-        self.sharded = any(isinstance(p, DTensor) for p in paras)   # FSDP2 shards (--fsdp=1)
+        self.sharded = any(is_dtensor(p) for p in paras)   # FSDP2 shards (--fsdp=1)
         self.enable_amp = mixed_precision > 0
         self.using_fp16_rather_bf16 = mixed_precision == 1
         self.device_type = device_type

@@ -9,12 +9,12 @@ forward passes (collectives under FSDP) in step when their validation shards dif
 """
 import contextlib
 import logging
+import sys
 import warnings
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import default_collate
 
@@ -25,6 +25,13 @@ __all__ = ['checkpoint_store', 'is_sharded', 'sharding_on', 'wrap_for_training',
 
 logger = logging.getLogger(__name__)
 
+
+
+def is_dtensor(t) -> bool:
+    """Whether t is a DTensor (an FSDP2 shard). No tensor is one unless FSDP2 has loaded torch.distributed.tensor, whose
+    import (sympy and the symbolic-shape machinery) every script would otherwise pay for at start."""
+    module = sys.modules.get('torch.distributed.tensor')
+    return module is not None and isinstance(t, module.DTensor)
 
 def sharding_on(args) -> bool:
     """--fsdp=1 with more than one process (one process has nothing to shard: it trains unwrapped, checkpoints in DCP's format)."""
@@ -42,7 +49,7 @@ def checkpoint_store(args):
 
 def is_sharded(module: nn.Module) -> bool:
     """Whether the module's parameters are FSDP2 shards (DTensors)."""
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(is_dtensor(p) for p in module.parameters())
 
 
 def _mp_policy():
@@ -110,7 +117,7 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:
     """Clip the gradients to the global norm max_norm (inf: no clipping); the norm before clipping, over every shard."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
-    if isinstance(total, DTensor):   # a partial norm on each shard: reduced over the processes
+    if is_dtensor(total):   # a partial norm on each shard: reduced over the processes
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return float(total)
@@ -118,7 +125,7 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> float:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor (a view: in-place changes reach the parameter), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def nonfinite_names(modules: Dict[str, nn.Module]) -> List[str]:

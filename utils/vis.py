@@ -9,10 +9,9 @@ from typing import Iterator, List, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 
 from utils.imgs import make_grid
-from utils.parallel import reshard
+from utils.parallel import is_dtensor, reshard
 
 __all__ = ['vis_epochs_due', 'fixed_classes', 'ema_weights', 'sample_grid', 'reconstruction_grids', 'VIS_SAMPLES']
 
@@ -45,7 +44,7 @@ def ema_weights(model: nn.Module, ema) -> Iterator[nn.Module]:
     def swap():
         reshard(model)   # FSDP2: after a forward without gradients the root's parameters() are the gathered tensors, not the shards
         for p, e in zip(model.parameters(), ema.params):
-            if isinstance(p, DTensor):   # FSDP2 gathers from the shard's own storage: exchange the values in place
+            if is_dtensor(p):   # FSDP2 gathers from the shard's own storage: exchange the values in place
                 p_local, e_local = p.detach().to_local(), e.to_local()
                 tmp = p_local.clone()
                 p_local.copy_(e_local)
