@@ -11,28 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny, run_and_kill_after_checkpoint, run_script
+from conftest import run_and_kill_after_checkpoint, run_script
 from utils.imgs import save_png_atomic
 from utils.misc import SampleFolderError, SampleSetNpz, create_npz_from_sample_folder
 from utils.png_writers import PngWriteError, PngWriters
 
-MODEL_FLAGS = ['--depth=2', '--pn=1_2_3_4', '--vocab_size=64', '--z_channels=8', '--vae_ch=32', '--num_classes=5']
+from test_sample import PNGS, sample_flags, tiny_ckpts  # noqa: F401  (tiny_ckpts: the fixture, shared)
+
 SET = ['--per_class=3', '--bs=4', '--seed=1']   # 15 images in 4 blocks
-PNGS = [f'{i:06d}.png' for i in range(15)]
-
-
-@pytest.fixture(scope='module')
-def tiny_ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp('ckpt')
-    vae, var = build_tiny(fast=True, seed=21)
-    torch.save(vae.state_dict(), d / 'vae.pth')
-    torch.save(var.state_dict(), d / 'var.pth')
-    return d
-
-
-def sample_flags(ckpts, out, *extra):
-    return ['sample.py', f'--var_ckpt={ckpts / "var.pth"}', f'--vae_ckpt={ckpts / "vae.pth"}', *MODEL_FLAGS, f'--out={out}',
-            '--top_k=20', '--top_p=0.9', *extra]
 
 
 def npz_members(path):
