@@ -11,7 +11,7 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ['load_weights', 'save_weights', 'write_atomic', 'SAFETENSORS_SUFFIX']
+__all__ = ['load_weights', 'save_weights', 'write_atomic', 'temporary_name', 'fsync_dir', 'SAFETENSORS_SUFFIX']
 
 SAFETENSORS_SUFFIX = '.safetensors'
 
@@ -23,12 +23,12 @@ def load_weights(path: str, device: str = 'cpu') -> Dict[str, torch.Tensor]:
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def _tmp_name(path: str) -> str:
+def temporary_name(path: str) -> str:
     # <name>.tmp-<host>-<pid>: the temporary names utils.ckpt.remove_stale_temps deletes after a killed run
     return f'{path}.tmp-{socket.gethostname()}-{os.getpid()}'
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -46,13 +46,13 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     kill nor a power loss leaves a partial `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = _tmp_name(str(path))
+    tmp = temporary_name(str(path))
     try:
         write(tmp)
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -125,8 +125,8 @@ def test_a_bit_flip_in_the_newest_checkpoint_never_replaces_the_previous(shapes_
 def leave_temporary_files(out: Path, tmp_path: Path):
     """(temporary checkpoint files a killed run leaves, files that must stay) in and beside the output folder `out`."""
     # a process killed while it writes a checkpoint, its temporary file named by save_atomic
-    killed = subprocess.run([sys.executable, '-c', 'import os, sys; from utils.ckpt import _tmp_name; '
-                             'open(_tmp_name(sys.argv[1]), "wb").write(b"x" * 100000); os.kill(os.getpid(), 9)',
+    killed = subprocess.run([sys.executable, '-c', 'import os, sys; from models.weights import temporary_name; '
+                             'open(temporary_name(sys.argv[1]), "wb").write(b"x" * 100000); os.kill(os.getpid(), 9)',
                              str(out / 'ar-ckpt-last.pth')], cwd=REPO, env=script_env())
     assert killed.returncode == -9
     stale = [p for p in out.iterdir() if '.pth.tmp-' in p.name] + [out / 'ar-ckpt-prev.pth.tmp-another-node-4242']

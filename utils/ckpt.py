@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from models.weights import fsync_dir, temporary_name
 from utils.cli import UserError
 
 __all__ = ['FileStore', 'save_atomic', 'copy_atomic', 'write_bytes_atomic', 'load_first_good', 'with_checksum', 'verify_checksum',
@@ -33,39 +34,22 @@ class ConfigMismatchError(UserError, ValueError):
     """Resuming with flags that define another model."""
 
 
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: str) -> str:
-    return f'{path}.tmp-{socket.gethostname()}-{os.getpid()}'
-
-
 def _publish(tmp: str, path: str, prev_path: Optional[str]) -> None:
     """Rename tmp over path; the file it replaces becomes prev_path. No moment without a complete `path`."""
     if prev_path is not None and os.path.exists(path):
-        prev_tmp = _tmp_name(prev_path)
+        prev_tmp = temporary_name(prev_path)
         try:
             os.link(path, prev_tmp)   # a second name for the current file, no copy
         except OSError:
             shutil.copy2(path, prev_tmp)
         os.replace(prev_tmp, prev_path)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _write_atomic(path: str, write: Callable, prev_path: Optional[str] = None) -> None:
     """write(f) into a temporary file beside `path`, fsync, then rename (the replaced file becomes prev_path)."""
-    tmp = _tmp_name(path)
+    tmp = temporary_name(path)
     try:
         with open(tmp, 'wb') as f:
             write(f)
@@ -89,7 +73,7 @@ def write_bytes_atomic(data: bytes, path: str) -> None:
 
 
 def copy_atomic(src: str, dst: str) -> None:
-    tmp = _tmp_name(dst)
+    tmp = temporary_name(dst)
     try:
         shutil.copyfile(src, tmp)
         with open(tmp, 'rb+') as f:
@@ -234,7 +218,7 @@ def set_aside(path: str) -> Optional[str]:
         os.replace(path, dst)
     except FileNotFoundError:   # another node's process on a shared file system was first
         return None
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     return dst
 
 

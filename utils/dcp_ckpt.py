@@ -23,7 +23,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 import dist
-from utils.ckpt import CheckpointDamagedError, _fsync_dir, _process_alive
+from models.weights import fsync_dir
+from utils.ckpt import CheckpointDamagedError, _process_alive
 
 __all__ = ['ShardedStore', 'flatten_tensors', 'fill_tensors', 'marked_keys', 'read_full', 'materialize_optimizer_state', 'MANIFEST', 'META',
            'SUFFIX']
@@ -131,7 +132,7 @@ def _replace_dir(src: str, dst: str, keep_as: Optional[str] = None) -> None:
         else:
             os.replace(dst, trash)
     os.replace(src, dst)
-    _fsync_dir(osp.dirname(osp.abspath(dst)))
+    fsync_dir(osp.dirname(osp.abspath(dst)))
     if osp.exists(trash):
         shutil.rmtree(trash)
 
@@ -208,7 +209,7 @@ class ShardedStore:
                 json.dump(manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _replace_dir(tmp, path, keep_as=prev_path)
             if best_path is not None:
                 self.copy(path, best_path)

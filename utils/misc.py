@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import PIL.Image
 
-from utils.ckpt import _fsync_dir, _tmp_name
+from models.weights import fsync_dir, temporary_name
 from utils.cli import UserError
 
 __all__ = ['NpzWriter', 'SampleSetNpz', 'read_sample_png', 'create_npz_from_sample_folder', 'open_npz_arr0', 'read_npz_manifest', 'NPZ_MANIFEST', 'sample_png_name', 'list_sample_indices', 'SampleFolderError']
@@ -74,7 +74,7 @@ class NpzWriter:
 
     def __init__(self, path: str, n: int, H: int, W: int):
         self.path, self.shape, self.written = path, (n, H, W, 3), 0
-        self.tmp = _tmp_name(path)
+        self.tmp = temporary_name(path)
         self._zf = zipfile.ZipFile(self.tmp, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True)
         self._f = self._zf.open('arr_0.npy', mode='w', force_zip64=True)
         np.lib.format.write_array_header_2_0(self._f, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
@@ -101,7 +101,7 @@ class NpzWriter:
         with open(self.tmp, 'rb+') as fh:
             os.fsync(fh.fileno())
         os.replace(self.tmp, self.path)
-        _fsync_dir(osp.dirname(osp.abspath(self.path)))
+        fsync_dir(osp.dirname(osp.abspath(self.path)))
         return self.path
 
     def discard(self) -> None:
