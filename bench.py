@@ -113,6 +113,19 @@ def build(args, device):
     return vae, var
 
 
+def optimizer_step(var, opt, scaler) -> None:
+    """Both trainers' step after backward: unscale (float16's loss scaler), clip at 2, AdamW step, gradients dropped."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def bench_train(args) -> Dict:
     device = torch.device(args.device)
     vae, var = build(args, device)
@@ -148,15 +161,7 @@ def bench_train(args) -> Dict:
         (scaler.scale(loss) if scaler is not None else loss).backward()
         _sync(device)
         t3 = time.perf_counter()
-        if scaler is not None:
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(var, opt, scaler)
         _sync(device)
         t4 = time.perf_counter()
         if step > 0:   # step 0 warms up
@@ -416,15 +421,7 @@ def train_step(vae, var, opt, scaler, img_B3HW, label_B, tokens=None, dtype: str
         logits_BLV = var(label_B, x_BLCv)
         loss = F.cross_entropy(logits_BLV.view(-1, logits_BLV.shape[-1]), gt_BL.view(-1), label_smoothing=0.1)
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    if scaler is not None:
-        scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step(var, opt, scaler)
     return loss, idx_Bl
 
 
