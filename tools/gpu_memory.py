@@ -20,7 +20,6 @@ import gc
 import json
 import math
 import os
-import resource
 import sys
 import time
 import traceback
@@ -58,13 +57,8 @@ class MemoryArgs:
                                 '0: no limit', group='benchmark')
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
 def _reset_peak(device: torch.device) -> None:
-    _sync(device)
+    bench._sync(device)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -72,10 +66,8 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def _peak_gib(device: torch.device) -> float:
-    _sync(device)
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    bench._sync(device)
+    return bench._peak_memory_gb(device)
 
 
 def _out_of_memory(e: BaseException) -> bool:

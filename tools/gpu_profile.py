@@ -63,18 +63,13 @@ MARKS = ('tokenizer', 'step')   # this script's record_function ranges (never co
 TOP = 15
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
 @contextmanager
 def _marked(device: torch.device, name: str):
     """A profiler range that holds exactly the kernels launched inside it: the GPU is idle at its start and done at its end."""
-    _sync(device)
+    bench._sync(device)
     with record_function(name):
         yield
-        _sync(device)
+        bench._sync(device)
 
 
 def _kernels(events, device: torch.device) -> List:
@@ -179,7 +174,7 @@ def _case_runner(case: str, vae, var, sizes: Dict, sample_bs: int, device: torch
                 bench.sample_batch(var, label_B, dtype)
             finally:
                 vae.__dict__.pop('fhat_to_img', None)
-            _sync(device)
+            bench._sync(device)
         var.eval()
         return step
     img_B3HW, label_B = bench.make_inputs(sizes, device)
@@ -190,7 +185,7 @@ def _case_runner(case: str, vae, var, sizes: Dict, sample_bs: int, device: torch
     def step(marked: bool):
         bench.train_step(vae, var, opt, None, img_B3HW, label_B, tokens, dtype,
                          mark=lambda name: _marked(device, name) if marked else nullcontext())
-        _sync(device)
+        bench._sync(device)
     return step
 
 
