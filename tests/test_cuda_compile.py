@@ -13,23 +13,13 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from cuda_util import CUDA_MARKS, DEVICE, ieee_fp32, max_rel_err, tiny_on_cuda
+from test_compile import fresh_dynamo  # noqa: F401  (autouse: every test compiles from an empty cache)
 from models import attention as attention_backends
 from utils.compile import compile_blocks
 
 pytestmark = CUDA_MARKS
 
 B = 4
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    config = torch._dynamo.config
-    saved = config.recompile_limit, config.accumulated_recompile_limit
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    config.recompile_limit, config.accumulated_recompile_limit = saved
 
 
 def tiny_for_training(seed: int = 0):
